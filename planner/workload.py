@@ -1,0 +1,64 @@
+"""What the model is asked to do: batch, lengths, sample paths, number formats (conventions.md).
+
+Letters: B batch of series, S = context + 1 encoder tokens, T = prediction + 1 decoder tokens (the Chronos
+tokenizer appends EOS to both), P prediction steps, N sample paths per series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes per element of each number format.
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+# Training precision regimes (conventions.md, Memory):
+#   fp32     - fp32 weights, gradients, optimizer states and activations;
+#   amp_bf16 / amp_fp16 - PyTorch autocast: fp32 master weights and gradients, half-precision activations;
+#   bf16     - pure bf16 weights and gradients, fp32 optimizer moments.
+PRECISION_REGIMES = ("fp32", "amp_bf16", "amp_fp16", "bf16")
+OPTIMIZERS = ("adamw", "adam", "sgd_momentum")
+
+# Far above any real Chronos workload; they stop a typo from asking for an absurd plan.
+WORKLOAD_LIMITS = {
+    "batch_size": 1_000_000,
+    "context_length": 1_000_000,
+    "prediction_length": 100_000,
+    "num_samples": 100_000,
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Chronos defaults: context 512, prediction 64, 20 sample paths, one series."""
+
+    batch_size: int = 1
+    context_length: int = 512
+    prediction_length: int = 64
+    num_samples: int = 20
+    dtype: str = "fp32"  # weights' format for inference memory
+    optimizer: str = "adamw"
+    precision: str = "fp32"  # training regime
+
+    def __post_init__(self) -> None:
+        for field, limit in WORKLOAD_LIMITS.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer between 1 and {limit:,}, got {value!r}")
+            if not 1 <= value <= limit:
+                raise ValueError(f"{field} must be between 1 and {limit:,}, got {value:,}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISION_REGIMES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {self.precision!r}")
+
+    @property
+    def encoder_tokens(self) -> int:
+        """S: context values plus the EOS the tokenizer appends."""
+        return self.context_length + 1
+
+    @property
+    def decoder_tokens(self) -> int:
+        """T: prediction values plus EOS, the teacher-forced decoder length."""
+        return self.prediction_length + 1
