@@ -141,7 +141,7 @@ def make_config(
     **t5_overrides: int,
 ) -> ChronosMoEConfig:
     """A validated config from a size name (or 'custom' with T5 dimensions) and MoE settings."""
-    _check_int("vocab_size", vocab_size, 3, 1_048_576)  # 2 special tokens + at least one bin
+    _check_int("vocab_size", vocab_size, 4, 1_048_576)  # 2 special tokens + at least two bins
     return ChronosMoEConfig(
         dims=resolve_dims(size, vocab_size=vocab_size, **t5_overrides),
         architecture=architecture,
