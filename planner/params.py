@@ -1,0 +1,209 @@
+"""Exact parameter counts of every Chronos-MoE variant (architecture.md §1–3, conventions.md "Parameters").
+
+Letters: D d_model, F d_ff, A = H·Dk attention width, H heads, V vocabulary, E experts, K top-k,
+R router hidden width, Le/Ld encoder/decoder blocks, 4D the expert head's hidden width.
+
+Unique tensors only: the tied LM head *is* the shared embedding (reachable as backbone.shared,
+backbone.lm_head, and both stacks' embed_tokens), so it is counted once, under `embedding`.
+T5 layer norms have a weight and no bias; T5 linears have no bias; buffers are not parameters.
+
+Where the experts live:
+- shared_then_expert: `expert_head` holds the E MoEExpertHeads (fc1, fc2, LayerNorm, lm_head).
+- expert_only: there is no shared encoder (every `encoder_*` component is 0); `expert_encoder` holds the
+  E copies of the T5 encoder stack, `expert_head` their E LM heads.
+- token_ffn: `expert_ffn` holds the E expert FFNs of every MoE block, `router` the blocks' token routers;
+  `encoder_ffn` / `decoder_ffn` keep only the dense blocks' FFNs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from model.config import ChronosMoEConfig
+from model.presets import RELATIVE_ATTENTION_NUM_BUCKETS, BackboneDims
+
+# Breakdown components, in display order; each is a `<name>_params` field of ParamBreakdown.
+COMPONENTS = (
+    "embedding",
+    "encoder_attention",
+    "encoder_ffn",
+    "encoder_norm",
+    "encoder_position_bias",
+    "decoder_self_attention",
+    "decoder_cross_attention",
+    "decoder_ffn",
+    "decoder_norm",
+    "decoder_position_bias",
+    "router",
+    "expert_encoder",
+    "expert_ffn",
+    "expert_head",
+)
+
+
+def count_embedding_params(dims: BackboneDims) -> int:
+    """Shared token embedding V·D, also the tied LM head."""
+    return dims.vocab_size * dims.d_model
+
+
+def count_attention_params(dims: BackboneDims) -> int:
+    """q, k, v Linear(D→A) and o Linear(A→D), no bias."""
+    return 4 * dims.d_model * dims.attention_width
+
+
+def count_ffn_params(dims: BackboneDims) -> int:
+    """DenseReluDense wi Linear(D→F) and wo Linear(F→D), no bias (also one token-level expert)."""
+    return 2 * dims.d_model * dims.d_ff
+
+
+def count_position_bias_params(dims: BackboneDims) -> int:
+    """Relative-attention bias Embedding(32, H), in block 0 of each stack only."""
+    return RELATIVE_ATTENTION_NUM_BUCKETS * dims.num_heads
+
+
+def count_encoder_stack_params(dims: BackboneDims) -> int:
+    """One T5 encoder stack without embedding: Le × (attention + FFN + 2 norms) + final norm + position bias."""
+    block = count_attention_params(dims) + count_ffn_params(dims) + 2 * dims.d_model
+    return dims.num_layers * block + dims.d_model + count_position_bias_params(dims)
+
+
+def count_context_router_params(config: ChronosMoEConfig) -> int:
+    """ContextRouter: hidden Linear(D→R, bias), output Linear(R→E, bias)."""
+    d, r, e = config.dims.d_model, config.router_hidden_dim, config.num_experts
+    return d * r + r + r * e + e
+
+
+def count_token_router_params(config: ChronosMoEConfig) -> int:
+    """Token router of one token_ffn block: Linear(D→E, no bias)."""
+    return config.dims.d_model * config.num_experts
+
+
+def count_expert_head_params(config: ChronosMoEConfig) -> int:
+    """One MoEExpertHead: fc1 Linear(D→4D, bias), fc2 Linear(4D→D, bias), LayerNorm(D) weight+bias, lm_head D·V."""
+    d, hidden, v = config.dims.d_model, config.expert_head_hidden_dim, config.dims.vocab_size
+    return (d * hidden + hidden) + (hidden * d + d) + 2 * d + d * v
+
+
+@dataclass(frozen=True)
+class ParamBreakdown:
+    """Parameters of one variant by component (see the module docstring), plus total and active per series."""
+
+    embedding_params: int
+    encoder_attention_params: int
+    encoder_ffn_params: int
+    encoder_norm_params: int
+    encoder_position_bias_params: int
+    decoder_self_attention_params: int
+    decoder_cross_attention_params: int
+    decoder_ffn_params: int
+    decoder_norm_params: int
+    decoder_position_bias_params: int
+    router_params: int
+    expert_encoder_params: int
+    expert_ffn_params: int
+    expert_head_params: int
+    params_per_expert: int  # one expert's share of the expert components (all experts are the same shape)
+    num_experts: int
+    top_k: int
+
+    def components(self) -> dict[str, int]:
+        """Component name → parameters, in display order."""
+        return {name: getattr(self, f"{name}_params") for name in COMPONENTS}
+
+    @property
+    def total_params(self) -> int:
+        """Everything registered (what must be stored), tied tensors once."""
+        return sum(self.components().values())
+
+    @property
+    def expert_params(self) -> int:
+        return self.expert_encoder_params + self.expert_ffn_params + self.expert_head_params
+
+    @property
+    def active_params(self) -> int:
+        """Used for one series: everything but the E − K experts it was not routed to.
+
+        For token_ffn this is "K experts per MoE block" (each token uses K), the usual MoE convention.
+        """
+        if self.num_experts == 0:
+            return self.total_params
+        return self.total_params - (self.num_experts - self.top_k) * self.params_per_expert
+
+
+def count_params(config: ChronosMoEConfig) -> ParamBreakdown:
+    """Exact parameter counts of the modules `model.build_model_from_config(config)` builds."""
+    dims = config.dims
+    d, e = dims.d_model, config.num_experts
+    arch = config.architecture if config.is_moe else "dense"
+    encoder_moe = len(config.token_moe_encoder_blocks)
+    decoder_moe = len(config.token_moe_decoder_blocks)
+    shared_encoder = arch != "expert_only"
+
+    router = expert_encoder = expert_ffn = expert_head = per_expert = 0
+    if arch in ("shared_then_expert", "expert_only"):
+        router = count_context_router_params(config)
+    if arch == "shared_then_expert":
+        per_expert = count_expert_head_params(config)
+        expert_head = e * per_expert
+    elif arch == "expert_only":
+        lm_head = d * dims.vocab_size
+        expert_encoder = e * count_encoder_stack_params(dims)
+        expert_head = e * lm_head
+        per_expert = count_encoder_stack_params(dims) + lm_head
+    elif arch == "token_ffn":
+        router = (encoder_moe + decoder_moe) * count_token_router_params(config)
+        per_expert = (encoder_moe + decoder_moe) * count_ffn_params(dims)
+        expert_ffn = e * per_expert
+
+    le, ld = dims.num_layers, dims.num_decoder_layers
+    return ParamBreakdown(
+        embedding_params=count_embedding_params(dims),
+        encoder_attention_params=le * count_attention_params(dims) if shared_encoder else 0,
+        encoder_ffn_params=(le - encoder_moe) * count_ffn_params(dims) if shared_encoder else 0,
+        encoder_norm_params=(2 * le + 1) * d if shared_encoder else 0,  # 2 per block + final
+        encoder_position_bias_params=count_position_bias_params(dims) if shared_encoder else 0,
+        decoder_self_attention_params=ld * count_attention_params(dims),
+        decoder_cross_attention_params=ld * count_attention_params(dims),
+        decoder_ffn_params=(ld - decoder_moe) * count_ffn_params(dims),
+        decoder_norm_params=(3 * ld + 1) * d,  # self, cross, FFN per block + final
+        decoder_position_bias_params=count_position_bias_params(dims),
+        router_params=router,
+        expert_encoder_params=expert_encoder,
+        expert_ffn_params=expert_ffn,
+        expert_head_params=expert_head,
+        params_per_expert=per_expert,
+        num_experts=e,
+        top_k=config.top_k if config.is_moe else 0,
+    )
+
+
+# Real parameter name → component, first match wins (the modules' names; see model/).
+_COMPONENT_PATTERNS = (
+    (r"^backbone\.(shared|lm_head|encoder\.embed_tokens|decoder\.embed_tokens)\.weight$", "embedding"),
+    (r"^router\.", "router"),
+    (r"^experts\.\d+\.encoder\.", "expert_encoder"),
+    (r"^experts\.\d+\.", "expert_head"),
+    (r"\.DenseReluDense\.router\.", "router"),
+    (r"\.DenseReluDense\.experts\.", "expert_ffn"),
+    (r"^backbone\.encoder\..*relative_attention_bias\.", "encoder_position_bias"),
+    (r"^backbone\.encoder\..*layer_norm\.", "encoder_norm"),
+    (r"^backbone\.encoder\..*\.SelfAttention\.", "encoder_attention"),
+    (r"^backbone\.encoder\..*\.DenseReluDense\.", "encoder_ffn"),
+    (r"^backbone\.decoder\..*relative_attention_bias\.", "decoder_position_bias"),
+    (r"^backbone\.decoder\..*layer_norm\.", "decoder_norm"),
+    (r"^backbone\.decoder\..*\.SelfAttention\.", "decoder_self_attention"),
+    (r"^backbone\.decoder\..*\.EncDecAttention\.", "decoder_cross_attention"),
+    (r"^backbone\.decoder\..*\.DenseReluDense\.", "decoder_ffn"),
+)
+_COMPILED_PATTERNS = tuple((re.compile(pattern), component) for pattern, component in _COMPONENT_PATTERNS)
+
+
+def component_of_param(name: str) -> Optional[str]:
+    """The breakdown component a real parameter name belongs to, or None if the planner does not know it."""
+    for pattern, component in _COMPILED_PATTERNS:
+        if pattern.search(name):
+            return component
+    return None
+
