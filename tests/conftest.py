@@ -1,0 +1,19 @@
+"""Shared fixtures: small deterministic batches for the model tests."""
+
+import pytest
+import torch
+
+ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def token_batch(batch: int, encoder_tokens: int, decoder_tokens: int, vocab: int = 4096):
+    """Random (input_ids, attention_mask, labels) in the Chronos token range (ids ≥ 2)."""
+    input_ids = torch.randint(2, vocab, (batch, encoder_tokens))
+    attention_mask = torch.ones_like(input_ids)
+    labels = torch.randint(2, vocab, (batch, decoder_tokens))
+    return input_ids, attention_mask, labels
