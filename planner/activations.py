@@ -117,7 +117,8 @@ def _t5_norm_bytes(tokens: int, d_model: int, w: ActivationWidths) -> int:
     return tokens * d_model * per_element + tokens * FLOAT32_BYTES
 
 
-def _attention_bytes(rows: int, q_len: int, kv_len: int, dims: BackboneDims, w: ActivationWidths, *, cross: bool) -> int:
+def _attention_bytes(rows: int, q_len: int, kv_len: int, dims: BackboneDims, w: ActivationWidths,
+                     *, cross: bool) -> int:
     """One T5LayerSelfAttention / T5LayerCrossAttention, without the cross-attention's k/v inputs."""
     c, heads, width = w.compute, dims.num_heads, dims.attention_width
     scores = rows * heads * q_len * kv_len
@@ -152,7 +153,8 @@ def _position_buckets_bytes(length_q: int, length_k: int) -> int:
     return length_q * length_k * INDEX_BYTES
 
 
-def _encoder_blocks_bytes(rows: int, seq: int, dims: BackboneDims, w: ActivationWidths, moe_blocks: tuple[int, ...]) -> int:
+def _encoder_blocks_bytes(rows: int, seq: int, dims: BackboneDims, w: ActivationWidths,
+                          moe_blocks: tuple[int, ...]) -> int:
     """Encoder blocks and stack ends; the FFN of `moe_blocks` is counted with the experts instead."""
     tokens = rows * seq
     attention = dims.num_layers * _attention_bytes(rows, seq, seq, dims, w, cross=False)
@@ -320,7 +322,8 @@ def _matmul_weight_elements(config: ChronosMoEConfig, batch: int, seq: int, dec:
 # --- the whole step ---------------------------------------------------------------------------------------
 
 
-def estimate_activation_breakdown(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> ActivationBreakdown:
+def estimate_activation_breakdown(config: ChronosMoEConfig, workload: Workload,
+                                  *, device: str = "cuda") -> ActivationBreakdown:
     """Bytes saved for backward by one teacher-forced training step, by part, in the workload's precision.
 
     `device` fixes the dropout masks' width: "cuda" (bool masks) or "cpu" (masks of the data's dtype).

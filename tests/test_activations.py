@@ -36,13 +36,17 @@ HAND_ENCODER_ATTENTION = (
     + 4 * 8 * 4  # output-projection input
     + 4 * 8 * 4  # residual dropout mask
 )
-HAND_ENCODER_FFN = (4 * 8 * 8 + 4 * 4) + 4 * 8 * 4 + 4 * 16 * (4 + 4 + 4) + 4 * 8 * 4  # norm, wi in, ReLU/mask/wo in, mask
+# FFN: norm, wi input, ReLU output + dropout mask + wo input, residual mask
+HAND_ENCODER_FFN = (4 * 8 * 8 + 4 * 4) + 4 * 8 * 4 + 4 * 16 * (4 + 4 + 4) + 4 * 8 * 4
 HAND_ENCODER_ENDS = 4 * 8 * 4 + (4 * 8 * 8 + 4 * 4) + 4 * 8 * 4  # embedding mask, final norm, final mask
 HAND_ENCODER_BUCKETS = 4 * 4 * 8  # int64 position buckets S×S
 HAND_ENCODER = HAND_ENCODER_ATTENTION + HAND_ENCODER_FFN + HAND_ENCODER_ENDS + HAND_ENCODER_BUCKETS
 # Decoder, T = 2 tokens, cross-attending to S = 4:
-HAND_DECODER_SELF = (2 * 8 * 8 + 2 * 4) + 2 * 8 * 4 + 3 * 2 * 8 * 4 + 2 * 2 * 2 * 4 + 2 * 2 * 2 * 8 + 2 * 8 * 4 + 2 * 8 * 4
-HAND_DECODER_CROSS = (2 * 8 * 8 + 2 * 4) + 2 * 8 * 4 + (2 + 2 * 4) * 8 * 4 + 2 * 2 * 4 * 4 + 2 * 2 * 4 * 8 + 2 * 8 * 4 + 2 * 8 * 4
+# Same terms as the encoder's attention, in order.
+HAND_DECODER_SELF = ((2 * 8 * 8 + 2 * 4) + 2 * 8 * 4 + 3 * 2 * 8 * 4 + 2 * 2 * 2 * 4 + 2 * 2 * 2 * 8
+                     + 2 * 8 * 4 + 2 * 8 * 4)
+HAND_DECODER_CROSS = ((2 * 8 * 8 + 2 * 4) + 2 * 8 * 4 + (2 + 2 * 4) * 8 * 4 + 2 * 2 * 4 * 4 + 2 * 2 * 4 * 8
+                      + 2 * 8 * 4 + 2 * 8 * 4)  # q over T, kᵀ and v over S
 HAND_DECODER_FFN = (2 * 8 * 8 + 2 * 4) + 2 * 8 * 4 + 2 * 16 * 12 + 2 * 8 * 4
 HAND_DECODER = (HAND_DECODER_SELF + HAND_DECODER_CROSS + HAND_DECODER_FFN
                 + 2 * 8 * 4 + (2 * 8 * 8 + 2 * 4) + 2 * 8 * 4  # stack ends
@@ -66,7 +70,8 @@ HAND_TOKEN_ROUTER = {tokens: tokens * (2 * 4 + 8 + 4 + 4) + 2 * 4 for tokens in 
 
 HAND_TOTALS = {
     "dense": HAND_INPUTS + HAND_ENCODER + HAND_DECODER + HAND_LM_HEAD + HAND_LOSS,
-    "shared_then_expert": HAND_INPUTS + HAND_ENCODER + HAND_DECODER + HAND_CONTEXT_ROUTER + HAND_EXPERT_HEAD + HAND_LOSS,
+    "shared_then_expert": (HAND_INPUTS + HAND_ENCODER + HAND_DECODER + HAND_CONTEXT_ROUTER + HAND_EXPERT_HEAD
+                           + HAND_LOSS),
     "expert_only": HAND_INPUTS + HAND_DECODER + HAND_CONTEXT_ROUTER + HAND_EXPERT_ENCODER + HAND_LOSS,
     "token_ffn": (HAND_INPUTS + HAND_ENCODER - HAND_ENCODER_FFN + HAND_DECODER - HAND_DECODER_FFN
                   + HAND_TOKEN_ROUTER[4] + HAND_TOKEN_ROUTER[2] + HAND_TOKEN_LAYER[4] + HAND_TOKEN_LAYER[2]

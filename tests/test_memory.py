@@ -1,0 +1,183 @@
+"""Memory: weights, training state, KV cache and forecast totals, by hand and against a real forecast's cache."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import model.chronos_moe as chronos_moe
+from model import build_model, make_config
+from planner.activations import estimate_activation_bytes
+from planner.memory import (
+    estimate_kv_cache_bytes,
+    estimate_largest_forecast_activation_bytes,
+    estimate_memory,
+    estimate_weights_memory,
+    estimate_zero_training_bytes,
+)
+from planner.params import count_params
+from planner.workload import OPTIMIZERS, PRECISION_REGIMES, Workload
+
+from .conftest import ARCHITECTURES
+
+TINY_DENSE_PARAMS = 8_394_496  # hand-derived in test_model_build
+
+
+def test_weights_memory_hand_derived():
+    weights = estimate_weights_memory(TINY_DENSE_PARAMS)
+    assert weights.fp32_bytes == 4 * 8_394_496 == 33_577_984
+    assert weights.fp16_bytes == weights.bf16_bytes == 2 * 8_394_496
+    assert weights.int8_bytes == 8_394_496
+    assert estimate_memory(make_config("tiny")).weights == weights
+
+
+@pytest.mark.parametrize(
+    "precision, optimizer, bytes_per_param",
+    [
+        ("fp32", "adamw", 4 + 4 + 8),
+        ("fp32", "adam", 4 + 4 + 8),
+        ("amp_bf16", "adamw", 4 + 4 + 8),  # fp32 master weights and gradients: only activations shrink
+        ("amp_fp16", "adamw", 4 + 4 + 8),
+        ("bf16", "adamw", 2 + 2 + 8),  # fp32 moments
+        ("fp32", "sgd_momentum", 4 + 4 + 4),
+        ("bf16", "sgd_momentum", 2 + 2 + 4),
+    ],
+)
+def test_training_state_bytes_per_parameter(precision, optimizer, bytes_per_param):
+    config = make_config("tiny")
+    workload = Workload(precision=precision, optimizer=optimizer)
+    training = estimate_memory(config, workload).training
+    state = training.weights_bytes + training.gradients_bytes + training.optimizer_states_bytes
+    assert state == bytes_per_param * TINY_DENSE_PARAMS
+    assert training.activations_bytes == estimate_activation_bytes(config, workload)
+    assert training.total_bytes == state + training.activations_bytes
+
+
+def test_kv_cache_hand_derived():
+    # tiny: Ld 4 blocks × keys and values × A 256 × 4 bytes × (S 513 + P 64) tokens × N 20 paths × B 1.
+    self_cache, cross_cache = estimate_kv_cache_bytes(make_config("tiny"), Workload())
+    assert self_cache == 4 * 2 * 256 * 4 * 64 * 20
+    assert cross_cache == 4 * 2 * 256 * 4 * 513 * 20
+    assert self_cache + cross_cache == 94_535_680
+
+
+def test_kv_cache_of_large_is_about_two_gib_per_series():
+    # conventions.md: large in fp32 at N = 20 keeps about 2 GiB of cross-attention cache per series.
+    _, cross_cache = estimate_kv_cache_bytes(make_config("large"), Workload())
+    assert cross_cache == 24 * 2 * 1024 * 4 * 513 * 20 == 2_017_198_080  # 1.88 GiB
+
+
+def test_kv_cache_int8_weights_cache_in_fp16():
+    fp16 = estimate_kv_cache_bytes(make_config("tiny"), Workload(dtype="fp16"))
+    assert estimate_kv_cache_bytes(make_config("tiny"), Workload(dtype="int8")) == fp16
+
+
+@pytest.mark.parametrize("architecture, num_experts", [("shared_then_expert", 0), *((a, 4) for a in ARCHITECTURES)])
+def test_kv_cache_matches_a_real_forecast(monkeypatch, architecture, num_experts):
+    # mini's attention width (8·64 = 512) differs from its d_model (384): the cache must use H·Dk.
+    caches = []
+
+    class RecordingCache(chronos_moe.EncoderDecoderCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(chronos_moe, "EncoderDecoderCache", RecordingCache)
+    workload = Workload(batch_size=2, context_length=12, prediction_length=5, num_samples=3)
+    model = build_model("mini", architecture=architecture, num_experts=num_experts).eval()
+    input_ids = torch.randint(2, 4096, (workload.batch_size, workload.encoder_tokens))
+    model.sample_tokens(input_ids, torch.ones_like(input_ids), workload.prediction_length, workload.num_samples)
+
+    def cache_bytes(cache):
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    measured = (cache_bytes(caches[0].self_attention_cache), cache_bytes(caches[0].cross_attention_cache))
+    config = make_config("mini", architecture=architecture, num_experts=num_experts)
+    assert estimate_kv_cache_bytes(config, workload) == measured
+
+
+def test_largest_forecast_activation_hand_derived():
+    # tiny fp32, one series: the encoder's attention dominates: position bias, scores, softmax (B·H·S·S).
+    attention = 1 * 4 * 513 * 513 * (4 + 4 + 4)
+    ffn = 1 * 513 * 1024 * 2 * 4
+    sampling = 20 * 4096 * (4 + 4 + 4 + 1)
+    assert estimate_largest_forecast_activation_bytes(make_config("tiny"), Workload()) == max(attention, ffn, sampling)
+    assert max(attention, ffn, sampling) == attention == 12_632_112
+
+
+def test_forecast_total_adds_its_terms():
+    forecast = estimate_memory(make_config("small", architecture="token_ffn", num_experts=8)).forecast
+    assert forecast.total_bytes == (forecast.weights_bytes + forecast.self_attention_cache_bytes
+                                    + forecast.cross_attention_cache_bytes + forecast.encoder_output_bytes
+                                    + forecast.largest_activation_bytes)
+    # The encoder output repeated per sample path: N 20 × S 513 × D 512 × 4 bytes.
+    assert forecast.encoder_output_bytes == 20 * 513 * 512 * 4
+
+
+def test_active_experts_what_if_hand_derived():
+    # tiny shared_then_expert, E 8, K 2, one series: 6 idle expert heads of
+    # fc1 (256·1024 + 1024) + fc2 (1024·256 + 256) + LayerNorm 2·256 + lm_head 256·4096 parameters.
+    config = make_config("tiny", num_experts=8)
+    per_expert = (256 * 1024 + 1024) + (1024 * 256 + 256) + 2 * 256 + 256 * 4096
+    forecast = estimate_memory(config).forecast
+    assert forecast.active_experts_weights_bytes == forecast.weights_bytes - 6 * per_expert * 4
+    assert forecast.what_if_active_experts_total_bytes == forecast.total_bytes - 6 * per_expert * 4
+
+
+def test_active_experts_what_if_saves_nothing_for_token_routing():
+    forecast = estimate_memory(make_config("tiny", architecture="token_ffn", num_experts=8)).forecast
+    assert forecast.active_experts_weights_bytes == forecast.weights_bytes
+
+
+def test_zero_stages_hand_derived():
+    training = dataclasses.replace(
+        estimate_memory(make_config("tiny")).training, weights_bytes=400, gradients_bytes=400,
+        optimizer_states_bytes=800, activations_bytes=100)
+    assert estimate_zero_training_bytes(training, 0, 4) == 400 + 400 + 800 + 100
+    assert estimate_zero_training_bytes(training, 1, 4) == 400 + 400 + 800 // 4 + 100
+    assert estimate_zero_training_bytes(training, 2, 4) == 400 + (400 + 800) // 4 + 100
+    assert estimate_zero_training_bytes(training, 3, 4) == (400 + 400 + 800) // 4 + 100
+
+
+@pytest.mark.parametrize("stage, devices, field", [(4, 2, "stage"), (1, 0, "num_devices"), (True, 2, "stage")])
+def test_zero_refuses_bad_input(stage, devices, field):
+    training = estimate_memory(make_config("debug")).training
+    with pytest.raises(ValueError, match=field):
+        estimate_zero_training_bytes(training, stage, devices)
+
+
+def test_estimate_memory_reuses_given_params():
+    config = make_config("mini", architecture="expert_only", num_experts=4)
+    assert estimate_memory(config, params=count_params(config)) == estimate_memory(config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.sampled_from(["debug", "tiny", "mini", "small", "base", "large"]),
+    architecture=st.sampled_from(["dense", *ARCHITECTURES]),
+    num_experts=st.sampled_from([1, 4, 8, 16]),
+    batch=st.integers(1, 64),
+    context=st.integers(1, 4096),
+    prediction=st.integers(1, 512),
+    samples=st.integers(1, 100),
+    dtype=st.sampled_from(["fp32", "fp16", "bf16", "int8"]),
+    precision=st.sampled_from(PRECISION_REGIMES),
+    optimizer=st.sampled_from(OPTIMIZERS),
+)
+def test_memory_properties(size, architecture, num_experts, batch, context, prediction, samples, dtype,
+                           precision, optimizer):
+    moe = {} if architecture == "dense" else dict(architecture=architecture, num_experts=num_experts, top_k=1)
+    config = make_config(size, **moe)
+    workload = Workload(batch_size=batch, context_length=context, prediction_length=prediction,
+                        num_samples=samples, dtype=dtype, precision=precision, optimizer=optimizer)
+    memory = estimate_memory(config, workload)
+    assert memory.training.total_bytes >= memory.training.weights_bytes > 0
+    assert memory.forecast.total_bytes >= memory.forecast.weights_bytes > 0
+    assert memory.forecast.active_experts_weights_bytes <= memory.forecast.weights_bytes
+    # The KV cache grows linearly with sample paths and with series.
+    kv = sum(estimate_kv_cache_bytes(config, workload))
+    assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, num_samples=2 * samples))) == 2 * kv
+    assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, batch_size=3 * batch))) == 3 * kv
+    assert estimate_zero_training_bytes(memory.training, 3, 8) <= memory.training.total_bytes
