@@ -1,0 +1,198 @@
+"""Reading the configs users arrive with: a Chronos training YAML or a Hugging Face T5 config.json.
+
+Parsed safely (yaml.safe_load, a size limit, a schema check); every problem is one ValueError naming the
+key and what is allowed. Keys that do not affect sizing are reported as ignored, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from model.config import ARCHITECTURES, ChronosMoEConfig, make_config
+from model.presets import PRESETS, dims_from_hf_config
+from planner.workload import Workload
+
+MAX_CONFIG_BYTES = 1_000_000  # a training config is a few KB; anything this large is not one
+
+# model_id (last path part, lower case) -> preset. Chronos-T5 checkpoints and the T5-efficient
+# backbones they were trained from name the same sizes.
+_MODEL_ID_SIZES = {
+    **{f"chronos-t5-{size}": size for size in ("tiny", "mini", "small", "base", "large")},
+    **{f"t5-efficient-{size}": size for size in ("tiny", "mini", "small", "base", "large")},
+}
+
+# Chronos training YAML keys the planner reads.
+_SIZING_KEYS = {
+    "model_id", "model_type", "context_length", "prediction_length", "n_tokens", "use_moe", "num_experts",
+    "num_active_experts", "router_hidden_dim", "load_balancing_weight", "expert_capacity", "shared_layers",
+    "moe_architecture", "per_device_train_batch_size", "gradient_accumulation_steps", "num_samples",
+    "optim", "bf16", "fp16", "tf32", "torch_dtype",
+}
+
+
+@dataclass(frozen=True)
+class ImportedConfig:
+    """What a file says: the model, the workload, and what was not used."""
+
+    size: str
+    config: ChronosMoEConfig
+    workload: Workload
+    gradient_accumulation_steps: int = 1
+    ignored_keys: tuple[str, ...] = field(default_factory=tuple)
+    source: str = ""
+
+
+def size_for_model_id(model_id: str) -> str:
+    """The preset a model_id names; a clear error listing the presets otherwise."""
+    name = str(model_id).rstrip("/").split("/")[-1].lower()
+    if name in PRESETS:
+        return name
+    if name in _MODEL_ID_SIZES:
+        return _MODEL_ID_SIZES[name]
+    known = ", ".join(f"{p}" for p in PRESETS if p != "debug")
+    raise ValueError(
+        f"model_id {model_id!r} is not a known Chronos-T5 size; use one of {known} "
+        f"(e.g. amazon/chronos-t5-small or google/t5-efficient-small), or upload its config.json"
+    )
+
+
+def _read_text(source: Union[str, bytes, Path]) -> str:
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise ValueError(f"config file {str(source)!r} does not exist")
+        if source.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"config file is larger than {MAX_CONFIG_BYTES:,} bytes; is it really a config?")
+        source = source.read_bytes()
+    if isinstance(source, bytes):
+        if len(source) > MAX_CONFIG_BYTES:
+            raise ValueError(f"config file is larger than {MAX_CONFIG_BYTES:,} bytes; is it really a config?")
+        try:
+            source = source.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("config file is not UTF-8 text") from None
+    if len(source) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file is larger than {MAX_CONFIG_BYTES:,} bytes; is it really a config?")
+    return source
+
+
+def _integer(settings: Mapping[str, Any], key: str, default: Optional[int]) -> Optional[int]:
+    value = settings.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _training_precision(settings: Mapping[str, Any]) -> str:
+    if settings.get("bf16"):
+        return "amp_bf16"
+    if settings.get("fp16"):
+        return "amp_fp16"
+    return "fp32"
+
+
+def _optimizer(settings: Mapping[str, Any]) -> str:
+    name = str(settings.get("optim", "adamw_torch")).lower()
+    if name.startswith("adamw"):
+        return "adamw"
+    if name.startswith("adam"):
+        return "adam"
+    if name.startswith("sgd"):
+        return "sgd_momentum"
+    raise ValueError(f"optim {name!r} is not one the planner sizes; allowed: adamw*, adam*, sgd")
+
+
+def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = 20) -> ImportedConfig:
+    """A Chronos training YAML (the fields of chronos' train.py plus the MoE settings)."""
+    text = _read_text(source)
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"training YAML could not be parsed{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(settings, Mapping):
+        raise ValueError("training YAML must be a mapping of keys to values (key: value lines)")
+    if "model_id" not in settings:
+        raise ValueError("training YAML needs model_id (e.g. google/t5-efficient-small)")
+    if settings.get("model_type", "seq2seq") != "seq2seq":
+        raise ValueError(f"model_type must be seq2seq for Chronos-T5, got {settings['model_type']!r}")
+
+    size = size_for_model_id(settings["model_id"])
+    use_moe = settings.get("use_moe", False)
+    if not isinstance(use_moe, bool):
+        raise ValueError(f"use_moe must be true or false, got {use_moe!r}")
+    architecture = settings.get("moe_architecture") or "shared_then_expert"
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"moe_architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    num_experts = _integer(settings, "num_experts", 8) if use_moe else 0
+    config = make_config(
+        size,
+        architecture=architecture,
+        num_experts=num_experts,
+        top_k=_integer(settings, "num_active_experts", 2),
+        router_hidden_dim=_integer(settings, "router_hidden_dim", 256),
+        vocab_size=_integer(settings, "n_tokens", 4096),
+        load_balancing_weight=settings.get("load_balancing_weight", 0.01),
+        expert_capacity=settings.get("expert_capacity") if use_moe else None,
+        shared_layers=settings.get("shared_layers"),
+    )
+    workload = Workload(
+        batch_size=_integer(settings, "per_device_train_batch_size", 32),
+        context_length=_integer(settings, "context_length", 512),
+        prediction_length=_integer(settings, "prediction_length", 64),
+        num_samples=_integer(settings, "num_samples", num_samples),
+        optimizer=_optimizer(settings),
+        precision=_training_precision(settings),
+    )
+    accumulation = _integer(settings, "gradient_accumulation_steps", 1)
+    if accumulation < 1:
+        raise ValueError(f"gradient_accumulation_steps must be ≥ 1, got {accumulation}")
+    ignored = tuple(sorted(str(key) for key in settings if key not in _SIZING_KEYS))
+    return ImportedConfig(size, config, workload, accumulation, ignored, source="training YAML")
+
+
+def import_hf_config_json(source: Union[str, bytes, Path], **moe_settings: Any) -> ImportedConfig:
+    """A Hugging Face T5 config.json: custom backbone dimensions; MoE settings come from the caller."""
+    text = _read_text(source)
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config.json is not valid JSON: {error.msg} (line {error.lineno})") from None
+    if not isinstance(settings, Mapping):
+        raise ValueError("config.json must hold a JSON object of T5 settings")
+    model_type = settings.get("model_type", "t5")
+    if model_type not in ("t5", "mt5", "umt5"):
+        raise ValueError(f"config.json model_type must be t5 (a T5 encoder-decoder), got {model_type!r}")
+    dims = dims_from_hf_config(settings)
+    config = make_config(
+        "custom",
+        vocab_size=dims.vocab_size,
+        d_model=dims.d_model,
+        d_ff=dims.d_ff,
+        d_kv=dims.d_kv,
+        num_heads=dims.num_heads,
+        num_layers=dims.num_layers,
+        num_decoder_layers=dims.num_decoder_layers,
+        **moe_settings,
+    )
+    used = {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size", "model_type"}
+    ignored = tuple(sorted(str(key) for key in settings if key not in used))
+    return ImportedConfig("custom", config, Workload(), 1, ignored, source="config.json")
+
+
+def import_config_file(path: Union[str, Path], **moe_settings: Any) -> ImportedConfig:
+    """By extension: .json is a Hugging Face config.json, .yaml/.yml a Chronos training YAML."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return import_hf_config_json(path, **moe_settings)
+    if suffix in (".yaml", ".yml"):
+        return import_training_yaml(path)
+    raise ValueError(f"config file must be .json (Hugging Face config.json) or .yaml/.yml (training YAML), got {path.name!r}")

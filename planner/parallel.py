@@ -1,0 +1,213 @@
+"""Multi-device training plans: what one device holds under the usual sharding schemes, and whether it fits.
+
+Model states per parameter split into weights, gradients and optimizer states (planner.memory); a scheme
+decides which of them each device keeps whole and which it keeps a 1/n shard of:
+- data_parallel: everything replicated (ZeRO stage 0);
+- zero1 / zero2 / zero3: ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054) shards optimizer states, then
+  gradients, then weights; ZeRO-3 (= FSDP full sharding) also gathers one layer at a time, so the largest
+  layer's weights and gradients are resident whole;
+- expert_parallel: the E experts are split across the n devices (ceil(E/n) per device) and the shared
+  parameters replicated; tokens travel to their experts, so with balanced routing each device processes as
+  many expert slots as on one device, and its activations are those of its own batch.
+The workload's batch is per device. Activation checkpointing (per block) keeps only each block's input and
+recomputes one block at a time; routers, heads and the loss are kept as without it.
+
+`mixed_fp16` is the regime DeepSpeed's estimators assume: fp16 weights and gradients, with an fp32 copy of
+the gradients, fp32 master weights and fp32 Adam moments (2 + 2 + 16 bytes per parameter). The tests check
+it against DeepSpeed's own `estimate_zero2/3_model_states_mem_needs_all_live`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from model.config import ChronosMoEConfig
+from planner.activations import estimate_activation_breakdown, activation_widths
+from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
+from planner.params import ParamBreakdown, count_params
+from planner.workload import Workload
+
+GIB = 2**30
+STRATEGIES = ("data_parallel", "zero1", "zero2", "zero3", "expert_parallel")
+_ZERO_STAGE = {"data_parallel": 0, "zero1": 1, "zero2": 2, "zero3": 3, "expert_parallel": 0}
+
+# Memory a program can allocate, as torch.cuda reports it (a little under the marketed size).
+GPU_MEMORY_BYTES = {
+    "H100 80GB": int(79.1 * GIB),
+    "A100 80GB": int(79.1 * GIB),
+    "A100 40GB": int(39.4 * GIB),
+    "L4 24GB": int(22.0 * GIB),
+    "T4 16GB": int(14.6 * GIB),
+    "RTX 4090 24GB": int(23.6 * GIB),
+}
+
+
+@dataclass(frozen=True)
+class StateBytesPerParam:
+    """Bytes each parameter costs in weights, gradients and optimizer states."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+
+
+def state_bytes_per_param(precision: str, optimizer: str) -> StateBytesPerParam:
+    """The workload regimes of planner.memory, plus `mixed_fp16` (DeepSpeed's mixed precision)."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+    if precision == "mixed_fp16":
+        # fp32 gradient copy (4) and fp32 master weights (4) belong to the optimizer's side.
+        return StateBytesPerParam(2, 2, 4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
+    if precision not in WEIGHT_AND_GRADIENT_BYTES:
+        allowed = ", ".join([*WEIGHT_AND_GRADIENT_BYTES, "mixed_fp16"])
+        raise ValueError(f"precision must be one of {allowed}, got {precision!r}")
+    weights, gradients = WEIGHT_AND_GRADIENT_BYTES[precision]
+    return StateBytesPerParam(weights, gradients, OPTIMIZER_STATE_BYTES[optimizer])
+
+
+def count_largest_layer_params(config: ChronosMoEConfig) -> int:
+    """Parameters of the largest single module (its own tensors, not its children's), the unit ZeRO-3
+    gathers at once; the same quantity DeepSpeed's model_to_params reports."""
+    dims = config.dims
+    d, attention = dims.d_model, dims.attention_width
+    sizes = [dims.vocab_size * d, d * attention, d * dims.d_ff]
+    if config.is_moe and config.architecture in ("shared_then_expert", "expert_only"):
+        sizes += [d * config.router_hidden_dim + config.router_hidden_dim,
+                  config.router_hidden_dim * config.num_experts + config.num_experts, d * dims.vocab_size]
+    if config.is_moe and config.architecture == "shared_then_expert":
+        hidden = config.expert_head_hidden_dim
+        sizes += [d * hidden + hidden, hidden * d + d]
+    if config.is_moe and config.architecture == "token_ffn":
+        sizes.append(d * config.num_experts)
+    return max(sizes)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What one of `num_devices` devices holds during a training step, in bytes."""
+
+    strategy: str
+    num_devices: int
+    activation_checkpointing: bool
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+    gathered_layer_bytes: int  # ZeRO-3: the largest layer's weights and gradients, gathered whole
+    activations_bytes: int
+
+    @property
+    def model_states_bytes(self) -> int:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_states_bytes + self.gathered_layer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_states_bytes + self.activations_bytes
+
+    def fits(self, device_memory_bytes: int) -> bool:
+        return self.total_bytes <= device_memory_bytes
+
+
+def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
+    """Per-block activation checkpointing: each block keeps its input; one block's saved tensors live at a
+    time during recomputation; everything outside the blocks (token ids, routers, heads, the loss) is kept
+    as without checkpointing. An estimate: the blocks of a stack are taken as equal."""
+    full = estimate_activation_breakdown(config, workload, device=device)
+    dims, batch = config.dims, workload.batch_size
+    architecture = config.architecture if config.is_moe else "dense"
+    # Where the block activations sit: expert_only's encoders are its experts (K per series); token_ffn's
+    # expert FFNs live inside the blocks.
+    encoder_copies = config.top_k if architecture == "expert_only" else 1
+    encoder_blocks_bytes = full.encoder_bytes + (full.experts_bytes if architecture == "expert_only" else 0)
+    token_expert_bytes = full.experts_bytes if architecture == "token_ffn" else 0
+    in_blocks_bytes = encoder_blocks_bytes + full.decoder_bytes + token_expert_bytes
+    encoder_blocks = dims.num_layers * encoder_copies
+    largest_block_bytes = max(encoder_blocks_bytes / encoder_blocks,
+                              (full.decoder_bytes + token_expert_bytes) / dims.num_decoder_layers)
+    stream_bytes = activation_widths(workload.precision, device).stream
+    block_inputs_bytes = (encoder_blocks * workload.encoder_tokens + dims.num_decoder_layers
+                          * workload.decoder_tokens) * batch * dims.d_model * stream_bytes
+    return int(full.total_bytes - in_blocks_bytes + block_inputs_bytes + largest_block_bytes)
+
+
+def plan_devices(
+    config: ChronosMoEConfig,
+    workload: Workload,
+    strategy: str,
+    num_devices: int,
+    *,
+    activation_checkpointing: bool = False,
+    precision: Optional[str] = None,
+    params: Optional[ParamBreakdown] = None,
+    device: str = "cuda",
+) -> DevicePlan:
+    """Per-device memory of one training step. `precision` defaults to the workload's regime."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or not 1 <= num_devices <= 1_000_000:
+        raise ValueError(f"num_devices must be an integer from 1 to 1,000,000, got {num_devices!r}")
+    if strategy == "expert_parallel" and not config.is_moe:
+        raise ValueError("strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
+    params = count_params(config) if params is None else params
+    regime = precision or workload.precision
+    per_param = state_bytes_per_param(regime, workload.optimizer)
+    # mixed_fp16 computes in half precision, so its activations are autocast's.
+    activation_workload = dataclasses.replace(workload, precision="amp_fp16" if regime == "mixed_fp16" else regime)
+
+    if strategy == "expert_parallel":
+        local_experts = math.ceil(params.num_experts / num_devices)
+        held = params.total_params - (params.num_experts - local_experts) * params.params_per_expert
+        sharded = {"weights": held, "gradients": held, "optimizer": held}
+    else:
+        stage = _ZERO_STAGE[strategy]
+        total = params.total_params
+
+        def shard(first_stage: int) -> int:
+            return math.ceil(total / num_devices) if stage >= first_stage else total
+
+        sharded = {"optimizer": shard(1), "gradients": shard(2), "weights": shard(3)}
+    gathered = 0
+    if strategy == "zero3" and num_devices > 1:
+        gathered = count_largest_layer_params(config) * (per_param.weights + per_param.gradients)
+    if activation_checkpointing:
+        activations = estimate_checkpointed_activation_bytes(config, activation_workload, device=device)
+    else:
+        activations = estimate_activation_breakdown(config, activation_workload, device=device).total_bytes
+    return DevicePlan(
+        strategy=strategy,
+        num_devices=num_devices,
+        activation_checkpointing=activation_checkpointing,
+        weights_bytes=sharded["weights"] * per_param.weights,
+        gradients_bytes=sharded["gradients"] * per_param.gradients,
+        optimizer_states_bytes=sharded["optimizer"] * per_param.optimizer,
+        gathered_layer_bytes=gathered,
+        activations_bytes=activations,
+    )
+
+
+def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_devices: int, *,
+                        device_memory_bytes: int, precision: Optional[str] = None) -> list[dict]:
+    """One row per strategy × activation checkpointing, with 'fits' on the given device memory."""
+    params = count_params(config)
+    rows = []
+    for strategy in STRATEGIES:
+        if strategy == "expert_parallel" and not config.is_moe:
+            continue
+        for checkpointing in (False, True):
+            plan = plan_devices(config, workload, strategy, num_devices, activation_checkpointing=checkpointing,
+                                precision=precision, params=params)
+            rows.append({
+                "strategy": strategy,
+                "num_devices": num_devices,
+                "activation_checkpointing": checkpointing,
+                "weights_bytes": plan.weights_bytes,
+                "gradients_bytes": plan.gradients_bytes,
+                "optimizer_states_bytes": plan.optimizer_states_bytes,
+                "gathered_layer_bytes": plan.gathered_layer_bytes,
+                "activations_bytes": plan.activations_bytes,
+                "total_bytes": plan.total_bytes,
+                "fits": plan.fits(device_memory_bytes),
+            })
+    return rows

@@ -1,0 +1,210 @@
+"""The inverse question: which (E, K, router width[, MoE blocks]) reach a total size within a budget?
+
+"About 200M parameters, but only the compute of a 50M model" becomes: enumerate the MoE configurations of a
+base size, keep those whose budget quantity (active parameters per series, forward FLOPs per series, the
+forward-FLOP ratio to dense, or training / forecast memory per device) is within the limit, rank them by
+how close their total parameters come to the target, and give the Pareto front of total vs active.
+
+Every number comes from the planner's own counts (count_params, count_flops, estimate_memory), so a
+solution is exactly what `plan` would say of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+from model.config import ARCHITECTURES, MAX_EXPERTS, ChronosMoEConfig
+from planner.flops import count_flops
+from planner.params import count_params
+from planner.workload import Workload
+
+BUDGET_KINDS = {
+    "active_params": "active parameters per series",
+    "forward_flops": "teacher-forced forward FLOPs per series",
+    "flop_ratio": "forward FLOPs as a ratio to the dense model",
+    "train_memory": "training memory per device (bytes)",
+    "forecast_memory": "forecast memory per device (bytes)",
+}
+
+# token_ffn: which blocks carry experts. Name -> block indices for a stack of n blocks.
+TOKEN_BLOCK_PATTERNS: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "every_second": lambda n: tuple(range(1, n, 2)),  # the family's default (odd indices)
+    "every_block": lambda n: tuple(range(n)),
+    "every_fourth": lambda n: tuple(range(3, n, 4)) or (n - 1,),
+}
+DEFAULT_ROUTER_WIDTHS = (64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    limit: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.limit, (int, float)) or isinstance(self.limit, bool) or not self.limit > 0:
+            raise ValueError(f"budget limit must be a number > 0, got {self.limit!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the solver may choose. Defaults cover what Chronos-MoE users try, and stay fast (< 1 s)."""
+
+    max_experts: int = 128
+    max_top_k: int = 16
+    router_widths: tuple[int, ...] = DEFAULT_ROUTER_WIDTHS
+    token_block_patterns: tuple[str, ...] = tuple(TOKEN_BLOCK_PATTERNS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or not 1 <= self.max_experts <= MAX_EXPERTS:
+            raise ValueError(f"max_experts must be an integer from 1 to {MAX_EXPERTS}, got {self.max_experts!r}")
+        if isinstance(self.max_top_k, bool) or not isinstance(self.max_top_k, int) or self.max_top_k < 1:
+            raise ValueError(f"max_top_k must be an integer ≥ 1, got {self.max_top_k!r}")
+        if not self.router_widths or any(not isinstance(w, int) or w < 1 for w in self.router_widths):
+            raise ValueError(f"router_widths must be positive integers, got {self.router_widths!r}")
+        unknown = [p for p in self.token_block_patterns if p not in TOKEN_BLOCK_PATTERNS]
+        if unknown or not self.token_block_patterns:
+            raise ValueError(f"token_block_patterns must be from {', '.join(TOKEN_BLOCK_PATTERNS)}, got {self.token_block_patterns!r}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: ChronosMoEConfig
+    total_params: int
+    active_params: int
+    budget_value: float  # the budgeted quantity, in the budget's unit
+    token_block_pattern: Optional[str]  # token_ffn only
+
+    @property
+    def describe(self) -> str:
+        c = self.config
+        extra = f", router {c.router_hidden_dim}" if c.architecture != "token_ffn" else f", blocks {self.token_block_pattern}"
+        return f"{c.architecture} E={c.num_experts} K={c.top_k}{extra}"
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    candidates: tuple[Candidate, ...]  # feasible, best first
+    pareto_front: tuple[Candidate, ...]  # feasible, by total ascending: no other has more total for ≤ active
+    evaluated: int  # shapes (architecture, E, router width or MoE blocks) whose budget was computed
+
+
+def _budget_value(candidate_config: ChronosMoEConfig, budget: Budget, workload: Workload,
+                  dense_forward_flops: int) -> float:
+    if budget.kind == "active_params":
+        return count_params(candidate_config).active_params
+    if budget.kind in ("forward_flops", "flop_ratio"):
+        forward = count_flops(candidate_config, workload).forward_flops
+        if budget.kind == "flop_ratio":
+            return forward / dense_forward_flops
+        return forward / workload.batch_size
+    from planner.memory import estimate_memory  # memory budgets only
+
+    memory = estimate_memory(candidate_config, workload, count_params(candidate_config))
+    return memory.training.total_bytes if budget.kind == "train_memory" else memory.forecast.total_bytes
+
+
+def _budget_values(config_with: Callable[[int], ChronosMoEConfig], max_top_k: int, budget: Budget,
+                   workload: Workload, dense_forward_flops: int) -> list[float]:
+    """The budget quantity for K = 1 … max_top_k of one shape.
+
+    Active parameters and forward FLOPs are exactly affine in K under sparse dispatch (each series or token
+    runs K identical experts), so two evaluations give them all; memory is evaluated for each K.
+    """
+    if budget.kind == "active_params" or budget.kind in ("forward_flops", "flop_ratio"):
+        first = _budget_value(config_with(1), budget, workload, dense_forward_flops)
+        if max_top_k == 1:
+            return [first]
+        step = _budget_value(config_with(2), budget, workload, dense_forward_flops) - first
+        return [first + (k - 1) * step for k in range(1, max_top_k + 1)]
+    values = []
+    for top_k in range(1, max_top_k + 1):
+        values.append(_budget_value(config_with(top_k), budget, workload, dense_forward_flops))
+        if values[-1] > budget.limit:
+            break
+    return values
+
+
+def _shapes(base: ChronosMoEConfig, architectures: Sequence[str], space: SearchSpace):
+    """(architecture, E, router width, block pattern) for every shape the space allows; K comes later."""
+    for architecture in architectures:
+        for experts in range(1, space.max_experts + 1):
+            if architecture == "token_ffn":
+                for pattern in space.token_block_patterns:
+                    yield architecture, experts, base.router_hidden_dim, pattern
+            else:
+                for width in space.router_widths:
+                    yield architecture, experts, width, None
+
+
+def _config_for(base: ChronosMoEConfig, architecture: str, experts: int, top_k: int, width: int,
+                pattern: Optional[str]) -> ChronosMoEConfig:
+    dims = base.dims
+    blocks = {"encoder_moe_blocks": None, "decoder_moe_blocks": None}
+    if pattern is not None:
+        pick = TOKEN_BLOCK_PATTERNS[pattern]
+        blocks = {"encoder_moe_blocks": pick(dims.num_layers), "decoder_moe_blocks": pick(dims.num_decoder_layers)}
+    return dataclasses.replace(
+        base, architecture=architecture, num_experts=experts, top_k=top_k, router_hidden_dim=width,
+        expert_capacity=None, **blocks,
+    )
+
+
+def pareto_front(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+    """Candidates no other beats on both axes (more total parameters for no more active ones)."""
+    front: list[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (c.active_params, -c.total_params)):
+        if not front or candidate.total_params > front[-1].total_params:
+            front.append(candidate)
+    return tuple(front)
+
+
+def solve(
+    base: ChronosMoEConfig,
+    target_total_params: int,
+    budget: Budget,
+    *,
+    architectures: Sequence[str] = ARCHITECTURES,
+    workload: Workload = Workload(),
+    space: SearchSpace = SearchSpace(),
+    tolerance: Optional[float] = None,
+    limit: int = 20,
+) -> SolverResult:
+    """Feasible configurations ranked by |total − target| (then by budget use, highest first, then fewer
+    experts). `tolerance` (a fraction) keeps only totals within target × (1 ± tolerance)."""
+    if isinstance(target_total_params, bool) or not isinstance(target_total_params, int) or target_total_params < 1:
+        raise ValueError(f"target total parameters must be a positive integer, got {target_total_params!r}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a fraction ≥ 0, got {tolerance!r}")
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown or not architectures:
+        raise ValueError(f"architectures must be from {', '.join(ARCHITECTURES)}, got {list(architectures)!r}")
+    dense = dataclasses.replace(base, num_experts=0, expert_capacity=None, encoder_moe_blocks=None, decoder_moe_blocks=None)
+    dense_forward = count_flops(dense, workload).forward_flops
+
+    feasible: list[Candidate] = []
+    evaluated = 0
+    for architecture, experts, width, pattern in _shapes(base, architectures, space):
+        def config_with(top_k: int) -> ChronosMoEConfig:
+            return _config_for(base, architecture, experts, top_k, width, pattern)
+
+        breakdown = count_params(config_with(1))
+        if tolerance is not None and abs(breakdown.total_params - target_total_params) > tolerance * target_total_params:
+            continue
+        max_top_k = min(experts, space.max_top_k)
+        values = _budget_values(config_with, max_top_k, budget, workload, dense_forward)
+        evaluated += 1
+        for top_k, value in enumerate(values, start=1):
+            if value > budget.limit:
+                break  # every budget quantity grows with K
+            active = breakdown.total_params - (experts - top_k) * breakdown.params_per_expert
+            feasible.append(Candidate(config_with(top_k), breakdown.total_params, active, value, pattern))
+
+    ranked = sorted(
+        feasible,
+        key=lambda c: (abs(c.total_params - target_total_params), -c.budget_value, c.config.num_experts),
+    )
+    return SolverResult(tuple(ranked[:limit]), pareto_front(feasible), evaluated)
