@@ -15,7 +15,9 @@ modules saves (transformers' modeling_t5.py and model/):
 - Cross-entropy over (B·T, V) keeps the fp32 log-probabilities: often the largest single tensor.
 
 `measure_saved_activation_bytes` counts what the hooks see: every distinct storage saved for backward,
-once, excluding parameters and buffers (those are weights). The analytic count is exact on CPU in fp32.
+once, excluding parameters and buffers (those are weights). The analytic count equals it on CPU in fp32,
+pure bf16 and autocast (tests/test_activations.py); on CUDA it assumes bool dropout masks and fp32
+LayerNorm statistics (what those kernels save), which no test here can measure without a GPU.
 
 Data-dependent parts are bounded from above: how many experts run (each running expert encoder saves its
 own S×S position buckets) is taken as min(E, B·K); a token capacity is taken to drop min(tokens·K, E·cap)
