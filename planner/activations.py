@@ -5,8 +5,8 @@ The analytic count follows Korthikanti et al. 2022 (arXiv:2205.05198) per-layer 
 adds the encoder-decoder cross-attention terms, and is written term by term from what each op of the real
 modules saves (transformers' modeling_t5.py and model/):
 
-- T5LayerNorm saves its input, its fp32 input, the fp32 rsqrt statistic and the normalised tensor;
-  its output is saved by the linear layers that read it.
+- T5LayerNorm saves its input (and an fp32 copy when it is half), the fp32 rsqrt statistic and the
+  normalised tensor; its output is saved by the linear layers that read it.
 - Eager attention saves copies of q, kᵀ and v (reshaped for bmm), the fp32 softmax, the dropout mask and
   the dropped probabilities (three B·H·Lq·Lk tensors), and the input of the output projection.
 - Dropout saves a mask: a bool on CUDA (native_dropout), a tensor of the data's dtype on CPU.
@@ -19,9 +19,11 @@ once, excluding parameters and buffers (those are weights). The analytic count e
 pure bf16 and autocast (tests/test_activations.py); on CUDA it assumes bool dropout masks and fp32
 LayerNorm statistics (what those kernels save), which no test here can measure without a GPU.
 
-Data-dependent parts are bounded from above: how many experts run (each running expert encoder saves its
-own S×S position buckets) is taken as min(E, B·K); a token capacity is taken to drop min(tokens·K, E·cap)
-slots' worth. With one series (the Chronos default) sample-level routing runs exactly K experts.
+Data-dependent parts are bounded from above: the experts that run (each running expert encoder keeps its
+own S×S position buckets; under AMP each keeps half copies of its weights) are taken as min(E, B·K), or
+min(E, tokens·K) per token_ffn block; with a capacity factor every expert is taken as filled to capacity,
+min(tokens·K, E·capacity) slots. With one series (the Chronos default) sample-level routing runs exactly
+K experts, and the count is exact.
 
 Letters: B series, S encoder tokens, T decoder tokens, D d_model, F d_ff, H heads, A = H·Dk attention
 width, V vocabulary, E experts, K active experts, R router hidden width, n rows or tokens.
