@@ -1,0 +1,78 @@
+"""The device a run uses: resolving "auto", what its dtypes support, its name, free memory, synchronisation.
+
+Imported only inside the benchmark's subprocess (it loads torch, and asking CUDA anything creates a context
+that would otherwise stay in the app's process holding GPU memory).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import psutil
+import torch
+
+from planner.bench.spec import refuse_fp16_on_cpu_message
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> str:
+    """'auto' becomes cuda, then mps, then cpu, whichever is present; an absent device is refused."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ValueError(f"device {name} is not available on this machine (torch {torch.__version__}); use auto or cpu")
+    return name
+
+
+def check_dtype_supported(device: str, dtype: str) -> None:
+    """Refuse a dtype the device cannot compute in natively, with what to use instead."""
+    if device == "cpu" and dtype == "fp16":
+        raise ValueError(refuse_fp16_on_cpu_message())
+    if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"dtype bf16 is not supported natively by {torch.cuda.get_device_name()} "
+                         "(it needs compute capability 8.0 or newer); use fp16 or fp32")
+
+
+def _processor_name() -> str:
+    """The CPU's marketing name (on Apple silicon also the GPU's: 'Apple M2 Pro')."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        result = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: str) -> str:
+    """A name that identifies the hardware, and on CPU the thread count (throughput depends on it)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    if device == "mps":
+        return f"{_processor_name()} (MPS)"
+    return f"{_processor_name()} ({torch.get_num_threads()} threads)"
+
+
+def available_memory_bytes(device: str) -> int:
+    """Memory a run may still take: free GPU memory, or the host's available memory (unified on Apple)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    host = psutil.virtual_memory().available
+    if device == "mps":
+        return min(host, torch.mps.recommended_max_memory())
+    return host
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels, so a timer read afterwards sees the work done (no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()

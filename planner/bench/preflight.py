@@ -1,0 +1,73 @@
+"""Preflight: refuse a run whose predicted peak memory exceeds 80% of the memory available, and say what fits.
+
+The predicted peak comes from planner.memory:
+- train: the training step (weights, gradients, AdamW moments, activations saved for backward), with the
+  CPU's dropout masks on CPU;
+- forecast: weights (every expert resident), the KV cache, the encoder output per sample path, the largest
+  live activation;
+- forward: the same as a one-path forecast: a teacher-forced forward holds the same kinds of tensors (weights,
+  the encoder output, each block's cross-attention keys and values, the largest transient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from planner.bench.spec import BenchSpec
+from planner.memory import estimate_memory
+
+MEMORY_FRACTION = 0.8  # the rest is for the allocator's slack, the runtime and whatever else runs
+GIB = 2**30
+
+
+def estimate_peak_bytes(spec: BenchSpec, device: str) -> int:
+    """The planner's peak memory of one step of `spec` on `device` ("cpu", "cuda" or "mps")."""
+    config, workload = spec.model_config(), spec.workload()
+    activation_device = "cpu" if device == "cpu" else "cuda"  # the dropout masks' width
+    if spec.mode == "forward":
+        workload = dataclasses.replace(workload, num_samples=1)
+    memory = estimate_memory(config, workload, device=activation_device)
+    return memory.training.total_bytes if spec.mode == "train" else memory.forecast.total_bytes
+
+
+def largest_fitting_batch(spec: BenchSpec, device: str, limit_bytes: float) -> int:
+    """The largest batch (≤ the spec's) whose predicted peak is within `limit_bytes`; 0 if not even one series.
+
+    Memory grows with the batch, so a bisection finds it.
+    """
+    low, high = 0, spec.batch_size
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_peak_bytes(dataclasses.replace(spec, batch_size=middle), device) <= limit_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclass(frozen=True)
+class PreflightVerdict:
+    fits: bool
+    predicted_peak_bytes: int
+    available_bytes: int
+    message: str  # empty when the run fits
+
+
+def check_preflight(spec: BenchSpec, device: str, available_bytes: int) -> PreflightVerdict:
+    """Whether `spec` fits in MEMORY_FRACTION of `available_bytes`; if not, a message saying what would."""
+    predicted = estimate_peak_bytes(spec, device)
+    limit = MEMORY_FRACTION * available_bytes
+    if predicted <= limit:
+        return PreflightVerdict(True, predicted, available_bytes, "")
+    message = (f"refused: {spec.label} at batch {spec.batch_size} needs a predicted {predicted / GIB:.2f} GiB, "
+               f"more than {MEMORY_FRACTION:.0%} of the {available_bytes / GIB:.2f} GiB available on {device} "
+               f"({limit / GIB:.2f} GiB). ")
+    batch = largest_fitting_batch(spec, device, limit)
+    if batch > 0:
+        fitting = estimate_peak_bytes(dataclasses.replace(spec, batch_size=batch), device)
+        message += f"Batch {batch} fits (predicted {fitting / GIB:.2f} GiB)."
+    else:
+        message += ("Not even one series fits: choose a smaller size, fewer experts, a shorter context"
+                    + (", fewer sample paths" if spec.mode == "forecast" else "") + " or a half-precision dtype.")
+    return PreflightVerdict(False, predicted, available_bytes, message)

@@ -1,0 +1,157 @@
+"""BenchResult: one run's measurements beside the planner's predictions, as rows and as CSV/JSON exports.
+
+A result exists for every request, whatever happened: `status` is "ok", or "refused" (preflight, an absent
+device, an unsupported dtype), "timeout" (killed at its time limit), "cancelled" or "error"; `message` says
+why. Measured fields are None unless the run finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from planner.bench.roofline import DeviceRoofline
+from planner.bench.spec import BenchSpec
+from planner.bench.timing import TimingSummary
+from planner.export import export_metadata, render
+
+STATUSES = ("ok", "refused", "timeout", "cancelled", "error")
+EXPORT_FORMATS = ("csv", "json")
+MEASUREMENT_NOTES = {
+    "timing": "median and p95 of the repeats after warm-up, each between device synchronisations",
+    "attention": "eager (the only implementation T5 has)",
+    "flops_source": "planner (analytic, per step); achieved FLOP/s = planner FLOPs / median time",
+    "tokens": "forward/train: B x (context + 1 + prediction + 1) positions; forecast: B x N x prediction sampled",
+    "predicted_time": "roofline: sum over phases of max(FLOPs / matmul FLOP/s, bytes / bandwidth)",
+    "predicted_memory": "planner.memory (train: training step; forecast: forecast; forward: one-path forecast)",
+}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    spec: BenchSpec
+    status: str
+    message: str = ""
+    wall_s: float = 0.0  # the whole subprocess: start-up, build, warm-up, repeats, calibration
+    flops: int = 0  # the planner's FLOPs of one step
+    device: Optional[str] = None
+    device_name: Optional[str] = None
+    threads: Optional[int] = None
+    versions: dict[str, str] = field(default_factory=dict)
+    timing: Optional[TimingSummary] = None
+    peak_memory_bytes: Optional[int] = None
+    memory_method: Optional[str] = None
+    available_memory_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[int] = None
+    roofline: Optional[DeviceRoofline] = None
+    predicted_time_s: Optional[float] = None
+    usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
+    usage_entropy_nats: Optional[float] = None
+    balance_loss: Optional[float] = None  # summed over MoE layers, as the training loss adds it
+    moe_layers: Optional[int] = None
+    loss: Optional[float] = None
+    traceback: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def time_ratio(self) -> Optional[float]:
+        """Measured median time / predicted time."""
+        if self.timing is None or not self.predicted_time_s:
+            return None
+        return self.timing.median_s / self.predicted_time_s
+
+    @property
+    def memory_ratio(self) -> Optional[float]:
+        """Measured peak / predicted peak."""
+        if self.peak_memory_bytes is None or not self.predicted_peak_bytes:
+            return None
+        return self.peak_memory_bytes / self.predicted_peak_bytes
+
+    def row(self) -> dict[str, Any]:
+        """A flat row: the settings, then measured beside predicted (bytes, seconds, FLOPs)."""
+        timing, roofline = self.timing, self.roofline
+        return {
+            "label": self.spec.label,
+            **self.spec.to_dict(),
+            "status": self.status,
+            "message": self.message,
+            "device_resolved": self.device,
+            "device_name": self.device_name,
+            "threads": self.threads,
+            "median_s": timing.median_s if timing else None,
+            "p95_s": timing.p95_s if timing else None,
+            "times_s": list(timing.times_s) if timing else None,
+            "predicted_time_s": self.predicted_time_s,
+            "time_ratio": self.time_ratio,
+            "series_per_s": timing.series_per_s if timing else None,
+            "tokens_per_s": timing.tokens_per_s if timing else None,
+            "flops": self.flops,
+            "achieved_flops_per_s": timing.achieved_flops_per_s if timing else None,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "memory_ratio": self.memory_ratio,
+            "memory_method": self.memory_method,
+            "available_memory_bytes": self.available_memory_bytes,
+            "roofline_source": roofline.source if roofline else None,
+            "roofline_matmul_flops_per_s": roofline.matmul_flops_per_s if roofline else None,
+            "roofline_bandwidth_bytes_per_s": roofline.bandwidth_bytes_per_s if roofline else None,
+            "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
+            "usage_entropy_nats": self.usage_entropy_nats,
+            "balance_loss": self.balance_loss,
+            "loss": self.loss,
+            "wall_s": self.wall_s,
+        }
+
+
+def _same_workload(a: BenchSpec, b: BenchSpec) -> bool:
+    keys = ("size", "mode", "batch_size", "context_length", "prediction_length", "num_samples", "device", "dtype")
+    return all(getattr(a, key) == getattr(b, key) for key in keys)
+
+
+def compare_to_dense(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
+    """For each finished MoE run with a finished dense run of the same size and workload: the measured
+    time ratio MoE / dense beside the planner's FLOP ratio (sparse dispatch should keep them close)."""
+    dense = [r for r in results if r.ok and r.spec.num_experts == 0]
+    rows = []
+    for result in results:
+        if not result.ok or result.spec.num_experts == 0:
+            continue
+        match = next((d for d in dense if _same_workload(d.spec, result.spec)), None)
+        if match is None:
+            continue
+        time_vs_dense = result.timing.median_s / match.timing.median_s
+        flops_vs_dense = result.flops / match.flops
+        rows.append({
+            "label": result.spec.label,
+            "size": result.spec.size,
+            "mode": result.spec.mode,
+            "architecture": result.spec.architecture,
+            "dispatch": result.spec.dispatch,
+            "num_experts": result.spec.num_experts,
+            "top_k": result.spec.top_k,
+            "time_vs_dense": time_vs_dense,
+            "flops_vs_dense": flops_vs_dense,
+            "time_ratio_over_flop_ratio": time_vs_dense / flops_vs_dense,
+        })
+    return rows
+
+
+def results_metadata(results: Sequence[BenchResult]) -> dict[str, Any]:
+    """What every export carries: the conventions, the device, the library versions, how it was measured."""
+    finished = next((r for r in results if r.device_name), None)
+    extra: dict[str, Any] = {"device": finished.device_name if finished else "unknown"}
+    if finished:
+        extra.update({f"version_{name}": version for name, version in finished.versions.items()})
+        extra["threads"] = finished.threads
+    extra.update({f"measurement_{key}": text for key, text in MEASUREMENT_NOTES.items()})
+    return export_metadata(extra)
+
+
+def export_results(results: Sequence[BenchResult], fmt: str) -> bytes:
+    """The results as CSV (metadata as '# key: value' lines above the header) or JSON (a list of rows)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    return render([r.row() for r in results], fmt, results_metadata(results))

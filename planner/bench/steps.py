@@ -1,0 +1,86 @@
+"""What one timed repetition does in each mode, and what its last output says about expert usage.
+
+- forward: teacher-forced inference (eval, no_grad) on a tokenized batch of synthetic series;
+- forecast: N sample paths per series through `model.sample_tokens` (encoder once, cached decoding);
+- train: `model.training.train_step` (cross-entropy + weighted balance loss, backward, AdamW step); in
+  bf16/fp16 under autocast with fp32 weights (AMP), the regime the planner's training memory counts.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from importlib import metadata
+from typing import Any, Callable
+
+import torch
+import transformers
+
+from model.outputs import MoEOutput
+from model.training import synthetic_series, train_step, training_batch
+from planner.bench.device import TORCH_DTYPES
+from planner.bench.spec import BenchSpec
+
+LEARNING_RATE = 1e-4  # any small rate: the step's cost does not depend on it
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "chronos-forecasting": metadata.version("chronos-forecasting"),
+    }
+
+
+def summarise_usage(output: Any, num_experts: int) -> dict[str, Any]:
+    """Expert usage of one forward, summed over its MoE layers: slots per expert, the entropy of their shares
+    (log E when even), the balance loss (summed over layers, as the training loss adds it) and the loss.
+    Empty for a forecast (it reports no routing) and for the dense model."""
+    if not isinstance(output, MoEOutput):
+        return {}
+    summary: dict[str, Any] = {"loss": float(output.loss.detach())} if output.loss is not None else {}
+    if not output.routing:
+        return summary
+    counts = sum(record.usage_counts(num_experts).cpu() for record in output.routing)
+    total = int(counts.sum())
+    return {
+        **summary,
+        "usage_counts": counts.tolist(),
+        "usage_entropy_nats": -sum(c / total * math.log(c / total) for c in counts.tolist() if c > 0),
+        "balance_loss": float(output.aux_loss.detach()),
+        "moe_layers": len(output.routing),
+    }
+
+
+def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> Callable[[], Any]:
+    """The work of one timed repetition, on a fixed tokenized batch of synthetic series."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    series = synthetic_series(spec.batch_size, spec.context_length + spec.prediction_length, generator)
+    batch = {name: tensor.to(device) for name, tensor in
+             training_batch(model, series, spec.context_length, spec.prediction_length).items()}
+    if spec.mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+        autocast = spec.dtype != "fp32"
+
+        def train() -> MoEOutput:
+            with torch.autocast(device_type=device, dtype=TORCH_DTYPES[spec.dtype], enabled=autocast):
+                return train_step(model, optimizer, batch)
+
+        return train
+    model.eval()
+    if spec.mode == "forward":
+        def forward() -> MoEOutput:
+            with torch.no_grad():
+                return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+
+        return forward
+    sampler = torch.Generator(device=device).manual_seed(spec.seed)
+
+    def forecast() -> torch.Tensor:
+        with torch.no_grad():
+            return model.sample_tokens(batch["input_ids"], batch["attention_mask"], spec.prediction_length,
+                                       spec.num_samples, generator=sampler)
+
+    return forecast

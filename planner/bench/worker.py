@@ -1,0 +1,112 @@
+"""The benchmark's subprocess: one measured run, started by `runner.run_benchmark`, never by hand.
+
+`python -m planner.bench.worker` reads a BenchSpec as JSON on stdin and writes events, one JSON object per
+line, on stdout: {"event": "progress", "stage", "done", "total"} while it runs, then exactly one of
+{"event": "measured", ...}, {"event": "refused", "message"} or {"event": "error", "message", "traceback"}.
+Everything else the libraries print goes to stderr, so stdout carries only the protocol.
+
+Order matters: the device is resolved and the preflight passes before the model code is even imported
+(a refusal comes in seconds); the memory baseline is taken before the model is built; the device probe
+(when not cached) runs after the peak is read, so its buffers are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, TextIO
+
+from planner.bench.spec import BenchSpec
+
+Emit = Callable[..., None]
+
+
+def run(spec: BenchSpec, emit: Emit) -> None:
+    # torch and the model code load here, not at import: the spec is parsed before they cost anything.
+    import torch
+
+    from planner.bench.device import available_memory_bytes, check_dtype_supported, describe_device, \
+        resolve_device, synchronize
+    from planner.bench.preflight import check_preflight
+
+    emit("progress", stage="preflight", done=0, total=1)
+    try:
+        device = resolve_device(spec.device)
+        check_dtype_supported(device, spec.dtype)
+    except ValueError as error:  # the device is absent or cannot compute in the dtype: the message says why
+        emit("refused", message=str(error))
+        return
+    available = available_memory_bytes(device)
+    verdict = check_preflight(spec, device, available)
+    if not verdict.fits:
+        emit("refused", message=verdict.message, device=device, predicted_peak_bytes=verdict.predicted_peak_bytes,
+             available_memory_bytes=available)
+        return
+
+    from model.build import build_model_from_config
+    from planner.bench.device import TORCH_DTYPES
+    from planner.bench.memory_probe import PeakMemoryProbe
+    from planner.bench.roofline import load_cached_roofline, measure_roofline, save_roofline
+    from planner.bench.steps import library_versions, make_step, summarise_usage
+    from planner.bench.timing import measure_step_times_s
+
+    probe = PeakMemoryProbe(device)
+    probe.start()
+    torch.manual_seed(spec.seed)
+    emit("progress", stage="build", done=0, total=1)
+    dtype = None if spec.mode == "train" else TORCH_DTYPES[spec.dtype]  # training: AMP keeps fp32 weights
+    model = build_model_from_config(spec.model_config(), device=device, dtype=dtype)
+    step = make_step(spec, model, device)
+    last_output: list[Any] = [None]
+
+    def timed_step() -> None:
+        last_output[0] = step()  # only the last is kept: its routing gives the usage
+
+    def on_step(stage: str, done: int, total: int) -> None:
+        probe.sample()
+        emit("progress", stage=stage, done=done, total=total)
+
+    times_s = measure_step_times_s(timed_step, warmup=spec.warmup, repeats=spec.repeats,
+                                   synchronize=lambda: synchronize(device), on_step=on_step)
+    peak_bytes = probe.peak_bytes()
+    usage = summarise_usage(last_output[0], spec.num_experts)
+    del model, step, last_output
+
+    device_name = describe_device(device)
+    roofline = None if spec.recalibrate else load_cached_roofline(device_name, spec.dtype)
+    if roofline is None:
+        emit("progress", stage="calibrate", done=0, total=1)
+        roofline = measure_roofline(device, spec.dtype, device_name, lambda: synchronize(device))
+        save_roofline(roofline)
+    emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
+         versions=library_versions(), times_s=times_s, peak_memory_bytes=peak_bytes, memory_method=probe.method,
+         available_memory_bytes=available, roofline=dataclasses.asdict(roofline), **usage)
+
+
+def main(stdin: TextIO = sys.stdin) -> None:
+    # The protocol gets its own copy of stdout; fd 1 then points at stderr, so whatever torch, transformers
+    # or C extensions print cannot corrupt it.
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def emit(event: str, **fields: Any) -> None:
+        protocol.write(json.dumps({"event": event, **fields}) + "\n")
+        protocol.flush()
+
+    try:
+        spec = BenchSpec.from_dict(json.loads(stdin.read()))
+    except ValueError as error:
+        emit("refused", message=str(error))
+        return
+    try:
+        run(spec, emit)
+    except Exception as error:  # noqa: BLE001 - any failure is reported to the caller, who keeps working
+        emit("error", message=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`python -m planner bench`: measure variants on this device beside the planner's predictions.
+
+`add_bench_subcommand(subparsers)` registers the subcommand and its flags; `run_bench_command(args)` runs the
+grid (sizes × modes × dense and architecture × experts × dispatch), one benchmark at a time, and returns the
+exit status (0 when every run finished, 1 otherwise, 2 for a bad setting). Progress goes to stderr, the
+results to stdout or --output. With --predict-for PRESET nothing runs: the predictions for that device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from model.config import ARCHITECTURES, DISPATCH_MODES
+from planner.bench import (
+    DEVICE_PRESETS,
+    DEVICES,
+    DTYPES,
+    MODES,
+    BenchProgress,
+    BenchResult,
+    BenchSpec,
+    compare_to_dense,
+    estimate_peak_bytes,
+    estimate_step_time_s,
+    export_results,
+    preset_roofline,
+    run_benchmark,
+)
+from planner.export import export_metadata, render
+
+GIB = 2**30
+OUTPUT_FORMATS = ("table", "md", "csv", "json")
+# What the table and Markdown formats show (CSV and JSON carry every field, in bytes and seconds).
+SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "predicted_time_s", "time_ratio", "tokens_per_s",
+                   "achieved_gflops_per_s", "peak_memory_gib", "predicted_peak_gib", "memory_ratio", "message")
+
+
+def _names(allowed: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        wrong = [name for name in names if name not in allowed]
+        if wrong or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
+        return names
+    return parse
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        values = [int(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench", help="measure variants on this device beside the planner's predictions",
+        description="Run each variant in a subprocess with a time limit (one benchmark at a time), after a "
+        "preflight that refuses runs predicted to exceed 80%% of the available memory. Timing: median and p95 "
+        "of synchronised repeats after warm-up; FLOPs are the planner's; predicted time is a roofline "
+        "calibrated by a short probe of this device (cached), or a preset's datasheet peaks (--predict-for).")
+    parser.add_argument("--modes", type=_names(MODES), default=["forward"], help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--sizes", type=str, default="small", help="comma-separated size presets (debug, tiny, ...)")
+    parser.add_argument("--architectures", type=_names(ARCHITECTURES), default=list(ARCHITECTURES))
+    parser.add_argument("--experts", type=_integers, default=[0, 16], help="comma-separated expert counts, 0 = dense")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dispatch", type=_names(DISPATCH_MODES), default=["sparse"],
+                        help="comma-separated: sparse (only the chosen experts run), dense (all run, masked)")
+    parser.add_argument("--router-hidden-dim", type=int, default=256)
+    parser.add_argument("--expert-capacity", type=float, default=None, help="token_ffn capacity factor")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context-length", type=int, default=512)
+    parser.add_argument("--prediction-length", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=20, help="sample paths per series (forecast)")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--time-limit", type=float, default=600.0, dest="time_limit_s", help="seconds per run")
+    parser.add_argument("--recalibrate", action="store_true", help="re-run the device probe")
+    parser.add_argument("--predict-for", choices=list(DEVICE_PRESETS), default=None,
+                        help="run nothing: predicted time and memory on this preset device")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
+    parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    parser.set_defaults(handler=run_bench_command)
+    return parser
+
+
+def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
+    """The grid, dense first within each size and mode. Raises ValueError naming a bad setting."""
+    common = dict(
+        top_k=args.top_k, router_hidden_dim=args.router_hidden_dim, batch_size=args.batch_size,
+        context_length=args.context_length, prediction_length=args.prediction_length, num_samples=args.num_samples,
+        device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+        time_limit_s=args.time_limit_s, recalibrate=args.recalibrate,
+    )
+    specs = []
+    for size in [name.strip() for name in args.sizes.split(",") if name.strip()]:
+        for mode in args.modes:
+            if 0 in args.experts:
+                specs.append(BenchSpec(size=size, mode=mode, **common))
+            for architecture in args.architectures:
+                capacity = args.expert_capacity if architecture == "token_ffn" else None
+                for num_experts in (e for e in args.experts if e != 0):
+                    for dispatch in args.dispatch:
+                        specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
+                                               dispatch=dispatch, expert_capacity=capacity, **common))
+    return specs
+
+
+def _summary_row(result: BenchResult) -> dict[str, Any]:
+    row = result.row()
+    achieved = row["achieved_flops_per_s"]
+    row["achieved_gflops_per_s"] = achieved / 1e9 if achieved is not None else None
+    for name, key in (("peak_memory_gib", "peak_memory_bytes"), ("predicted_peak_gib", "predicted_peak_bytes")):
+        row[name] = row[key] / GIB if row[key] is not None else None
+    return {column: row[column] for column in SUMMARY_COLUMNS}
+
+
+def _prediction_rows(specs: Sequence[BenchSpec], preset: str) -> list[dict[str, Any]]:
+    device = "mps" if preset.startswith("apple") else "cuda"
+    rows = []
+    for spec in specs:
+        roofline = preset_roofline(preset, spec.dtype)
+        rows.append({"label": spec.label, "device_name": roofline.device_name, "dtype": spec.dtype,
+                     "predicted_time_s": estimate_step_time_s(spec, roofline),
+                     "predicted_peak_gib": estimate_peak_bytes(spec, device) / GIB})
+    return rows
+
+
+def _write(text: bytes, output: Optional[Path]) -> None:
+    if output is None:
+        sys.stdout.write(text.decode("utf-8"))
+    else:
+        output.write_bytes(text)
+
+
+def _print_progress(index: int, count: int, spec: BenchSpec):
+    def report(update: BenchProgress) -> None:
+        detail = update.message or f"{update.stage} {update.done}/{update.total}"
+        print(f"\r[{index}/{count}] {spec.label}: {detail:<60}", end="", file=sys.stderr, flush=True)
+    return report
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    try:
+        specs = bench_specs(args)
+        if args.predict_for:
+            rows = _prediction_rows(specs, args.predict_for)
+            _write(render(rows, args.output_format, export_metadata({"predicted_for": args.predict_for})), args.output)
+            return 0
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = []
+    for index, spec in enumerate(specs, start=1):
+        result = run_benchmark(spec, progress=_print_progress(index, len(specs), spec))
+        print(f"\r[{index}/{len(specs)}] {spec.label}: {result.status} {result.message}".ljust(100), file=sys.stderr)
+        results.append(result)
+    if args.output_format in ("csv", "json"):
+        _write(export_results(results, args.output_format), args.output)
+    else:
+        finished = next((r for r in results if r.device_name), None)
+        device = {"device": f"{finished.device_name}, {finished.spec.dtype}"} if finished else {}
+        text = render([_summary_row(r) for r in results], args.output_format, device)
+        comparison = compare_to_dense(results)
+        if comparison:
+            text += b"\n" + render(comparison, args.output_format, {})
+        _write(text, args.output)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Standalone entry (`python -m planner.bench`) until `python -m planner bench` is wired."""
+    parser = argparse.ArgumentParser(prog="python -m planner")
+    add_bench_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,295 @@
+"""Benchmarks (issue 5): the runner returns every field, the preflight refuses with its message, a run past
+its time limit is killed, concurrent requests are serialised, a cancel stops a run; and the pure parts
+(timing statistics, roofline, phases, ratios, the CLI's grid) against hand-derived values.
+
+Subprocess tests use the debug preset at short lengths; each costs a few seconds, mostly importing torch.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from model.build import build_model_from_config
+from planner.bench import (
+    BenchProgress,
+    BenchResult,
+    BenchSpec,
+    check_preflight,
+    compare_to_dense,
+    estimate_peak_bytes,
+    estimate_phases,
+    export_results,
+    lock_holder,
+    preset_roofline,
+    run_benchmark,
+)
+from planner.bench.phases import count_running_experts, count_step_flops
+from planner.bench.preflight import largest_fitting_batch
+from planner.bench.roofline import DeviceRoofline, Phase, estimate_time_s, load_cached_roofline, save_roofline
+from planner.bench.steps import make_step, summarise_usage
+from planner.bench.timing import measure_step_times_s, percentile, summarise_times
+from planner.bench_cli import add_bench_subcommand, bench_specs, run_bench_command
+from planner.flops import count_flops
+
+# A debug run that finishes in a second once torch is imported.
+DEBUG = dict(size="debug", batch_size=2, context_length=32, prediction_length=8, num_samples=3, device="cpu",
+             warmup=1, repeats=2, time_limit_s=120.0)
+# Far beyond any machine's memory: refused by the preflight before anything is built.
+OVERSIZED = BenchSpec(**{**DEBUG, "batch_size": 1_000_000}, mode="train")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Each test gets its own lock, cancel marker and roofline cache (subprocesses inherit the variable)."""
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+
+
+# --- the spec ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("mode", "predict"), ("device", "tpu"), ("dtype", "int8"), ("repeats", 0),
+                                          ("time_limit_s", -1), ("top_k", 5), ("batch_size", 0)])
+def test_spec_refuses_bad_setting_naming_the_field(field, value):
+    settings = {"num_experts": 4, **{field: value}}
+    with pytest.raises(ValueError, match=field):
+        BenchSpec(**settings)
+
+
+def test_spec_refuses_fp16_on_cpu_with_what_to_use():
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU.*use fp32 or bf16"):
+        BenchSpec(device="cpu", dtype="fp16")
+
+
+def test_spec_round_trips_through_json():
+    spec = BenchSpec(**DEBUG, num_experts=4, architecture="token_ffn", mode="forecast")
+    assert BenchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="unknown benchmark setting"):
+        BenchSpec.from_dict({**spec.to_dict(), "colour": "red"})
+
+
+# --- timing, roofline, phases (pure) ----------------------------------------------------------------------
+
+
+def test_percentile_and_summary_hand_derived():
+    times = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert percentile(times, 50) == 3.0
+    assert percentile(times, 95) == pytest.approx(4.8)  # rank 0.95 · 4 = 3.8 between 4 and 5
+    summary = summarise_times(times, series=8, tokens=600, flops=12_000_000_000)
+    assert (summary.median_s, summary.series_per_s, summary.tokens_per_s) == (3.0, 8 / 3, 200.0)
+    assert summary.achieved_flops_per_s == 4e9
+
+
+def test_measure_step_times_counts_warmup_and_repeats():
+    calls, stages = [], []
+    times = measure_step_times_s(lambda: calls.append(1), warmup=2, repeats=3, synchronize=lambda: None,
+                                 on_step=lambda stage, done, total: stages.append((stage, done, total)))
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    assert stages == [("warmup", 1, 2), ("warmup", 2, 2), ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
+
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+    roofline = DeviceRoofline("test", "fp32", matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="probe")
+    compute_bound = Phase("encode", flops=4e12, bytes=1e11)  # 4 s of compute, 1 s of traffic
+    memory_bound = Phase("decode step", flops=1e10, bytes=5e10, count=10)  # 0.01 s vs 0.5 s, ten times
+    assert estimate_time_s([compute_bound, memory_bound], roofline) == pytest.approx(4.0 + 10 * 0.5)
+
+
+def test_presets_give_datasheet_numbers_and_refuse_unsupported_dtypes():
+    h100 = preset_roofline("h100-sxm", "bf16")
+    assert (h100.matmul_flops_per_s, h100.bandwidth_bytes_per_s, h100.source) == (989e12, 3.35e12, "preset")
+    with pytest.raises(ValueError, match="bf16 is not supported natively by NVIDIA T4"):
+        preset_roofline("t4", "bf16")
+    with pytest.raises(ValueError, match="device preset must be one of"):
+        preset_roofline("abacus", "fp32")
+
+
+def test_roofline_cache_round_trips():
+    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, "probe")
+    assert load_cached_roofline(roofline.device_name, "fp32") is None
+    save_roofline(roofline)
+    assert load_cached_roofline(roofline.device_name, "fp32") == roofline
+    assert load_cached_roofline(roofline.device_name, "bf16") is None
+
+
+@pytest.mark.parametrize("architecture", ["shared_then_expert", "expert_only", "token_ffn"])
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_phases_carry_the_planners_flops(architecture, dispatch):
+    common = dict(size="tiny", num_experts=8, architecture=architecture, dispatch=dispatch, batch_size=4)
+    forward = BenchSpec(**common, mode="forward")
+    flops = count_flops(forward.model_config(), forward.workload())
+    assert sum(p.flops * p.count for p in estimate_phases(forward)) == flops.forward_flops
+    train = BenchSpec(**common, mode="train")
+    assert sum(p.flops * p.count for p in estimate_phases(train)) == flops.train_flops == count_step_flops(train)
+    forecast = estimate_phases(BenchSpec(**common, mode="forecast"))
+    # P decoding steps at their mean FLOPs: exact up to the integer division by P.
+    assert 0 <= flops.forecast_flops - sum(p.flops * p.count for p in forecast) < 64
+    assert all(p.bytes > 0 for p in forecast)
+
+
+def test_running_experts_hand_derived():
+    sparse = BenchSpec(size="debug", num_experts=16, top_k=2).model_config()
+    dense = BenchSpec(size="debug", num_experts=16, top_k=2, dispatch="dense").model_config()
+    assert count_running_experts(sparse, 3) == 6  # 3 series × top-2
+    assert count_running_experts(sparse, 100) == 16  # capped at E
+    assert count_running_experts(dense, 1) == 16
+
+
+# --- the preflight (pure) ---------------------------------------------------------------------------------
+
+
+def test_preflight_refuses_an_oversized_run_and_says_which_batch_fits():
+    spec = BenchSpec(**{**DEBUG, "batch_size": 64}, mode="train", num_experts=4)
+    available = int(estimate_peak_bytes(BenchSpec(**{**DEBUG, "batch_size": 10}, mode="train", num_experts=4),
+                                        "cpu") / 0.8) + 1
+    verdict = check_preflight(spec, "cpu", available)
+    assert not verdict.fits
+    assert "refused" in verdict.message and "80%" in verdict.message and "Batch 10 fits" in verdict.message
+    assert largest_fitting_batch(spec, "cpu", 0.8 * available) == 10
+    assert check_preflight(BenchSpec(**{**DEBUG, "batch_size": 10}, mode="train", num_experts=4), "cpu", available).fits
+
+
+def test_preflight_says_when_not_even_one_series_fits():
+    verdict = check_preflight(BenchSpec(**DEBUG, mode="forecast"), "cpu", available_bytes=1000)
+    assert not verdict.fits and "Not even one series fits" in verdict.message and "sample paths" in verdict.message
+
+
+# --- the steps, in process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["forward", "forecast", "train"])
+def test_steps_run_every_mode_and_report_usage(mode):
+    spec = BenchSpec(**DEBUG, mode=mode, architecture="token_ffn", num_experts=4)
+    model = build_model_from_config(spec.model_config())
+    output = make_step(spec, model, "cpu")()
+    usage = summarise_usage(output, spec.num_experts)
+    if mode == "forecast":
+        assert output.shape == (spec.batch_size, spec.num_samples, spec.prediction_length) and usage == {}
+        return
+    # debug has 2 blocks per stack: block 1 of each is MoE; K = 2 slots per token, S + T tokens per series.
+    tokens = spec.batch_size * (spec.context_length + 1 + spec.prediction_length + 1)
+    assert sum(usage["usage_counts"]) == 2 * tokens and usage["moe_layers"] == 2
+    assert 0 < usage["usage_entropy_nats"] <= math.log(4) + 1e-9
+    assert math.isfinite(usage["balance_loss"]) and usage["balance_loss"] > 0 and math.isfinite(usage["loss"])
+
+
+# --- the runner, through its subprocess ---------------------------------------------------------------------
+
+
+def test_runner_returns_every_field():
+    spec = BenchSpec(**DEBUG, mode="train", architecture="shared_then_expert", num_experts=4)
+    stages = []
+    result = run_benchmark(spec, progress=lambda update: stages.append(update.stage))
+    assert result.status == "ok", result.message + result.traceback
+    row = result.row()
+    optional = {"expert_capacity", "message"}
+    assert [key for key, value in row.items() if value is None and key not in optional] == []
+    assert len(row["times_s"]) == spec.repeats and row["median_s"] > 0 and row["p95_s"] >= row["median_s"]
+    assert row["device_resolved"] == "cpu" and row["peak_memory_bytes"] > 0 and row["predicted_peak_bytes"] > 0
+    assert row["flops"] == count_step_flops(spec) and row["time_ratio"] > 0 and row["memory_ratio"] > 0
+    assert len(row["usage_counts"]) == 4 and sum(row["usage_counts"]) == spec.batch_size * spec.top_k
+    assert result.roofline.source == "probe" and load_cached_roofline(result.device_name, "fp32") == result.roofline
+    assert {"torch", "transformers", "chronos-forecasting", "python"} <= set(result.versions)
+    assert stages[0] == "starting" and stages[-1] == "done" and {"build", "warmup", "measure", "calibrate"} <= set(stages)
+    exported = export_results([result], "csv").decode()
+    table = list(csv.DictReader(line for line in io.StringIO(exported) if not line.startswith("#")))
+    assert table[0]["status"] == "ok" and "# device: " in exported and "# version_torch: " in exported
+    assert json.loads(export_results([result], "json"))[0]["metadata"]["device"] == result.device_name
+
+
+def test_runner_refuses_an_oversized_run_with_the_preflight_message():
+    result = run_benchmark(OVERSIZED)
+    assert result.status == "refused"
+    assert "more than 80% of the" in result.message and "fits" in result.message
+    assert result.predicted_peak_bytes > 0.8 * result.available_memory_bytes
+
+
+def test_run_past_its_time_limit_is_killed_and_reported():
+    spec = BenchSpec(**{**DEBUG, "time_limit_s": 0.5}, mode="forward")
+    result = run_benchmark(spec)
+    assert result.status == "timeout" and "time limit of 0.5 s" in result.message
+    assert result.timing is None and lock_holder() is None  # killed, and the lock is free again
+
+
+def test_cancel_kills_the_run():
+    cancel = threading.Event()
+
+    def progress(update: BenchProgress) -> None:
+        if update.stage == "starting":  # the worker has been started
+            cancel.set()
+
+    result = run_benchmark(BenchSpec(**DEBUG, mode="forward"), progress=progress, cancel_event=cancel)
+    assert result.status == "cancelled" and lock_holder() is None
+
+
+def test_concurrent_requests_are_serialised():
+    intervals, waited = {}, []
+
+    def request(name: str) -> None:
+        def progress(update: BenchProgress) -> None:
+            if update.stage == "waiting":
+                waited.append(name)
+            elif update.stage in ("starting", "done"):
+                intervals.setdefault(name, []).append(time.monotonic())
+
+        run_benchmark(OVERSIZED, progress=progress)
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a_start, a_end), (b_start, b_end) = intervals["a"], intervals["b"]
+    assert a_end <= b_start or b_end <= a_start  # never both inside the lock
+    assert waited  # the later one saw the other running
+
+
+# --- results and the CLI ---------------------------------------------------------------------------------
+
+
+def _fake_result(num_experts: int, median_s: float, flops: int, dispatch: str = "sparse") -> BenchResult:
+    spec = BenchSpec(**DEBUG, num_experts=num_experts, dispatch=dispatch)
+    timing = summarise_times([median_s], series=2, tokens=1, flops=flops)
+    return BenchResult(spec=spec, status="ok", flops=flops, timing=timing, device_name="cpu")
+
+
+def test_compare_to_dense_divides_by_the_matching_dense_run():
+    rows = compare_to_dense([_fake_result(0, 2.0, 100), _fake_result(4, 3.0, 120), _fake_result(4, 5.0, 200, "dense")])
+    assert [(r["dispatch"], r["time_vs_dense"], r["flops_vs_dense"]) for r in rows] == [("sparse", 1.5, 1.2),
+                                                                                          ("dense", 2.5, 2.0)]
+    assert rows[0]["time_ratio_over_flop_ratio"] == pytest.approx(1.25)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_subcommand(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_cli_grid_has_dense_once_then_every_variant():
+    args = _parse("--sizes", "debug,tiny", "--modes", "forward,train", "--experts", "0,4,8",
+                  "--architectures", "token_ffn,expert_only", "--dispatch", "sparse,dense")
+    specs = bench_specs(args)
+    assert len(specs) == 2 * 2 * (1 + 2 * 2 * 2)
+    assert specs[0].num_experts == 0 and specs[1].num_experts == 4
+
+
+def test_cli_predicts_for_a_preset_without_running(capsys):
+    assert run_bench_command(_parse("--sizes", "small", "--predict-for", "a100-80gb", "--format", "json")) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(row["predicted_time_s"] > 0 for row in rows)
+    assert rows[0]["device_name"] == "NVIDIA A100 80GB SXM"
+
+
+def test_cli_bad_setting_exits_2_naming_the_field(capsys):
+    assert run_bench_command(_parse("--experts", "4", "--top-k", "5")) == 2
+    assert "top_k" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _parse("--modes", "predict")
+    assert exit_info.value.code == 2
