@@ -1,11 +1,134 @@
-"""Chronos-MoE capacity planner: the browser front end (it draws; the planner computes)."""
+"""Chronos-MoE capacity planner: the browser front end. It draws; the planner computes (ui.compute).
+
+Tabs are drawn only when open (on_change="rerun"), so a rerun after a widget change pays for one tab.
+"""
 
 import streamlit as st
 
-st.set_page_config(page_title="Chronos-MoE capacity planner", layout="wide")
+from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table
+from ui.conventions import CONVENTIONS_MARKDOWN
+from ui.exports import draw_downloads
+from ui.format import format_bytes, format_count
+from ui.sidebar import BIND, Settings, draw_sidebar
+from ui.tables import (component_frame, flops_frame, grid_column_config, grid_display, grid_frame, memory_frame,
+                       styled)
+
+TABS = ("Plan", "Breakdown", "Charts", "Verify")
+ROW_PX = 35  # st.dataframe's row height, to size tables to their rows
+
+
+def fit_height(rows: int, most: int = 20) -> int:
+    """Pixels for a table of `rows` rows (scrolling beyond `most`)."""
+    return (min(rows, most) + 1) * ROW_PX + 3
+
+
+def draw_plan(table: PlanTable, settings: Settings) -> None:
+    exact = st.toggle("Exact values", key="exact", bind=BIND,
+                      help="Show exact integers (parameters, FLOPs, bytes) instead of readable units.")
+    frame = grid_frame(table.variants)
+    st.dataframe(grid_display(frame, exact), column_config=grid_column_config(exact), hide_index=True,
+                 height=fit_height(len(frame)), key="grid")
+    st.caption("FLOPs per batch of the workload; memory on one device; ×dense against the dense model of the "
+               "same size. Exports hold every value exactly, with the workload and conventions.")
+    draw_downloads(export_rows(table), settings, "comparison grid", key="grid")
+
+
+def _metrics(variant: Variant) -> None:
+    params, memory = variant.plan.params, variant.memory
+    figures = {
+        "Total params": (format_count(params.total_params), f"{params.total_params:,} parameters"),
+        "Active params": (format_count(params.active_params), f"{params.active_params:,} parameters"),
+        "Forward FLOPs": (format_count(variant.plan.flops.forward_flops, "FLOP"),
+                          f"{variant.plan.flops.forward_flops:,} FLOPs"),
+        "Training memory": (format_bytes(memory.training.total_bytes), f"{memory.training.total_bytes:,} bytes"),
+        "Forecast memory": (format_bytes(memory.forecast.total_bytes), f"{memory.forecast.total_bytes:,} bytes"),
+    }
+    for column, (label, (value, exact)) in zip(st.columns(len(figures)), figures.items()):
+        column.metric(label, value, help=exact, border=True)
+
+
+def draw_breakdown(table: PlanTable, settings: Settings) -> None:
+    from ui.charts import memory_bars, params_treemap  # plotly loads only once a chart tab opens
+
+    labels = [v.label for v in table.variants]
+    first_moe = next((i for i, v in enumerate(table.variants) if v.plan.config.is_moe), 0)
+    label = st.selectbox("Variant", labels, index=first_moe, key="variant", bind=BIND)
+    variant = table.variants[labels.index(label)]
+    _metrics(variant)
+
+    left, right = st.columns([2, 3])
+    with left:
+        st.markdown("**Parameters by component**")
+        params = component_frame(variant.plan.params.components(), "Parameters")
+        st.dataframe(styled(params, {"Parameters": format_count}), hide_index=True, height=fit_height(len(params)),
+                     key="breakdown_params",
+                     column_config={"Parameters": st.column_config.NumberColumn(help="Exact in the export")})
+        st.markdown("**FLOPs by component** (one batch)")
+        flops = flops_frame(variant)
+        st.dataframe(styled(flops, {c: lambda v: format_count(v, "FLOP") for c in ("Forward", "Forecast")}),
+                     hide_index=True, height=fit_height(len(flops)), key="breakdown_flops")
+    right.plotly_chart(params_treemap(variant), key="treemap")
+
+    st.markdown("**Where the memory goes**")
+    memory = memory_frame(variant)
+    left, right = st.columns([2, 3])
+    left.dataframe(styled(memory, {"Bytes": format_bytes}), hide_index=True, height=fit_height(len(memory)),
+                   key="breakdown_memory")
+    right.plotly_chart(memory_bars(memory), key="memory_bars")
+    forecast = variant.memory.forecast
+    st.caption(
+        f"What-if, not the default: with only the experts this batch routes to resident (the rest paged in from "
+        f"host memory), forecast memory would be {format_bytes(forecast.what_if_active_experts_total_bytes)}."
+    )
+    draw_downloads(breakdown_export_rows(variant), settings, f"breakdown of {variant.label}", key="breakdown")
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def chart_figures(settings: Settings, architecture: str) -> dict:
+    """The Charts tab's figures; kept (not copied) because plotly rebuilds a figure slowly and
+    st.plotly_chart only reads it."""
+    from ui.charts import flop_ratio_figure, memory_figure, params_figure  # plotly loads once a chart tab opens
+
+    variants = plan_table(settings).variants
+    return {
+        "params": params_figure(variants, architecture),
+        "flop_ratios": flop_ratio_figure(variants, architecture),
+        "memory": memory_figure(variants, architecture, settings.dtype, settings.precision),
+    }
+
+
+def draw_charts(table: PlanTable, settings: Settings) -> None:
+    from ui.charts import figure_html
+
+    architecture = st.selectbox("Architecture", list(settings.architectures) or ["dense"],
+                                key="chart_architecture", bind=BIND)
+    for name, figure in chart_figures(settings, architecture).items():
+        st.plotly_chart(figure, key=f"chart_{name}")
+        st.download_button("Chart as HTML", lambda figure=figure: figure_html(figure), file_name=f"{name}.html",
+                           mime="text/html", key=f"chart_{name}_html", on_click="ignore",
+                           icon=":material/download:")
+
+
+st.set_page_config(page_title="Chronos-MoE capacity planner", page_icon="📐", layout="wide")
 st.title("Chronos-MoE capacity planner")
-st.write(
-    "Parameters, FLOPs, memory and time of Mixture-of-Experts variants of Chronos-T5, checked against the "
-    "real modules. The comparison grid, breakdowns, charts, exports and verification are on their way; "
-    "the model package (`model/`) is ready to build and forecast."
-)
+st.caption("Parameters, FLOPs and memory of Mixture-of-Experts variants of Chronos-T5, counted from the real "
+           "modules' shapes and checked against them in the Verify tab.")
+settings = draw_sidebar()
+with st.expander("Conventions: what each number counts"):
+    st.markdown(CONVENTIONS_MARKDOWN)
+
+try:
+    table = plan_table(settings)
+except ValueError as error:
+    st.error(str(error), icon=":material/error:")
+    st.stop()
+for problem in table.problems:
+    st.error(problem, icon=":material/error:")
+if not table.variants:
+    st.stop()
+
+tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
+for name, draw in (("Plan", draw_plan), ("Breakdown", draw_breakdown), ("Charts", draw_charts)):
+    with tabs[name]:
+        if tabs[name].open:
+            draw(table, settings)

@@ -1,0 +1,327 @@
+"""The Streamlit app driven through AppTest: every tab, widgets set by key, shown numbers against the planner's.
+
+Expected values come from the planner itself (planner.plan, planner.memory), computed here, never from the app.
+AppTest keeps its 3 s default timeout: first render and reruns must fit in it.
+"""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit import dataframe_util
+from streamlit.testing.v1 import AppTest
+
+from model.config import make_config
+from planner.memory import estimate_memory
+from planner.params import count_params
+from planner.plan import Plan, plan, plan_grid
+from planner.workload import Workload
+from ui.format import format_bytes, format_count, format_ratio, format_signed_count
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+DEFAULT_SIZES = ["tiny", "mini", "small", "base", "large"]
+ARCHITECTURES = ["shared_then_expert", "expert_only", "token_ffn"]
+
+
+def expected_row(p: Plan) -> dict:
+    """What the grid must show for one plan, straight from the planner."""
+    memory = estimate_memory(p.config, p.workload, p.params)
+    return {
+        "Size": p.size, "Architecture": p.architecture, "E": p.config.num_experts,
+        "K": p.config.top_k if p.config.is_moe else 0,
+        "Total params": p.params.total_params, "Active params": p.params.active_params,
+        "+ params vs dense": p.params.total_params - p.dense_params.total_params,
+        "Forward FLOPs": p.flops.forward_flops,
+        "Fwd ×dense": p.flops.forward_flops / p.dense_flops.forward_flops,
+        "Training FLOPs": p.flops.train_flops,
+        "Train ×dense": p.flops.train_flops / p.dense_flops.train_flops,
+        "Forecast FLOPs": p.flops.forecast_flops,
+        "Fcst ×dense": p.flops.forecast_flops / p.dense_flops.forecast_flops,
+        "Weights fp32": memory.weights.fp32_bytes, "Weights fp16": memory.weights.fp16_bytes,
+        "Training memory": memory.training.total_bytes, "Forecast memory": memory.forecast.total_bytes,
+    }
+
+
+def expected_text(row: dict) -> dict:
+    """The same row as the screen shows it (ui.format's units, tested in test_ui_format)."""
+    counts = ("Total params", "Active params", "Forward FLOPs", "Training FLOPs", "Forecast FLOPs")
+    ratios = ("Fwd ×dense", "Train ×dense", "Fcst ×dense")
+    memory = ("Weights fp32", "Weights fp16", "Training memory", "Forecast memory")
+    return {
+        **{c: format_count(row[c]) for c in counts}, **{c: format_ratio(row[c]) for c in ratios},
+        **{c: format_bytes(row[c]) for c in memory}, "+ params vs dense": format_signed_count(row["+ params vs dense"]),
+    }
+
+
+def shown_grid(at: AppTest) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(exact values, display strings) of the comparison grid."""
+    grid = next(df for df in at.dataframe if "Total params" in df.value.columns)
+    display = dataframe_util.convert_arrow_bytes_to_pandas_df(grid.proto.arrow_data.styler.display_values)
+    return grid.value, display
+
+
+def assert_grid_matches(at: AppTest, plans: list[Plan]) -> None:
+    values, display = shown_grid(at)
+    assert len(values) == len(plans)
+    for i, p in enumerate(plans):
+        expected = expected_row(p)
+        for column, value in expected.items():
+            assert values[column][i] == pytest.approx(value, rel=1e-12), (i, column)
+        for column, text in expected_text(expected).items():
+            assert display[column][i] == text, (i, column)
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def error_texts(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_app_default_grid_equals_planner():
+    at = run_app()
+    assert not at.error
+    assert at.multiselect(key="sizes").value == DEFAULT_SIZES
+    assert at.multiselect(key="architectures").value == ARCHITECTURES
+    assert at.text_input(key="experts").value == "0, 4, 8, 16"
+    assert (at.number_input(key="top_k").value, at.number_input(key="router_hidden_dim").value) == (2, 256)
+    assert at.selectbox(key="dtype").value == "fp32" and at.selectbox(key="optimizer").value == "adamw"
+    assert_grid_matches(at, plan_grid(DEFAULT_SIZES, ARCHITECTURES, [0, 4, 8, 16]))
+
+
+def test_app_widget_changes_replan_the_grid():
+    at = run_app()
+    at.multiselect(key="sizes").set_value(["small"])
+    at.multiselect(key="architectures").set_value(["token_ffn", "expert_only"])
+    at.text_input(key="experts").input("0, 2, 8")
+    at.number_input(key="top_k").set_value(1)
+    at.number_input(key="router_hidden_dim").set_value(64)
+    at.number_input(key="context_length").set_value(256)
+    at.number_input(key="prediction_length").set_value(24)
+    at.number_input(key="batch_size").set_value(4)
+    at.number_input(key="num_samples").set_value(5)
+    at.selectbox(key="dtype").set_value("bf16")
+    at.selectbox(key="optimizer").set_value("sgd_momentum")
+    at.selectbox(key="precision").set_value("amp_bf16")
+    at.run()
+    assert not at.exception and not at.error
+    workload = Workload(batch_size=4, context_length=256, prediction_length=24, num_samples=5, dtype="bf16",
+                        optimizer="sgd_momentum", precision="amp_bf16")
+    plans = plan_grid(["small"], ["token_ffn", "expert_only"], [0, 2, 8], workload, top_k=1, router_hidden_dim=64)
+    assert_grid_matches(at, plans)
+
+
+def test_app_exact_values_toggle_shows_integers():
+    at = run_app(sizes="tiny", experts="0, 4")
+    at.toggle(key="exact").set_value(True).run()
+    grid = next(df for df in at.dataframe if "Total params" in df.value.columns)
+    assert not grid.proto.arrow_data.styler.display_values  # no Styler: the integers themselves
+    total = count_params(make_config("tiny", architecture="expert_only", num_experts=4)).total_params
+    assert total in list(grid.value["Total params"])
+
+
+def test_app_top_k_above_experts_names_the_field_and_keeps_the_rest():
+    at = run_app(sizes="tiny")
+    at.number_input(key="top_k").set_value(8).run()
+    assert not at.exception
+    (message,) = error_texts(at)
+    assert "top_k" in message and "MoE-4" in message
+    assert_grid_matches(at, plan_grid(["tiny"], ARCHITECTURES, [0, 8, 16], top_k=8))
+
+
+@pytest.mark.parametrize(("key", "value", "field"), [
+    ("experts", "4x", "experts"),
+    ("experts", "", "experts"),
+    ("experts", "0, 2000", "experts"),
+    ("vocab_size", 2_000_000, "vocab_size"),
+    ("context_length", 2_000_000, "context_length"),
+])
+def test_app_invalid_input_is_an_error_naming_the_field(key, value, field):
+    at = run_app(sizes="tiny")
+    widget = at.text_input(key=key) if key == "experts" else at.number_input(key=key)
+    widget.set_value(value).run()
+    assert not at.exception
+    assert any(field in text for text in error_texts(at)), error_texts(at)
+    widget.set_value("0, 4" if key == "experts" else 512 if key == "context_length" else 4096).run()
+    assert not at.error and shown_grid(at)[0].shape[0] > 0  # and the app keeps working
+
+
+def test_app_custom_dimensions_add_a_custom_size():
+    at = run_app(sizes="tiny", experts="0, 4", architectures="token_ffn")
+    at.checkbox(key="custom").check().run()  # the dimension inputs are enabled once it is on
+    for name, value in dict(d_model=192, d_ff=640, d_kv=24, num_heads=6, num_layers=3, num_decoder_layers=2).items():
+        at.number_input(key=name).set_value(value)
+    at.run()
+    dims = dict(d_model=192, d_ff=640, d_kv=24, num_heads=6, num_layers=3, num_decoder_layers=2)
+    custom = [plan(make_config("custom", **dims), size="custom"),
+              plan(make_config("custom", architecture="token_ffn", num_experts=4, **dims), size="custom")]
+    assert_grid_matches(at, plan_grid(["tiny"], ["token_ffn"], [0, 4]) + custom)
+
+
+def test_app_share_link_reopens_the_same_view():
+    at = run_app(sizes=["mini", "base"], architectures="expert_only", experts="0, 16", top_k="4",
+                 batch_size="3", tab="Breakdown", variant="base · MoE-16 top-4 · expert_only")
+    assert at.multiselect(key="sizes").value == ["mini", "base"]
+    assert at.number_input(key="top_k").value == 4 and at.number_input(key="batch_size").value == 3
+    assert at.selectbox(key="variant").value == "base · MoE-16 top-4 · expert_only"
+    expected = plan(make_config("base", architecture="expert_only", num_experts=16, top_k=4), Workload(batch_size=3),
+                    "base")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Total params"] == format_count(expected.params.total_params)
+
+
+def test_app_breakdown_tab_shows_the_planner_components_and_memory():
+    at = run_app(sizes="small", architectures="token_ffn", experts="0, 8", tab="Breakdown")
+    assert at.selectbox(key="variant").value == "small · MoE-8 top-2 · token_ffn"  # the first MoE variant
+    config = make_config("small", architecture="token_ffn", num_experts=8)
+    p = plan(config, size="small")
+    memory = estimate_memory(config, Workload(), p.params)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {
+        "Total params": format_count(p.params.total_params), "Active params": format_count(p.params.active_params),
+        "Forward FLOPs": format_count(p.flops.forward_flops, "FLOP"),
+        "Training memory": format_bytes(memory.training.total_bytes),
+        "Forecast memory": format_bytes(memory.forecast.total_bytes),
+    }
+    params_shown, flops_shown, memory_shown = (df.value for df in at.dataframe)
+    params = dict(zip(params_shown["Component"], params_shown["Parameters"]))
+    assert params == {k.replace("_", " "): v for k, v in p.params.components().items() if v}
+    flops = flops_shown.set_index("Component")
+    assert flops["Forward"].sum() == p.flops.forward_flops and flops["Forecast"].sum() == p.flops.forecast_flops
+    training = memory_shown[memory_shown["Phase"] == "Training step"].set_index("Part")["Bytes"]
+    assert training.to_dict() == {
+        "weights": memory.training.weights_bytes, "gradients": memory.training.gradients_bytes,
+        "optimizer states": memory.training.optimizer_states_bytes, "activations": memory.training.activations_bytes}
+    forecast = memory_shown[memory_shown["Phase"] == "Forecast"]["Bytes"]
+    assert forecast.sum() == memory.forecast.total_bytes
+
+    at.selectbox(key="variant").set_value("small · dense").run()
+    assert {m.label: m.value for m in at.metric}["Total params"] == format_count(p.dense_params.total_params)
+
+
+def plotly_specs(at: AppTest) -> dict[str, dict]:
+    return {el.proto.id.split("-")[-1]: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
+
+
+def test_app_charts_tab_draws_the_planner_values():
+    at = run_app(sizes=["tiny", "small"], experts="0, 4, 16", tab="Charts")
+    at.selectbox(key="chart_architecture").set_value("expert_only").run()
+    assert not at.exception
+    specs = plotly_specs(at)
+    assert set(specs) == {"chart_params", "chart_flop_ratios", "chart_memory"}
+    for spec in specs.values():
+        assert spec["layout"]["title"]["text"] and spec["layout"]["yaxis"]["title"]["text"]
+    # tiny panel (first trace per series), expert encoders vs E = 0, 4, 16
+    encoders = next(t for t in specs["chart_params"]["data"] if t["name"] == "expert encoder")
+    expected = [count_params(make_config("tiny", architecture="expert_only", num_experts=e)).expert_encoder_params
+                for e in (0, 4, 16)]
+    assert encoders["customdata"] == [f"{v:,}" for v in expected]
+    forecast = next(t for t in specs["chart_flop_ratios"]["data"] if t["name"] == "forecast")
+    plans = [plan(make_config("tiny", architecture="expert_only", num_experts=e)) for e in (0, 4, 16)]
+    assert forecast["y"] == pytest.approx([p.flops.forecast_flops / p.dense_flops.forecast_flops for p in plans])
+    weights = next(t for t in specs["chart_memory"]["data"] if t["name"] == "weights fp32")
+    assert weights["customdata"] == [f"{4 * p.params.total_params:,}" for p in plans]
+
+
+YAML = b"""
+model_id: google/t5-efficient-mini
+context_length: 384
+prediction_length: 48
+use_moe: true
+num_experts: 6
+num_active_experts: 3
+router_hidden_dim: 128
+expert_capacity: null
+shared_layers: null
+per_device_train_batch_size: 2
+learning_rate: 0.0008
+"""
+
+
+def test_app_training_yaml_upload_fills_the_sidebar():
+    at = run_app()
+    at.file_uploader(key="upload").set_value(("train.yaml", YAML, "application/x-yaml")).run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="sizes").value == ["mini"]
+    assert at.text_input(key="experts").value == "0, 6"
+    assert "learning_rate" in at.success[0].value  # unknown keys are listed as ignored
+    workload = Workload(batch_size=2, context_length=384, prediction_length=48)
+    assert_grid_matches(at, plan_grid(["mini"], ["shared_then_expert"], [0, 6], workload, top_k=3,
+                                      router_hidden_dim=128))
+
+
+@pytest.mark.parametrize(("name", "data", "field"), [
+    ("train.yaml", YAML.replace(b"shared_layers: null", b"shared_layers: 4"), "shared_layers"),
+    ("train.yaml", b"model_id: [unclosed", "could not be parsed"),
+    ("config.json", b"{\"d_model\": 64,", "not valid JSON"),
+])
+def test_app_bad_upload_is_one_clear_error(name, data, field):
+    at = run_app(sizes="tiny")
+    at.file_uploader(key="upload").set_value((name, data, "text/plain")).run()
+    assert not at.exception
+    (message,) = error_texts(at)
+    assert field in message and name in message and "Traceback" not in message
+    assert at.multiselect(key="sizes").value == ["tiny"]  # nothing was changed by the bad file
+    assert shown_grid(at)[0].shape[0] == 10
+
+
+def test_app_config_json_upload_plans_the_custom_size():
+    dims = dict(d_model=96, d_ff=384, d_kv=16, num_heads=6, num_layers=3, num_decoder_layers=3)
+    at = run_app(experts="0, 4", architectures="shared_then_expert")
+    at.file_uploader(key="upload").set_value(("config.json", json.dumps(dims).encode(), "application/json")).run()
+    assert not at.exception and not at.error
+    plans = [plan(make_config("custom", **dims), size="custom"),
+             plan(make_config("custom", num_experts=4, **dims), size="custom")]
+    assert_grid_matches(at, plans)
+
+
+def test_app_conventions_expander_states_what_is_counted():
+    at = run_app(sizes="tiny")
+    text = " ".join(m.value for m in at.expander[0].markdown)
+    for phrase in ("2 × multiply-accumulates", "GiB = 2³⁰", "tied embedding", "every expert is resident"):
+        assert phrase in text
+
+
+def test_app_rerun_after_widget_change_is_fast():
+    at = run_app()
+    at.number_input(key="batch_size").set_value(8).run(timeout=1)  # raises if the rerun takes longer
+    assert not at.exception
+
+
+def test_exports_carry_the_grid_exactly_with_metadata():
+    from ui.compute import export_rows, plan_table
+    from ui.exports import export_bytes
+    from ui.sidebar import Settings
+
+    settings = Settings(sizes=("tiny",), custom_dims=None, architectures=("token_ffn",), experts="0, 4", top_k=2,
+                        router_hidden_dim=256, vocab_size=4096, context_length=512, prediction_length=64,
+                        batch_size=1, num_samples=20, dtype="fp32", optimizer="adamw", precision="fp32",
+                        dispatch="sparse", expert_capacity=None, device="cuda")
+    rows = export_rows(plan_table(settings))
+    expected = [expected_row(p) for p in plan_grid(["tiny"], ["token_ffn"], [0, 4])]
+
+    text = export_bytes(rows, "csv", settings, "grid").decode()
+    assert "# convention_flops" in text and "# streamlit" in text and "# setting_batch_size: 1" in text
+    parsed = list(csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#")))
+    assert [int(r["total_params"]) for r in parsed] == [e["Total params"] for e in expected]
+    assert [int(r["forecast_memory_bytes"]) for r in parsed] == [e["Forecast memory"] for e in expected]
+
+    records = json.loads(export_bytes(rows, "json", settings, "grid"))
+    assert [r["train_flops"] for r in records] == [e["Training FLOPs"] for e in expected]
+    assert records[0]["metadata"]["setting_sizes"] == ["tiny"]
+
+    sheets = pd.read_excel(io.BytesIO(export_bytes(rows, "xlsx", settings, "grid")), sheet_name=None)
+    assert list(sheets["rows"]["weights_fp16_bytes"]) == [e["Weights fp16"] for e in expected]
+    assert "convention_memory" in set(sheets["metadata"]["key"])
+
+    markdown = export_bytes(rows, "md", settings, "grid").decode()
+    assert f"{expected[1]['Total params']:,}" in markdown

@@ -1,0 +1,94 @@
+"""Frames for st.dataframe: exact values underneath (so sorting is numeric and exports are exact),
+readable units on screen through a pandas Styler, and a help text on every column header."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from ui.compute import Variant, memory_parts
+from ui.format import format_bytes, format_count, format_ratio, format_signed_count
+
+# Grid column -> (plan row key, header help, formatter). Order is the display order. The unit is in the
+# header (FLOPs, params) so the cells stay narrow: "5.61 G".
+GRID_COLUMNS: dict[str, tuple[str, str, Callable[[float], str]]] = {
+    "Total params": ("total_params", "Every registered parameter, all E experts, tied embedding once", format_count),
+    "Active params": ("active_params", "Parameters one series uses: shared parts, router, K experts", format_count),
+    "+ params vs dense": ("params_increase_over_dense", "Total params minus the dense model's", format_signed_count),
+    "Forward FLOPs": ("forward_flops", "Teacher-forced forward of one batch (S = context+1, T = prediction+1); "
+                      "FLOPs = 2 × multiply-accumulates", format_count),
+    "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", format_ratio),
+    "Training FLOPs": ("train_flops", "One training step: forward + backward = 3 × forward", format_count),
+    "Train ×dense": ("train_flops_vs_dense", "Training FLOPs over the dense model's", format_ratio),
+    "Forecast FLOPs": ("forecast_flops", "One forecast of the batch: encode once, N × prediction cached "
+                       "decoder steps", format_count),
+    "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", format_ratio),
+    "Weights fp32": ("weights_fp32_bytes", "All parameters × 4 bytes (every expert resident); GiB = 2^30 bytes",
+                     format_bytes),
+    "Weights fp16": ("weights_fp16_bytes", "All parameters × 2 bytes", format_bytes),
+    "Training memory": ("train_memory_bytes", "Weights + gradients + optimizer states + activations saved for "
+                        "backward, in the chosen precision and optimizer", format_bytes),
+    "Forecast memory": ("forecast_memory_bytes", "Weights in the inference dtype + KV cache + encoder output per "
+                        "path + largest live activation", format_bytes),
+}
+_VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_experts", "K": "top_k"}
+
+
+def grid_frame(variants: Sequence[Variant]) -> pd.DataFrame:
+    """Exact values, one row per variant, display headers."""
+    columns = {**_VARIANT_COLUMNS, **{name: key for name, (key, _, _) in GRID_COLUMNS.items()}}
+    return pd.DataFrame([{name: v.row[key] for name, key in columns.items()} for v in variants])
+
+
+def grid_display(frame: pd.DataFrame, exact: bool):
+    """The frame as drawn: readable units (a Styler) or, with `exact`, the integers themselves."""
+    if exact:
+        return frame
+    return frame.style.format({name: fmt for name, (_, _, fmt) in GRID_COLUMNS.items()})
+
+
+def grid_column_config(exact: bool) -> dict[str, object]:
+    """Header help for every column; exact mode shows thousands separators."""
+    config: dict[str, object] = {
+        "Size": st.column_config.TextColumn("Size", help="Chronos-T5 size", pinned=True),
+        "Architecture": st.column_config.TextColumn("Architecture", help="dense, or where the experts go",
+                                                    pinned=True),
+        "E": st.column_config.NumberColumn("E", help="Experts (0 = dense)", width=40),
+        "K": st.column_config.NumberColumn("K", help="Experts active per series / token", width=40),
+    }
+    for name, (_, help_text, _) in GRID_COLUMNS.items():
+        suffix = " Exact value: turn on Exact values, or export." if not exact else ""
+        number_format = "localized" if exact else None
+        config[name] = st.column_config.NumberColumn(name, help=help_text + "." + suffix, format=number_format)
+    return config
+
+
+def component_frame(components: dict[str, int], value_name: str) -> pd.DataFrame:
+    """Component -> value, the zero ones left out (not every architecture has every part)."""
+    rows = [{"Component": name.replace("_", " "), value_name: value} for name, value in components.items() if value]
+    return pd.DataFrame(rows, columns=["Component", value_name])
+
+
+def flops_frame(variant: Variant) -> pd.DataFrame:
+    """Component -> forward and forecast FLOPs of one batch, parts neither pass uses left out."""
+    forward, forecast = variant.plan.flops.forward.components(), variant.plan.flops.forecast.components()
+    rows = [{"Component": name, "Forward": forward[name], "Forecast": forecast[name]}
+            for name in forward if forward[name] or forecast[name]]
+    return pd.DataFrame(rows, columns=["Component", "Forward", "Forecast"])
+
+
+def memory_frame(variant: Variant) -> pd.DataFrame:
+    """Phase, part, bytes: where the memory of a training step and of a forecast goes."""
+    phases = {"train_memory_bytes": "Training step", "forecast_memory_bytes": "Forecast"}
+    rows = [
+        {"Phase": phases[phase], "Part": part, "Bytes": value}
+        for phase, parts in memory_parts(variant.memory).items()
+        for part, value in parts.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def styled(frame: pd.DataFrame, formats: dict[str, Callable[[float], str]]):
+    return frame.style.format(formats)
