@@ -12,6 +12,7 @@ from ui.format import format_bytes, format_count
 from ui.sidebar import BIND, Settings, draw_sidebar
 from ui.tables import (component_frame, flops_frame, grid_column_config, grid_display, grid_frame, memory_frame,
                        styled)
+from ui.verify_tab import draw_verify
 
 TABS = ("Plan", "Breakdown", "Charts", "Verify")
 ROW_PX = 35  # st.dataframe's row height, to size tables to their rows
@@ -34,7 +35,7 @@ def draw_plan(table: PlanTable, settings: Settings) -> None:
 
 
 def _metrics(variant: Variant) -> None:
-    params, memory = variant.plan.params, variant.memory
+    params, memory = variant.plan.params, variant.plan.memory
     figures = {
         "Total params": (format_count(params.total_params), f"{params.total_params:,} parameters"),
         "Active params": (format_count(params.active_params), f"{params.active_params:,} parameters"),
@@ -75,7 +76,7 @@ def draw_breakdown(table: PlanTable, settings: Settings) -> None:
     left.dataframe(styled(memory, {"Bytes": format_bytes}), hide_index=True, height=fit_height(len(memory)),
                    key="breakdown_memory")
     right.plotly_chart(memory_bars(memory), key="memory_bars")
-    forecast = variant.memory.forecast
+    forecast = variant.plan.memory.forecast
     st.caption(
         f"What-if, not the default: with only the experts this batch routes to resident (the rest paged in from "
         f"host memory), forecast memory would be {format_bytes(forecast.what_if_active_experts_total_bytes)}."
@@ -128,7 +129,8 @@ if not table.variants:
     st.stop()
 
 tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
-for name, draw in (("Plan", draw_plan), ("Breakdown", draw_breakdown), ("Charts", draw_charts)):
+for name, draw in (("Plan", draw_plan), ("Breakdown", draw_breakdown), ("Charts", draw_charts),
+                   ("Verify", draw_verify)):
     with tabs[name]:
         if tabs[name].open:
             draw(table, settings)

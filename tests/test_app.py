@@ -33,26 +33,26 @@ def expected_row(p: Plan) -> dict:
         "Size": p.size, "Architecture": p.architecture, "E": p.config.num_experts,
         "K": p.config.top_k if p.config.is_moe else 0,
         "Total params": p.params.total_params, "Active params": p.params.active_params,
-        "+ params vs dense": p.params.total_params - p.dense_params.total_params,
-        "Forward FLOPs": p.flops.forward_flops,
+        "+ vs dense": p.params.total_params - p.dense_params.total_params,
+        "Fwd FLOPs": p.flops.forward_flops,
         "Fwd ×dense": p.flops.forward_flops / p.dense_flops.forward_flops,
-        "Training FLOPs": p.flops.train_flops,
+        "Train FLOPs": p.flops.train_flops,
         "Train ×dense": p.flops.train_flops / p.dense_flops.train_flops,
-        "Forecast FLOPs": p.flops.forecast_flops,
+        "Fcst FLOPs": p.flops.forecast_flops,
         "Fcst ×dense": p.flops.forecast_flops / p.dense_flops.forecast_flops,
         "Weights fp32": memory.weights.fp32_bytes, "Weights fp16": memory.weights.fp16_bytes,
-        "Training memory": memory.training.total_bytes, "Forecast memory": memory.forecast.total_bytes,
+        "Train memory": memory.training.total_bytes, "Fcst memory": memory.forecast.total_bytes,
     }
 
 
 def expected_text(row: dict) -> dict:
     """The same row as the screen shows it (ui.format's units, tested in test_ui_format)."""
-    counts = ("Total params", "Active params", "Forward FLOPs", "Training FLOPs", "Forecast FLOPs")
+    counts = ("Total params", "Active params", "Fwd FLOPs", "Train FLOPs", "Fcst FLOPs")
     ratios = ("Fwd ×dense", "Train ×dense", "Fcst ×dense")
-    memory = ("Weights fp32", "Weights fp16", "Training memory", "Forecast memory")
+    memory = ("Weights fp32", "Weights fp16", "Train memory", "Fcst memory")
     return {
         **{c: format_count(row[c]) for c in counts}, **{c: format_ratio(row[c]) for c in ratios},
-        **{c: format_bytes(row[c]) for c in memory}, "+ params vs dense": format_signed_count(row["+ params vs dense"]),
+        **{c: format_bytes(row[c]) for c in memory}, "+ vs dense": format_signed_count(row["+ vs dense"]),
     }
 
 
@@ -305,7 +305,7 @@ def test_exports_carry_the_grid_exactly_with_metadata():
     settings = Settings(sizes=("tiny",), custom_dims=None, architectures=("token_ffn",), experts="0, 4", top_k=2,
                         router_hidden_dim=256, vocab_size=4096, context_length=512, prediction_length=64,
                         batch_size=1, num_samples=20, dtype="fp32", optimizer="adamw", precision="fp32",
-                        dispatch="sparse", expert_capacity=None, device="cuda")
+                        dispatch="sparse", expert_capacity=None)
     rows = export_rows(plan_table(settings))
     expected = [expected_row(p) for p in plan_grid(["tiny"], ["token_ffn"], [0, 4])]
 
@@ -313,10 +313,10 @@ def test_exports_carry_the_grid_exactly_with_metadata():
     assert "# convention_flops" in text and "# streamlit" in text and "# setting_batch_size: 1" in text
     parsed = list(csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#")))
     assert [int(r["total_params"]) for r in parsed] == [e["Total params"] for e in expected]
-    assert [int(r["forecast_memory_bytes"]) for r in parsed] == [e["Forecast memory"] for e in expected]
+    assert [int(r["forecast_memory_bytes"]) for r in parsed] == [e["Fcst memory"] for e in expected]
 
     records = json.loads(export_bytes(rows, "json", settings, "grid"))
-    assert [r["train_flops"] for r in records] == [e["Training FLOPs"] for e in expected]
+    assert [r["train_flops"] for r in records] == [e["Train FLOPs"] for e in expected]
     assert records[0]["metadata"]["setting_sizes"] == ["tiny"]
 
     sheets = pd.read_excel(io.BytesIO(export_bytes(rows, "xlsx", settings, "grid")), sheet_name=None)
@@ -325,3 +325,29 @@ def test_exports_carry_the_grid_exactly_with_metadata():
 
     markdown = export_bytes(rows, "md", settings, "grid").decode()
     assert f"{expected[1]['Total params']:,}" in markdown
+
+
+def test_app_verify_tab_runs_planner_verify_behind_the_button():
+    query = dict(sizes="debug", architectures="token_ffn", experts="0, 4", context_length="24",
+                 prediction_length="4", num_samples="2", tab="Verify")
+    at = run_app(**query)
+    assert at.multiselect(key="verify_variants").value == ["debug · dense", "debug · MoE-4 top-2 · token_ffn"]
+    assert not at.dataframe  # nothing runs until the button is pressed
+    at.checkbox(key="verify_fvcore").uncheck()
+    at.button(key="verify_run").click().run(timeout=120)  # loads torch and builds the modules
+    assert not at.exception
+    assert at.success and "agree" in at.success[0].value
+    results = at.dataframe[0].value
+    workload = Workload(context_length=24, prediction_length=4, num_samples=2)
+    for e in (0, 4):
+        p = plan(make_config("debug", architecture="token_ffn", num_experts=e), workload, "debug")
+        mine = results[results["E"] == e].set_index(["Quantity", "Counter"])
+        assert mine.loc[("total_params", "meta build"), "Analytic"] == p.params.total_params
+        assert mine.loc[("forward_flops", "FlopCounterMode"), "Analytic"] == p.flops.forward_flops
+        assert mine.loc[("forecast_flops", "counted forecast"), "Analytic"] == p.flops.forecast_flops
+        assert (mine["Measured"] - mine["Analytic"] == mine["Difference"]).all()
+    assert "fvcore (MACs x 2)" not in set(results["Counter"])
+    assert results["Agrees"].all()
+
+    at.number_input(key="num_samples").set_value(3).run()  # results of other settings are not shown as current
+    assert not at.dataframe and "again" in at.info[0].value

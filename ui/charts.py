@@ -112,11 +112,11 @@ def memory_figure(variants: Sequence[Variant], architecture: str, dtype: str, pr
     figure, sizes = _panels(shown, f"Memory vs experts E ({architecture}; every expert resident)", "experts E",
                             "memory (GiB = 2^30 bytes)")
     series = {
-        "weights fp32": lambda v: v.memory.weights.fp32_bytes,
-        "weights fp16 / bf16": lambda v: v.memory.weights.fp16_bytes,
-        "weights int8": lambda v: v.memory.weights.int8_bytes,
-        f"training step ({precision})": lambda v: v.memory.training.total_bytes,
-        f"forecast ({dtype})": lambda v: v.memory.forecast.total_bytes,
+        "weights fp32": lambda v: v.plan.memory.weights.fp32_bytes,
+        "weights fp16 / bf16": lambda v: v.plan.memory.weights.fp16_bytes,
+        "weights int8": lambda v: v.plan.memory.weights.int8_bytes,
+        f"training step ({precision})": lambda v: v.plan.memory.training.total_bytes,
+        f"forecast ({dtype})": lambda v: v.plan.memory.forecast.total_bytes,
     }
     _add_series(figure, sizes, shown, series, _line("bytes", to_gib))
     return figure

@@ -13,7 +13,7 @@ from typing import Any
 import streamlit as st
 
 from model.config import MAX_EXPERTS, ChronosMoEConfig, make_config
-from planner.memory import MemoryBreakdown, estimate_memory
+from planner.memory import MemoryBreakdown
 from planner.plan import Plan, breakdown_rows, plan, plan_row
 from planner.workload import Workload
 from ui.sidebar import Settings
@@ -38,10 +38,9 @@ def parse_expert_counts(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the grid: the planner's plan and memory, and its exact flat row for exports."""
+    """One row of the grid: the planner's plan and its exact flat row (planner.plan.plan_row) for exports."""
 
     plan: Plan
-    memory: MemoryBreakdown
     row: dict[str, Any]
 
     @property
@@ -56,16 +55,6 @@ class Variant:
 class PlanTable:
     variants: tuple[Variant, ...]
     problems: tuple[str, ...]  # one line per variant left out, naming the field
-
-
-def memory_columns(memory: MemoryBreakdown) -> dict[str, int]:
-    """The grid's memory columns, exact bytes, named like plan_row's keys."""
-    return {
-        "weights_fp32_bytes": memory.weights.fp32_bytes,
-        "weights_fp16_bytes": memory.weights.fp16_bytes,
-        "train_memory_bytes": memory.training.total_bytes,
-        "forecast_memory_bytes": memory.forecast.total_bytes,
-    }
 
 
 def workload_of(settings: Settings) -> Workload:
@@ -112,8 +101,7 @@ def plan_table(settings: Settings) -> PlanTable:
                     names.append(f"{architecture} MoE-{num_experts}")
         for config in configs:
             variant_plan = plan(config, workload, size)
-            memory = estimate_memory(config, workload, variant_plan.params, device=settings.device)
-            variants.append(Variant(variant_plan, memory, {**plan_row(variant_plan), **memory_columns(memory)}))
+            variants.append(Variant(variant_plan, plan_row(variant_plan)))
     problems = [f"{', '.join(names)} left out: {message}" for message, names in left_out.items()]
     return PlanTable(tuple(variants), tuple(problems))
 
@@ -127,7 +115,7 @@ def breakdown_export_rows(variant: Variant) -> list[dict[str, Any]]:
     """The Breakdown tab's numbers, exact: components of parameters and FLOPs, then memory parts."""
     rows = breakdown_rows(variant.plan)
     base = {key: rows[0][key] for key in ("size", "architecture", "num_experts", "top_k")} if rows else {}
-    for quantity, parts in memory_parts(variant.memory).items():
+    for quantity, parts in memory_parts(variant.plan.memory).items():
         rows += [{**base, "quantity": quantity, "component": part, "value": value} for part, value in parts.items()]
     return rows
 

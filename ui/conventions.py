@@ -28,7 +28,7 @@ full (no halving for the causal mask), as the counters measure.
   default.
 - *Training step*, per parameter with Adam/AdamW: fp32 4 weights + 4 gradients + 8 moments = 16 bytes;
   AMP keeps fp32 weights (also 16, only activations shrink); pure bf16 2 + 2 + 8 = 12; SGD with momentum
-  12 (fp32). Plus the activations saved for backward (on CUDA unless Advanced says CPU).
+  12 (fp32). Plus the activations saved for backward, as CUDA kernels keep them (bool dropout masks).
 - *Forecast*: weights + KV cache (Ld × 2 × H·Dk × bytes × (S + t) × N × B: `generate` copies the encoder
   output per sample path) + the encoder output per path + the largest live activation.
 

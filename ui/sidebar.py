@@ -43,7 +43,6 @@ class Settings:
     precision: str
     dispatch: str
     expert_capacity: Optional[float]
-    device: str
 
 
 def _apply_upload() -> None:
@@ -139,8 +138,6 @@ def draw_sidebar() -> Settings:
                 "Expert capacity factor (token_ffn)", min_value=0.01, value=None, step=0.25, key="expert_capacity",
                 bind=BIND, placeholder="no limit", help="Each expert takes at most ceil(c·tokens·K/E) tokens.",
             )
-            device = st.selectbox("Activations measured on", ["cuda", "cpu"], key="device", bind=BIND,
-                                  help="CUDA keeps bool dropout masks; CPU keeps masks of the data's dtype.")
         st.caption(":material/link: The address bar holds every setting: copy it to share this view.")
 
     return Settings(
@@ -148,5 +145,5 @@ def draw_sidebar() -> Settings:
         top_k=int(top_k), router_hidden_dim=int(router_hidden_dim), vocab_size=int(vocab_size),
         context_length=int(context_length), prediction_length=int(prediction_length), batch_size=int(batch_size),
         num_samples=int(num_samples), dtype=dtype, optimizer=optimizer, precision=precision, dispatch=dispatch,
-        expert_capacity=expert_capacity, device=device,
+        expert_capacity=expert_capacity,
     )

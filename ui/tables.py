@@ -11,27 +11,29 @@ import streamlit as st
 from ui.compute import Variant, memory_parts
 from ui.format import format_bytes, format_count, format_ratio, format_signed_count
 
-# Grid column -> (plan row key, header help, formatter). Order is the display order. The unit is in the
-# header (FLOPs, params) so the cells stay narrow: "5.61 G".
+# Grid column -> (plan row key, header help, formatter), in display order. Headers are short so the grid
+# fits a laptop screen; the help spells each one out. Units are SI prefixes in the cells: "5.61 G".
 GRID_COLUMNS: dict[str, tuple[str, str, Callable[[float], str]]] = {
-    "Total params": ("total_params", "Every registered parameter, all E experts, tied embedding once", format_count),
-    "Active params": ("active_params", "Parameters one series uses: shared parts, router, K experts", format_count),
-    "+ params vs dense": ("params_increase_over_dense", "Total params minus the dense model's", format_signed_count),
-    "Forward FLOPs": ("forward_flops", "Teacher-forced forward of one batch (S = context+1, T = prediction+1); "
-                      "FLOPs = 2 × multiply-accumulates", format_count),
+    "Total params": ("total_params", "Total parameters: every registered tensor, all E experts, tied embedding "
+                     "once", format_count),
+    "Active params": ("active_params", "Active parameters per series: shared parts, router, K experts",
+                      format_count),
+    "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", format_signed_count),
+    "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
+                  "T = prediction + 1); FLOPs = 2 × multiply-accumulates", format_count),
     "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", format_ratio),
-    "Training FLOPs": ("train_flops", "One training step: forward + backward = 3 × forward", format_count),
-    "Train ×dense": ("train_flops_vs_dense", "Training FLOPs over the dense model's", format_ratio),
-    "Forecast FLOPs": ("forecast_flops", "One forecast of the batch: encode once, N × prediction cached "
-                       "decoder steps", format_count),
+    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward", format_count),
+    "Train ×dense": ("train_flops_vs_dense", "Training-step FLOPs over the dense model's", format_ratio),
+    "Fcst FLOPs": ("forecast_flops", "Forecast FLOPs: encode the batch once, then N × prediction cached decoder "
+                   "steps", format_count),
     "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", format_ratio),
-    "Weights fp32": ("weights_fp32_bytes", "All parameters × 4 bytes (every expert resident); GiB = 2^30 bytes",
-                     format_bytes),
-    "Weights fp16": ("weights_fp16_bytes", "All parameters × 2 bytes", format_bytes),
-    "Training memory": ("train_memory_bytes", "Weights + gradients + optimizer states + activations saved for "
-                        "backward, in the chosen precision and optimizer", format_bytes),
-    "Forecast memory": ("forecast_memory_bytes", "Weights in the inference dtype + KV cache + encoder output per "
-                        "path + largest live activation", format_bytes),
+    "Weights fp32": ("weights_fp32_bytes", "Weights in fp32: all parameters × 4 bytes, every expert resident; "
+                     "GiB = 2^30 bytes", format_bytes),
+    "Weights fp16": ("weights_fp16_bytes", "Weights in fp16 / bf16: all parameters × 2 bytes", format_bytes),
+    "Train memory": ("train_memory_bytes", "Training-step memory: weights + gradients + optimizer states + "
+                     "activations saved for backward, in the chosen precision and optimizer", format_bytes),
+    "Fcst memory": ("forecast_memory_bytes", "Forecast memory: weights in the inference dtype + KV cache + "
+                    "encoder output per sample path + largest live activation", format_bytes),
 }
 _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_experts", "K": "top_k"}
 
@@ -84,7 +86,7 @@ def memory_frame(variant: Variant) -> pd.DataFrame:
     phases = {"train_memory_bytes": "Training step", "forecast_memory_bytes": "Forecast"}
     rows = [
         {"Phase": phases[phase], "Part": part, "Bytes": value}
-        for phase, parts in memory_parts(variant.memory).items()
+        for phase, parts in memory_parts(variant.plan.memory).items()
         for part, value in parts.items()
     ]
     return pd.DataFrame(rows)
