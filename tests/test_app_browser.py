@@ -1,0 +1,118 @@
+"""The app in a real browser: `streamlit run` on a free port, Debian's Chromium through Playwright.
+
+Checks what AppTest cannot: the page renders, the grid shows the planner's numbers, the CSV download
+parses, and the address bar holds a link that reopens the same view. The screenshot goes to a temporary
+folder; set UPDATE_README_SCREENSHOT=1 to refresh docs/screenshot.png.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from model.config import make_config
+from planner.params import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SERVER_START_S = 60
+PAGE_TIMEOUT_MS = 30_000  # a cold server imports pandas and the planner on its first page
+expect.set_options(timeout=PAGE_TIMEOUT_MS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    ready, log = threading.Event(), []
+
+    def drain():  # keep reading so the server never blocks on a full pipe
+        for line in server.stdout:
+            log.append(line)
+            if "You can now view" in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert ready.wait(SERVER_START_S), "streamlit did not start:\n" + "".join(log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium: apt-get install chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_browser_grid_download_and_screenshot(app_url, browser, tmp_path, record_property):
+    page = browser.new_page(viewport={"width": 1920, "height": 1080}, accept_downloads=True)
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    start = time.perf_counter()
+    page.goto(app_url)
+    grid = page.get_by_test_id("stDataFrame")
+    expected = count_params(make_config("tiny", architecture="expert_only", num_experts=4)).total_params
+    # The grid draws on a canvas; its accessible table carries each cell's exact value.
+    expect(grid).to_contain_text(str(expected))
+    record_property("first_render_s", round(time.perf_counter() - start, 2))
+
+    page.wait_for_load_state("networkidle")  # fonts and the grid's canvas settled before the picture
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("UPDATE_README_SCREENSHOT") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "screenshot.png").write_bytes(shot.read_bytes())
+
+    with page.expect_download() as download:
+        page.get_by_test_id("stDownloadButton").filter(has_text="CSV").first.get_by_role("button").click()
+    rows = pd.read_csv(download.value.path(), comment="#")
+    assert len(rows) == 50
+    tiny = rows[(rows["size"] == "tiny") & (rows["architecture"] == "expert_only") & (rows["num_experts"] == 4)]
+    assert list(tiny["total_params"]) == [expected]
+    page.close()
+
+
+def test_browser_address_bar_reopens_the_view(app_url, browser):
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(app_url + "?sizes=tiny&experts=0,8")
+    top_k = page.get_by_label("Top-k K (experts per series or token)")
+    top_k.fill("3")
+    top_k.press("Enter")
+    expect(page).to_have_url(re.compile(r"[?&]top_k=3(&|$)"))
+    expected = count_params(make_config("tiny", architecture="token_ffn", num_experts=8, top_k=3)).active_params
+    expect(page.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
+
+    shared = browser.new_page()
+    shared.set_default_timeout(PAGE_TIMEOUT_MS)
+    shared.goto(page.url)
+    expect(shared.get_by_label("Top-k K (experts per series or token)")).to_have_value("3")
+    expect(shared.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
+    page.close()
+    shared.close()
