@@ -155,6 +155,13 @@ def test_app_invalid_input_is_an_error_naming_the_field(key, value, field):
     assert not at.error and shown_grid(at)[0].shape[0] > 0  # and the app keeps working
 
 
+def test_app_no_size_chosen_says_so():
+    at = run_app()
+    at.multiselect(key="sizes").set_value([]).run()
+    assert not at.exception
+    assert any(text.startswith("sizes:") for text in error_texts(at))
+
+
 def test_app_custom_dimensions_add_a_custom_size():
     at = run_app(sizes="tiny", experts="0, 4", architectures="token_ffn")
     at.checkbox(key="custom").check().run()  # the dimension inputs are enabled once it is on

@@ -74,6 +74,8 @@ def test_upload_preset_config_json_matches_its_preset():
     ("config.json", json.dumps({"d_model": 64}).encode(), "d_ff"),
     ("config.json", json.dumps({**T5_CONFIG, "model_type": "llama"}).encode(), "model_type"),
     ("weights.bin", b"\x00", "config.json or a training"),
+    ("config.json", b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    ("train.yaml", b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
     ("big.yaml", b"#" * (MAX_CONFIG_BYTES + 1), f"{MAX_CONFIG_BYTES:,} bytes"),
 ])
 def test_bad_upload_is_one_value_error_naming_the_problem(name, data, field):

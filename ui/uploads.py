@@ -79,12 +79,15 @@ def read_upload(name: str, data: bytes, *, num_samples: int = 20) -> UploadResul
     `num_samples` is kept unless the YAML sets it (training configs rarely do).
     """
     suffix = PurePath(name).suffix.lower()
-    if suffix == ".json":
-        imported = import_hf_config_json(data)
-        values = _custom_size_values(imported)
-    elif suffix in (".yaml", ".yml"):
-        imported = import_training_yaml(data, num_samples=num_samples)
-        values = _training_values(imported)
-    else:
+    if suffix not in (".json", ".yaml", ".yml"):
         raise ValueError(f"file must be a config.json or a training .yaml/.yml, got {name!r}")
+    try:
+        if suffix == ".json":
+            imported = import_hf_config_json(data)
+            values = _custom_size_values(imported)
+        else:
+            imported = import_training_yaml(data, num_samples=num_samples)
+            values = _training_values(imported)
+    except RecursionError:  # the parsers recurse per nesting level; a file under the size limit can exhaust it
+        raise ValueError(f"{name} nests too deeply to be a config file") from None
     return UploadResult(values=values, summary=_summary(name, imported))
