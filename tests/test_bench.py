@@ -34,7 +34,7 @@ from planner.bench.phases import count_running_experts, count_step_flops
 from planner.bench.preflight import largest_fitting_batch
 from planner.bench.roofline import DeviceRoofline, Phase, estimate_time_s, load_cached_roofline, save_roofline
 from planner.bench.steps import make_step, summarise_usage
-from planner.bench.timing import measure_step_times_s, percentile, summarise_times
+from planner.bench.timing import measure_step_times, percentile, summarise_times
 from planner.bench_cli import add_bench_subcommand, bench_specs, run_bench_command
 from planner.flops import count_flops
 
@@ -54,7 +54,7 @@ def _private_cache(tmp_path, monkeypatch):
 # --- the spec ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [("mode", "predict"), ("device", "tpu"), ("dtype", "int8"), ("repeats", 0),
+@pytest.mark.parametrize("field, value", [("mode", "predict"), ("device", "tpu"), ("dtype", "int8"), ("repeats", 0), ("warmup", 0),
                                           ("time_limit_s", -1), ("top_k", 5), ("batch_size", 0)])
 def test_spec_refuses_bad_setting_naming_the_field(field, value):
     settings = {"num_experts": 4, **{field: value}}
@@ -81,17 +81,19 @@ def test_percentile_and_summary_hand_derived():
     times = [4.0, 1.0, 3.0, 2.0, 5.0]
     assert percentile(times, 50) == 3.0
     assert percentile(times, 95) == pytest.approx(4.8)  # rank 0.95 · 4 = 3.8 between 4 and 5
-    summary = summarise_times(times, series=8, tokens=600, flops=12_000_000_000)
-    assert (summary.median_s, summary.series_per_s, summary.tokens_per_s) == (3.0, 8 / 3, 200.0)
-    assert summary.achieved_flops_per_s == 4e9
+    summary = summarise_times(times, [2 * t for t in times], series=8, tokens=600, flops=12_000_000_000)
+    assert (summary.median_s, summary.min_s, summary.cpu_median_s) == (3.0, 1.0, 6.0)
+    assert (summary.series_per_s, summary.tokens_per_s, summary.achieved_flops_per_s) == (8 / 3, 200.0, 4e9)
 
 
 def test_measure_step_times_counts_warmup_and_repeats():
     calls, stages = [], []
-    times = measure_step_times_s(lambda: calls.append(1), warmup=2, repeats=3, synchronize=lambda: None,
-                                 on_step=lambda stage, done, total: stages.append((stage, done, total)))
-    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
-    assert stages == [("warmup", 1, 2), ("warmup", 2, 2), ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
+    times = measure_step_times(lambda: calls.append(1), warmup=2, repeats=3, synchronize=lambda: None,
+                               on_step=lambda stage, done, total: stages.append((stage, done, total)),
+                               after_warmup=lambda: stages.append("after warm-up"))
+    assert len(calls) == 5 and len(times.wall_s) == len(times.cpu_s) == 3 and min(times.wall_s) >= 0
+    assert stages == [("warmup", 1, 2), ("warmup", 2, 2), "after warm-up",
+                      ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
@@ -255,7 +257,7 @@ def test_concurrent_requests_are_serialised():
 
 def _fake_result(num_experts: int, median_s: float, flops: int, dispatch: str = "sparse") -> BenchResult:
     spec = BenchSpec(**DEBUG, num_experts=num_experts, dispatch=dispatch)
-    timing = summarise_times([median_s], series=2, tokens=1, flops=flops)
+    timing = summarise_times([median_s], [median_s], series=2, tokens=1, flops=flops)
     return BenchResult(spec=spec, status="ok", flops=flops, timing=timing, device_name="cpu")
 
 

@@ -18,7 +18,9 @@ from planner.export import export_metadata, render
 STATUSES = ("ok", "refused", "timeout", "cancelled", "error")
 EXPORT_FORMATS = ("csv", "json")
 MEASUREMENT_NOTES = {
-    "timing": "median and p95 of the repeats after warm-up, each between device synchronisations",
+    "timing": "median, p95 and minimum of the repeats after warm-up, each between device synchronisations; "
+    "cpu_median_s: process CPU time (all threads), which other processes sharing the cores inflate less",
+    "memory": "peak over the warm-up steps, above the fresh subprocess's baseline",
     "attention": "eager (the only implementation T5 has)",
     "flops_source": "planner (analytic, per step); achieved FLOP/s = planner FLOPs / median time",
     "tokens": "forward/train: B x (context + 1 + prediction + 1) positions; forecast: B x N x prediction sampled",
@@ -83,7 +85,10 @@ class BenchResult:
             "threads": self.threads,
             "median_s": timing.median_s if timing else None,
             "p95_s": timing.p95_s if timing else None,
+            "min_s": timing.min_s if timing else None,
+            "cpu_median_s": timing.cpu_median_s if timing else None,
             "times_s": list(timing.times_s) if timing else None,
+            "cpu_times_s": list(timing.cpu_times_s) if timing else None,
             "predicted_time_s": self.predicted_time_s,
             "time_ratio": self.time_ratio,
             "series_per_s": timing.series_per_s if timing else None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
@@ -140,8 +139,12 @@ def save_roofline(roofline: DeviceRoofline) -> None:
 # --- the probe ---------------------------------------------------------------------------------------------
 
 
-def _median_rate(work: float, run: Callable[[], object], synchronize: Callable[[], None]) -> float:
-    """work / (median time of `run`), after one untimed call, repeated for at least PROBE_MIN_TIME_S."""
+def _best_rate(work: float, run: Callable[[], object], synchronize: Callable[[], None]) -> float:
+    """work / (shortest time of `run`), after one untimed call, repeated for at least PROBE_MIN_TIME_S.
+
+    The best repeat, not the median: other processes can only slow a repeat down, and the roofline is
+    meant to describe the device, not whatever else was running while it was probed.
+    """
     run()
     synchronize()
     times_s: list[float] = []
@@ -150,7 +153,7 @@ def _median_rate(work: float, run: Callable[[], object], synchronize: Callable[[
         run()
         synchronize()
         times_s.append(time.perf_counter() - start)
-    return work / statistics.median(times_s)
+    return work / min(times_s)
 
 
 def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Callable[[], None]) -> DeviceRoofline:
@@ -161,10 +164,10 @@ def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Cal
     side = PROBE_MATMUL_SIDE[device]
     left = torch.randn(side, side, device=device, dtype=torch_dtype)
     right = torch.randn(side, side, device=device, dtype=torch_dtype)
-    flops_per_s = _median_rate(2 * side**3, lambda: left @ right, synchronize)
+    flops_per_s = _best_rate(2 * side**3, lambda: left @ right, synchronize)
     del left, right
     elements = PROBE_COPY_BYTES[device] // (torch.finfo(torch_dtype).bits // 8)
     source = torch.ones(elements, device=device, dtype=torch_dtype)
     target = torch.empty_like(source)
-    bandwidth = _median_rate(2 * source.numel() * source.element_size(), lambda: target.copy_(source), synchronize)
+    bandwidth = _best_rate(2 * source.numel() * source.element_size(), lambda: target.copy_(source), synchronize)
     return DeviceRoofline(device_name, dtype, flops_per_s, bandwidth, "probe")

@@ -29,11 +29,6 @@ from planner.bench.spec import BenchSpec
 from planner.bench.timing import summarise_times
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# glibc's malloc raises its mmap threshold after large frees; freed tensors then stay on the heap and the
-# resident memory grows step after step with no more tensors alive (measured: +40% over three training steps
-# of tiny at batch 8). Pinned at glibc's initial 128 KiB, freed tensors go back to the system and the peak
-# resident memory follows the live tensors. Other allocators ignore it.
-WORKER_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 STDERR_TAIL_CHARS = 2_000  # of a crashed worker's stderr, enough for the last traceback
 POLL_S = 0.1  # how often the time limit and a cancel are checked while the worker runs
 
@@ -83,7 +78,7 @@ def _read_events(stream, events: "queue.Queue[Optional[dict]]") -> None:
 
 def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optional[threading.Event]) -> tuple[str, dict, str]:
     """(outcome, final event, stderr tail): outcome is the final event's name, or timeout / cancelled / crashed."""
-    env = {**os.environ, **WORKER_ENVIRONMENT}
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
@@ -145,8 +140,8 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
         device_name=final["device_name"],
         threads=final["threads"],
         versions=final["versions"],
-        timing=summarise_times(final["times_s"], series=spec.batch_size, tokens=count_step_tokens(spec),
-                               flops=base["flops"]),
+        timing=summarise_times(final["times_s"], final["cpu_times_s"], series=spec.batch_size,
+                               tokens=count_step_tokens(spec), flops=base["flops"]),
         peak_memory_bytes=final["peak_memory_bytes"],
         memory_method=final["memory_method"],
         available_memory_bytes=final["available_memory_bytes"],

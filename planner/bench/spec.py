@@ -56,7 +56,7 @@ class BenchSpec:
     num_samples: int = 20  # forecast mode only
     device: str = "auto"
     dtype: str = "fp32"
-    warmup: int = 1  # first calls pay one-off costs (allocator growth, kernel selection): never timed
+    warmup: int = 1  # untimed: first calls pay one-off costs (allocator growth, kernel selection)
     repeats: int = 5
     time_limit_s: float = 600.0  # the whole subprocess: start-up, build, warm-up and repeats
     seed: int = 0
@@ -68,7 +68,7 @@ class BenchSpec:
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device == "cpu" and self.dtype == "fp16":
             raise ValueError(refuse_fp16_on_cpu_message())
-        _check_count("warmup", self.warmup, 0, MAX_REPEATS)
+        _check_count("warmup", self.warmup, 1, MAX_REPEATS)
         _check_count("repeats", self.repeats, 1, MAX_REPEATS)
         _check_count("seed", self.seed, 0, 2**31 - 1)
         limit = self.time_limit_s
@@ -77,6 +77,12 @@ class BenchSpec:
             raise ValueError(f"time_limit_s must be a number of seconds in (0, {MAX_TIME_LIMIT_S:g}], got {limit!r}")
         self.model_config()  # the model settings, validated by the modules' own config
         self.workload()
+
+    @property
+    def memory_steps(self) -> int:
+        """Warm-up steps actually run: they also measure the peak memory, and a training step reaches its
+        peak from the second step on (AdamW's moments exist only after the first)."""
+        return max(self.warmup, 2 if self.mode == "train" else 1)
 
     def model_config(self) -> ChronosMoEConfig:
         moe = self.num_experts > 0

@@ -1,4 +1,9 @@
-"""Synchronised timing after warm-up, and what the times give: median, p95, throughput, achieved FLOP/s."""
+"""Synchronised timing after warm-up, and what the times give: median, p95, throughput, achieved FLOP/s.
+
+Each timed step also records the process's CPU time (user + system, every thread). On an idle machine it is
+about threads × wall time; when other processes share the cores the wall time grows and the CPU time
+mostly does not, so a ratio of CPU times survives a noisy machine better than a ratio of wall times.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +17,41 @@ from typing import Callable, Optional, Sequence
 StepCallback = Callable[[str, int, int], None]
 
 
-def measure_step_times_s(
+@dataclass(frozen=True)
+class StepTimes:
+    wall_s: list[float]
+    cpu_s: list[float]
+
+
+def measure_step_times(
     step: Callable[[], object],
     *,
     warmup: int,
     repeats: int,
     synchronize: Callable[[], None],
     on_step: Optional[StepCallback] = None,
-) -> list[float]:
+    after_warmup: Optional[Callable[[], None]] = None,
+) -> StepTimes:
     """Run `step` warmup + repeats times; time the repeats, each between two synchronisations (queued GPU
-    work would otherwise be charged to the next step or to nobody)."""
+    work would otherwise be charged to the next step or to nobody). `after_warmup` runs between the two."""
     for done in range(1, warmup + 1):
         step()
         synchronize()
         if on_step:
             on_step("warmup", done, warmup)
-    times_s = []
+    if after_warmup:
+        after_warmup()
+    times = StepTimes([], [])
     for done in range(1, repeats + 1):
         synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         synchronize()
-        times_s.append(time.perf_counter() - start)
+        times.wall_s.append(time.perf_counter() - start)
+        times.cpu_s.append(time.process_time() - start_cpu)
         if on_step:
             on_step("measure", done, repeats)
-    return times_s
+    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -54,20 +69,28 @@ class TimingSummary:
     """Step times of one run, and the rates they give at the median step time."""
 
     times_s: tuple[float, ...]
+    cpu_times_s: tuple[float, ...]
     median_s: float
     p95_s: float
+    min_s: float  # the least disturbed repeat, when other processes share the device
+    cpu_median_s: float
     series_per_s: float
     tokens_per_s: float
     achieved_flops_per_s: float
 
 
-def summarise_times(times_s: Sequence[float], *, series: int, tokens: int, flops: int) -> TimingSummary:
-    """Median and p95 of the step times; series/s, tokens/s and FLOP/s (the planner's FLOPs) at the median."""
+def summarise_times(times_s: Sequence[float], cpu_times_s: Sequence[float], *, series: int, tokens: int,
+                    flops: int) -> TimingSummary:
+    """Median, p95 and minimum of the step times; series/s, tokens/s and FLOP/s (the planner's FLOPs) at the
+    median; the median CPU time."""
     median = statistics.median(times_s)
     return TimingSummary(
         times_s=tuple(times_s),
+        cpu_times_s=tuple(cpu_times_s),
         median_s=median,
         p95_s=percentile(times_s, 95),
+        min_s=min(times_s),
+        cpu_median_s=statistics.median(cpu_times_s),
         series_per_s=series / median,
         tokens_per_s=tokens / median,
         achieved_flops_per_s=flops / median,

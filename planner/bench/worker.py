@@ -6,8 +6,9 @@ line, on stdout: {"event": "progress", "stage", "done", "total"} while it runs, 
 Everything else the libraries print goes to stderr, so stdout carries only the protocol.
 
 Order matters: the device is resolved and the preflight passes before the model code is even imported
-(a refusal comes in seconds); the memory baseline is taken before the model is built; the device probe
-(when not cached) runs after the peak is read, so its buffers are not counted.
+(a refusal comes in seconds); the memory baseline is taken before the model is built; the peak is read
+after the warm-up steps (see memory_probe for why the allocator is set differently then and for timing);
+the device probe (when not cached) runs last, so its buffers are not counted.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def run(spec: BenchSpec, emit: Emit) -> None:
 
     from model.build import build_model_from_config
     from planner.bench.device import TORCH_DTYPES
-    from planner.bench.memory_probe import PeakMemoryProbe
+    from planner.bench.memory_probe import PeakMemoryProbe, pin_allocator, settle_allocator
     from planner.bench.roofline import load_cached_roofline, measure_roofline, save_roofline
     from planner.bench.steps import library_versions, make_step, summarise_usage
-    from planner.bench.timing import measure_step_times_s
+    from planner.bench.timing import measure_step_times
 
     probe = PeakMemoryProbe(device)
+    pin_allocator()
     probe.start()
     torch.manual_seed(spec.seed)
     emit("progress", stage="build", done=0, total=1)
@@ -69,9 +71,14 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         probe.sample()
         emit("progress", stage=stage, done=done, total=total)
 
-    times_s = measure_step_times_s(timed_step, warmup=spec.warmup, repeats=spec.repeats,
-                                   synchronize=lambda: synchronize(device), on_step=on_step)
-    peak_bytes = probe.peak_bytes()
+    peak: list[int] = []
+
+    def after_warmup() -> None:  # the warm-up measured the memory; the timed steps run as a long run would
+        peak.append(probe.peak_bytes())
+        settle_allocator()
+
+    times = measure_step_times(timed_step, warmup=spec.memory_steps, repeats=spec.repeats,
+                               synchronize=lambda: synchronize(device), on_step=on_step, after_warmup=after_warmup)
     usage = summarise_usage(last_output[0], spec.num_experts)
     del model, step, last_output
 
@@ -82,7 +89,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         roofline = measure_roofline(device, spec.dtype, device_name, lambda: synchronize(device))
         save_roofline(roofline)
     emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
-         versions=library_versions(), times_s=times_s, peak_memory_bytes=peak_bytes, memory_method=probe.method,
+         versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
+         memory_method=probe.method,
          available_memory_bytes=available, roofline=dataclasses.asdict(roofline), **usage)
 
 
