@@ -113,6 +113,8 @@ def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = 
     text = _read_text(source)
     try:
         settings = yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError("training YAML is nested too deeply to be a training config") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -163,6 +165,8 @@ def import_hf_config_json(source: Union[str, bytes, Path], **moe_settings: Any) 
     text = _read_text(source)
     try:
         settings = json.loads(text)
+    except RecursionError:
+        raise ValueError("config.json is nested too deeply to be a T5 config") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"config.json is not valid JSON: {error.msg} (line {error.lineno})") from None
     if not isinstance(settings, Mapping):

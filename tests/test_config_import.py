@@ -60,6 +60,13 @@ def test_bad_training_yaml_gets_one_clear_error(text, message):
         import_training_yaml(text)
 
 
+def test_deeply_nested_files_are_a_clear_error():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        import_hf_config_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        import_training_yaml("[" * 100_000 + "]" * 100_000)
+
+
 def test_oversized_upload_is_refused():
     with pytest.raises(ValueError, match="larger than"):
         import_training_yaml("a: 1\n" * 300_000)
