@@ -1,0 +1,205 @@
+"""`python -m planner`: the analytic table, the per-component breakdown, verification against the modules,
+and the benchmarks (planner/bench_cli.py).
+
+Bad flags exit with status 2 and one line naming the flag and what it allows; `verify` exits 1 when any
+check fails. The table and Markdown formats show the summary columns below; CSV, JSON and XLSX carry
+every row key (planner/README_rows.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
+from model.presets import PRESETS
+from planner.export import FORMATS, export_metadata, render
+from planner.plan import breakdown_rows, plan_grid, plan_row
+from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES, Workload
+
+SUMMARY_COLUMNS = (
+    "size", "architecture", "num_experts", "top_k", "total_params", "active_params", "total_params_vs_dense",
+    "forward_flops", "forward_flops_vs_dense", "train_flops", "forecast_flops", "forecast_flops_vs_dense",
+    "weights_fp32_bytes", "train_memory_bytes", "forecast_memory_bytes",
+)
+HUMAN_FORMATS = ("table", "md")
+# Config and workload fields -> the flags that set them, for one-line errors.
+FIELD_FLAGS = {
+    "num_experts": "--experts", "top_k": "--top-k", "router_hidden_dim": "--router-hidden-dim",
+    "vocab_size": "--vocab-size", "expert_capacity": "--expert-capacity", "batch_size": "--batch-size",
+    "context_length": "--context-length", "prediction_length": "--prediction-length",
+    "num_samples": "--num-samples",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _name_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(unknown) or repr(text)} not allowed; choose comma-separated from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def _expert_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(not 0 <= count <= MAX_EXPERTS for count in counts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers from 0 (dense) to {MAX_EXPERTS}, got {text!r}")
+    return counts
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    grid = OneLineParser(add_help=False)
+    grid.add_argument("--sizes", type=_name_list(list(PRESETS)), default=["tiny", "mini", "small", "base", "large"],
+                      help=f"comma-separated presets: {', '.join(PRESETS)}")
+    grid.add_argument("--architectures", type=_name_list(ARCHITECTURES), default=list(ARCHITECTURES),
+                      help=f"comma-separated: {', '.join(ARCHITECTURES)}")
+    grid.add_argument("--experts", type=_expert_counts, default=[0, 4, 8, 16], help="comma-separated E; 0 = dense")
+    grid.add_argument("--top-k", type=int, default=2, help="K active experts per series/token")
+    grid.add_argument("--router-hidden-dim", type=int, default=256, help="R of the context router")
+    grid.add_argument("--vocab-size", type=int, default=4096)
+    grid.add_argument("--dispatch", choices=DISPATCH_MODES, default="sparse",
+                      help="sparse: only chosen experts run; dense: every expert runs (reference)")
+    grid.add_argument("--expert-capacity", type=float, default=None,
+                      help="capacity factor for token_ffn rows (others drop nothing); default: no limit")
+    workload = OneLineParser(add_help=False)
+    workload.add_argument("--context-length", type=int, default=512, help="context values (S = this + 1)")
+    workload.add_argument("--prediction-length", type=int, default=64, help="prediction values (T = this + 1)")
+    workload.add_argument("--batch-size", type=int, default=1, help="series per batch")
+    workload.add_argument("--num-samples", type=int, default=20, help="sample paths per forecast")
+    workload.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="inference weights' format")
+    workload.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    workload.add_argument("--precision", choices=PRECISION_REGIMES, default="fp32", help="training regime")
+    output = OneLineParser(add_help=False)
+    output.add_argument("--format", choices=FORMATS, default="table", dest="output_format")
+    output.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    return {"grid": grid, "workload": workload, "output": output}
+
+
+def build_parser() -> OneLineParser:
+    from planner.bench_cli import add_bench_subcommand
+
+    parents = _parents()
+    common = [parents["grid"], parents["workload"], parents["output"]]
+    parser = OneLineParser(
+        prog="python -m planner",
+        description="Parameters, FLOPs and memory of Chronos-T5 and its MoE variants. FLOPs = 2 x MACs, matrix "
+        "products only (softmax, norms, activations not counted); memory in bytes (GiB = 2^30).")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    subparsers.add_parser("table", parents=common, help="one row per variant: parameters, FLOPs, memory")
+    subparsers.add_parser("breakdown", parents=common, help="parameters and FLOPs by component")
+    verify = subparsers.add_parser("verify", parents=common, help="the planner against the real modules")
+    verify.add_argument("--quick", action="store_true",
+                        help=f"only sizes {', '.join(('debug', 'tiny'))} and E in 0, 4 (under a minute)")
+    verify.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per CPU core)")
+    add_bench_subcommand(subparsers)
+    return parser
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    return Workload(
+        batch_size=args.batch_size, context_length=args.context_length, prediction_length=args.prediction_length,
+        num_samples=args.num_samples, dtype=args.dtype, optimizer=args.optimizer, precision=args.precision,
+    )
+
+
+def _grid_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(top_k=args.top_k, router_hidden_dim=args.router_hidden_dim, vocab_size=args.vocab_size,
+                dispatch=args.dispatch, expert_capacity=args.expert_capacity)
+
+
+def _workload_metadata(workload: Workload) -> dict[str, Any]:
+    return {f"workload_{key}": value for key, value in workload.__dict__.items()}
+
+
+def run_table(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    workload = _workload(args)
+    plans = plan_grid(args.sizes, args.architectures, args.experts, workload, **_grid_settings(args))
+    if args.command == "breakdown":
+        rows = [row for p in plans for row in breakdown_rows(p)]
+    else:
+        rows = [plan_row(p) for p in plans]
+        if args.output_format in HUMAN_FORMATS:
+            rows = [{key: row[key] for key in SUMMARY_COLUMNS} for row in rows]
+    return rows, _workload_metadata(workload), 0
+
+
+def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    import fvcore
+    import torch
+    import transformers
+
+    from planner.verify import QUICK_EXPERTS, QUICK_SIZES, all_ok, verify_grid
+
+    workload = _workload(args)
+    sizes, experts = (QUICK_SIZES, QUICK_EXPERTS) if args.quick else (args.sizes, args.experts)
+    start = time.perf_counter()
+    checks = verify_grid(sizes, args.architectures, experts, workload, workers=args.workers, **_grid_settings(args))
+    metadata = {
+        **_workload_metadata(workload),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "fvcore": getattr(fvcore, "__version__", "unknown"),
+        "device": "cpu", "dtype": "fp32", "attention": "eager",
+        "execution": "shape-only (real modules and routing; matrix products not computed, see planner/measure.py)",
+        "elapsed_s": round(time.perf_counter() - start, 1),
+        "failed_checks": sum(not check.ok for check in checks),
+    }
+    return [check.row() for check in checks], metadata, 0 if all_ok(checks) else 1
+
+
+def _write(data: bytes, output: Optional[Path]) -> None:
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        output.write_bytes(data)
+
+
+def _flag_for(message: str) -> str:
+    """Config and workload errors name their field first: say which flag sets it."""
+    field = message.split(" ", 1)[0]
+    return f"argument {FIELD_FLAGS[field]}: {message}" if field in FIELD_FLAGS else message
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from planner.bench_cli import run_bench_command
+
+        return run_bench_command(args)
+    if args.output_format == "xlsx" and args.output is None:
+        parser.error("argument --output: the xlsx format is binary; give --output PATH.xlsx")
+    try:
+        rows, metadata, status = (run_verify if args.command == "verify" else run_table)(args)
+    except ValueError as error:
+        parser.error(_flag_for(str(error)))
+    _write(render(rows, args.output_format, export_metadata(metadata)), args.output)
+    return status

@@ -1,0 +1,93 @@
+"""Properties of the analytic planner over random configurations and workloads (hypothesis)."""
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.config import ARCHITECTURES, make_config
+from model.presets import PRESETS
+from planner.params import count_params, count_context_router_params
+from planner.plan import plan, plan_row
+from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES, Workload
+
+custom_dims = st.fixed_dictionaries({
+    "d_model": st.integers(1, 2048), "d_ff": st.integers(1, 8192), "d_kv": st.integers(1, 256),
+    "num_heads": st.integers(1, 32), "num_layers": st.integers(1, 48), "num_decoder_layers": st.integers(1, 48),
+})
+
+
+@st.composite
+def configs(draw, num_experts=st.integers(0, 64)):
+    size = draw(st.sampled_from([*PRESETS, "custom"]))
+    dims = draw(custom_dims) if size == "custom" else {}
+    architecture = draw(st.sampled_from(ARCHITECTURES))
+    experts = draw(num_experts)
+    top_k = draw(st.integers(1, max(experts, 1)))
+    capacity = draw(st.none() | st.floats(0.01, 8.0)) if architecture == "token_ffn" else None
+    return make_config(
+        size, architecture=architecture, num_experts=experts, top_k=top_k,
+        router_hidden_dim=draw(st.integers(1, 2048)), vocab_size=draw(st.integers(4, 65_536)),
+        expert_capacity=capacity, dispatch=draw(st.sampled_from(["sparse", "dense"])), **dims,
+    )
+
+
+workloads = st.builds(
+    Workload, batch_size=st.integers(1, 64), context_length=st.integers(1, 4096), prediction_length=st.integers(1, 256),
+    num_samples=st.integers(1, 100), dtype=st.sampled_from(list(DTYPE_BYTES)), optimizer=st.sampled_from(OPTIMIZERS),
+    precision=st.sampled_from(PRECISION_REGIMES),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(configs(), workloads)
+def test_plan_never_raises_and_stays_consistent(config, workload):
+    p = plan(config, workload)
+    row = plan_row(p)
+    assert 0 < row["active_params"] <= row["total_params"]
+    assert row["train_flops"] == 3 * row["forward_flops"] > 0 and row["forecast_flops"] > 0
+    assert sum(p.params.components().values()) == row["total_params"]
+    assert row["train_memory_bytes"] >= row["train_weights_bytes"] >= row["total_params"] * 2
+    assert row["forecast_memory_bytes"] >= row["forecast_weights_bytes"] == row["total_params"] * DTYPE_BYTES[workload.dtype]
+
+
+@settings(max_examples=100, deadline=None)
+@given(configs(num_experts=st.integers(1, 63)))
+def test_total_params_grow_with_experts(config):
+    more = dataclasses.replace(config, num_experts=config.num_experts + 1)
+    assert count_params(more).total_params > count_params(config).total_params
+
+
+@settings(max_examples=100, deadline=None)
+@given(configs(num_experts=st.integers(1, 63)).filter(lambda c: c.architecture != "token_ffn"))
+def test_sample_level_active_params_grow_only_by_the_router(config):
+    more = dataclasses.replace(config, num_experts=config.num_experts + 1)
+    router_growth = count_context_router_params(more) - count_context_router_params(config)
+    assert router_growth == config.router_hidden_dim + 1  # one more output row and bias
+    assert count_params(more).active_params - count_params(config).active_params == router_growth
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_experts=-1), "num_experts"),
+    (dict(num_experts=4, top_k=5), "top_k"),
+    (dict(num_experts=4, top_k=0), "top_k"),
+    (dict(num_experts=4, router_hidden_dim=0), "router_hidden_dim"),
+    (dict(vocab_size=3), "vocab_size"),
+    (dict(architecture="moe"), "architecture"),
+    (dict(dispatch="all"), "dispatch"),
+    (dict(num_experts=4, expert_capacity=1.0), "expert_capacity"),
+    (dict(num_experts=4, architecture="token_ffn", expert_capacity=0.0), "expert_capacity"),
+    (dict(d_model=0), "d_model"),
+])
+def test_invalid_configs_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        make_config("tiny", **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["batch_size", "context_length", "prediction_length", "num_samples"]),
+       st.one_of(st.integers(max_value=0), st.integers(min_value=10**7), st.just(1.5), st.just("8")))
+def test_invalid_workloads_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Workload(**{field: value})
