@@ -1,5 +1,6 @@
 """`python -m planner`: the analytic table, the per-component breakdown, verification against the modules,
-and the benchmarks (planner/bench_cli.py).
+the benchmarks (planner/bench_cli.py), the budget solver and config import with multi-device plans
+(planner/budget_cli.py).
 
 Bad flags exit with status 2 and one line naming the flag and what it allows; `verify` exits 1 when any
 check fails. The table and Markdown formats show the summary columns below; CSV, JSON and XLSX carry
@@ -31,7 +32,9 @@ FIELD_FLAGS = {
     "num_experts": "--experts", "top_k": "--top-k", "router_hidden_dim": "--router-hidden-dim",
     "vocab_size": "--vocab-size", "expert_capacity": "--expert-capacity", "batch_size": "--batch-size",
     "context_length": "--context-length", "prediction_length": "--prediction-length",
-    "num_samples": "--num-samples",
+    "num_samples": "--num-samples", "max_experts": "--max-experts", "max_top_k": "--max-top-k",
+    "router_widths": "--router-widths", "token_block_patterns": "--token-blocks", "tolerance": "--tolerance",
+    "num_devices": "--devices",
 }
 
 
@@ -100,11 +103,15 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     output = OneLineParser(add_help=False)
     output.add_argument("--format", choices=FORMATS, default="table", dest="output_format")
     output.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
-    return {"grid": grid, "workload": workload, "output": output}
+    architectures = OneLineParser(add_help=False)
+    architectures.add_argument("--architectures", type=_name_list(ARCHITECTURES), default=list(ARCHITECTURES),
+                               help=f"comma-separated: {', '.join(ARCHITECTURES)}")
+    return {"grid": grid, "workload": workload, "output": output, "architectures": architectures}
 
 
 def build_parser() -> OneLineParser:
     from planner.bench_cli import add_bench_subcommand
+    from planner.budget_cli import add_plan_subcommand, add_solve_subcommand
 
     parents = _parents()
     common = [parents["grid"], parents["workload"], parents["output"]]
@@ -120,6 +127,8 @@ def build_parser() -> OneLineParser:
                         help=f"only sizes {', '.join(('debug', 'tiny'))} and E in 0, 4 (under a minute)")
     verify.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per CPU core)")
     add_bench_subcommand(subparsers)
+    add_solve_subcommand(subparsers, [parents["architectures"], parents["workload"], parents["output"]])
+    add_plan_subcommand(subparsers, [parents["output"]])
     return parser
 
 
@@ -174,6 +183,28 @@ def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     return [check.row() for check in checks], metadata, 0 if all_ok(checks) else 1
 
 
+def run_solve_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    from planner.budget_cli import run_solve
+
+    workload = _workload(args)
+    rows = run_solve(args, workload, args.architectures)
+    metadata = {**_workload_metadata(workload), "base_size": args.size, "target_total_params": int(args.target_total),
+                "budget": f"{args.budget} <= {args.budget_limit:g}", "listing": "pareto front" if args.pareto else "ranked"}
+    return rows, metadata, 0
+
+
+def run_plan_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    from planner.budget_cli import run_plan
+
+    rows, metadata = run_plan(args)
+    if not args.strategies and args.output_format in HUMAN_FORMATS:
+        rows = [{key: row[key] for key in SUMMARY_COLUMNS} for row in rows]
+    return rows, metadata, 0
+
+
+_RUNNERS = {"verify": run_verify, "solve": run_solve_command, "plan": run_plan_command}
+
+
 def _write(data: bytes, output: Optional[Path]) -> None:
     if output is None:
         sys.stdout.buffer.write(data)
@@ -198,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output_format == "xlsx" and args.output is None:
         parser.error("argument --output: the xlsx format is binary; give --output PATH.xlsx")
     try:
-        rows, metadata, status = (run_verify if args.command == "verify" else run_table)(args)
+        rows, metadata, status = _RUNNERS.get(args.command, run_table)(args)
     except ValueError as error:
         parser.error(_flag_for(str(error)))
     _write(render(rows, args.output_format, export_metadata(metadata)), args.output)

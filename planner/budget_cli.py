@@ -1,0 +1,109 @@
+"""`python -m planner solve` and `python -m planner plan --config FILE`: the budget solver, config import and
+multi-device plans on the command line. Each `add_*` registers a subcommand; each `run_*` returns rows."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from model.config import make_config
+from planner.config_import import import_config_file
+from planner.parallel import GPU_MEMORY_BYTES, GIB, STRATEGIES, plan_all_strategies
+from planner.plan import plan, plan_row
+from planner.solver import BUDGET_KINDS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, solve
+from planner.workload import Workload
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+
+
+def parse_count(text: str) -> float:
+    """'200M', '50e6', '1.5G' -> a number (K, M, G/B, T suffixes are powers of 1000)."""
+    cleaned = str(text).strip().upper().replace("_", "").replace(",", "")
+    multiplier = _SUFFIXES.get(cleaned[-1:], 1)
+    number = cleaned[:-1] if cleaned[-1:] in _SUFFIXES else cleaned
+    try:
+        value = float(number) * multiplier
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 200M, 5e10 or 1.5G, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _gpu_memory_bytes(args: argparse.Namespace) -> int:
+    if args.device_memory_gib is not None:
+        return int(args.device_memory_gib * GIB)
+    return GPU_MEMORY_BYTES[args.gpu]
+
+
+def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "solve", parents=parents, help="find (E, K, router width) that reach a total size within a budget",
+        description="Enumerate MoE configurations of a base size, keep those within the budget, rank by closeness "
+        "of total parameters to the target, and list the Pareto front of total vs active parameters.")
+    parser.add_argument("--size", default="mini", help="base size (a preset name); default mini")
+    parser.add_argument("--target-total", type=parse_count, required=True, help="target total parameters, e.g. 200M")
+    parser.add_argument("--budget", choices=list(BUDGET_KINDS), default="active_params",
+                        help="; ".join(f"{k}: {v}" for k, v in BUDGET_KINDS.items()))
+    parser.add_argument("--limit", type=parse_count, required=True, dest="budget_limit",
+                        help="the budget's limit: 50M active params, 2.5 (ratio), 5e10 FLOPs, or bytes (e.g. 16G)")
+    parser.add_argument("--max-experts", type=int, default=128)
+    parser.add_argument("--max-top-k", type=int, default=16)
+    parser.add_argument("--router-widths", default="64,128,256,512", help="comma-separated router hidden widths")
+    parser.add_argument("--token-blocks", default=",".join(TOKEN_BLOCK_PATTERNS),
+                        help=f"token_ffn MoE block patterns: {', '.join(TOKEN_BLOCK_PATTERNS)}")
+    parser.add_argument("--tolerance", type=float, default=None, help="keep totals within target × (1 ± this)")
+    parser.add_argument("--top", type=int, default=20, help="how many ranked solutions to print")
+    parser.add_argument("--pareto", action="store_true", help="print the Pareto front instead of the ranking")
+
+
+def run_solve(args: argparse.Namespace, workload: Workload, architectures: list[str]) -> list[dict[str, Any]]:
+    widths = tuple(int(w) for w in args.router_widths.split(",") if w.strip())
+    space = SearchSpace(args.max_experts, args.max_top_k, widths, tuple(p.strip() for p in args.token_blocks.split(",")))
+    base = make_config(args.size, router_hidden_dim=widths[0] if len(widths) == 1 else 256)
+    result = solve(base, int(args.target_total), Budget(args.budget, args.budget_limit), architectures=architectures,
+                   workload=workload, space=space, tolerance=args.tolerance, limit=args.top)
+    chosen = result.pareto_front if args.pareto else result.candidates
+    return [{
+        "rank": rank,
+        "architecture": c.config.architecture,
+        "num_experts": c.config.num_experts,
+        "top_k": c.config.top_k,
+        "router_hidden_dim": c.config.router_hidden_dim if c.config.architecture != "token_ffn" else None,
+        "token_moe_blocks": c.token_block_pattern,
+        "total_params": c.total_params,
+        "active_params": c.active_params,
+        "distance_to_target_params": c.total_params - int(args.target_total),
+        f"budget_{args.budget}": c.budget_value,
+    } for rank, c in enumerate(chosen, start=1)]
+
+
+def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "plan", parents=parents, help="size a training config (Chronos YAML or HF config.json), per device",
+        description="Read a Chronos training YAML or a Hugging Face T5 config.json and print its plan; with "
+        "--devices, per-device training memory under data parallel, ZeRO-1/2/3 and expert parallelism.")
+    parser.add_argument("--config", required=True, help="a Chronos training .yaml/.yml or a T5 config.json")
+    parser.add_argument("--devices", type=int, default=1, help="number of devices (the batch is per device)")
+    parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default="A100 80GB", help="device to fit on")
+    parser.add_argument("--device-memory-gib", type=float, default=None, help="a custom device's memory in GiB")
+    parser.add_argument("--strategies", action="store_true",
+                        help=f"print per-device memory for {', '.join(STRATEGIES)} instead of the plan row")
+
+
+def run_plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and extra metadata (what was read, what was ignored)."""
+    if args.device_memory_gib is not None and not args.device_memory_gib > 0:
+        raise ValueError(f"--device-memory-gib must be > 0, got {args.device_memory_gib}")
+    imported = import_config_file(args.config)
+    metadata = {"config_file": args.config, "read_as": imported.source, "size": imported.size,
+                "ignored_keys": ", ".join(imported.ignored_keys) or "none",
+                "gradient_accumulation_steps": imported.gradient_accumulation_steps}
+    if args.strategies:
+        rows = plan_all_strategies(imported.config, imported.workload, args.devices,
+                                   device_memory_bytes=_gpu_memory_bytes(args))
+        metadata["device_memory_bytes"] = _gpu_memory_bytes(args)
+        return rows, metadata
+    return [plan_row(plan(imported.config, imported.workload, size=imported.size))], metadata
+
+
