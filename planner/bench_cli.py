@@ -80,6 +80,7 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=20, help="sample paths per series (forecast)")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: one per core)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--time-limit", type=float, default=600.0, dest="time_limit_s", help="seconds per run")
@@ -97,7 +98,7 @@ def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
     common = dict(
         top_k=args.top_k, router_hidden_dim=args.router_hidden_dim, batch_size=args.batch_size,
         context_length=args.context_length, prediction_length=args.prediction_length, num_samples=args.num_samples,
-        device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+        device=args.device, dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
         time_limit_s=args.time_limit_s, recalibrate=args.recalibrate,
     )
     specs = []

@@ -37,6 +37,7 @@ from planner.bench.steps import make_step, summarise_usage
 from planner.bench.timing import measure_step_times, percentile, summarise_times
 from planner.bench_cli import add_bench_subcommand, bench_specs, run_bench_command
 from planner.flops import count_flops
+from planner.params import count_params
 
 # A debug run that finishes in a second once torch is imported.
 DEBUG = dict(size="debug", batch_size=2, context_length=32, prediction_length=8, num_samples=3, device="cpu",
@@ -55,7 +56,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("field, value", [("mode", "predict"), ("device", "tpu"), ("dtype", "int8"), ("repeats", 0), ("warmup", 0),
-                                          ("time_limit_s", -1), ("top_k", 5), ("batch_size", 0)])
+                                          ("time_limit_s", -1), ("top_k", 5), ("batch_size", 0), ("threads", 0)])
 def test_spec_refuses_bad_setting_naming_the_field(field, value):
     settings = {"num_experts": 4, **{field: value}}
     with pytest.raises(ValueError, match=field):
@@ -97,15 +98,16 @@ def test_measure_step_times_counts_warmup_and_repeats():
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
-    roofline = DeviceRoofline("test", "fp32", matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e11, source="probe")
+    roofline = DeviceRoofline("test", "fp32", matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e11, efficiency=0.5,
+                              source="probe")
     compute_bound = Phase("encode", flops=4e12, bytes=1e11)  # 4 s of compute, 1 s of traffic
     memory_bound = Phase("decode step", flops=1e10, bytes=5e10, count=10)  # 0.01 s vs 0.5 s, ten times
-    assert estimate_time_s([compute_bound, memory_bound], roofline) == pytest.approx(4.0 + 10 * 0.5)
+    assert estimate_time_s([compute_bound, memory_bound], roofline) == pytest.approx((4.0 + 10 * 0.5) / 0.5)
 
 
 def test_presets_give_datasheet_numbers_and_refuse_unsupported_dtypes():
     h100 = preset_roofline("h100-sxm", "bf16")
-    assert (h100.matmul_flops_per_s, h100.bandwidth_bytes_per_s, h100.source) == (989e12, 3.35e12, "preset")
+    assert (h100.matmul_flops_per_s, h100.bandwidth_bytes_per_s, h100.efficiency) == (989e12, 3.35e12, 1.0)
     with pytest.raises(ValueError, match="bf16 is not supported natively by NVIDIA T4"):
         preset_roofline("t4", "bf16")
     with pytest.raises(ValueError, match="device preset must be one of"):
@@ -113,7 +115,7 @@ def test_presets_give_datasheet_numbers_and_refuse_unsupported_dtypes():
 
 
 def test_roofline_cache_round_trips():
-    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, "probe")
+    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, 0.6, "probe")
     assert load_cached_roofline(roofline.device_name, "fp32") is None
     save_roofline(roofline)
     assert load_cached_roofline(roofline.device_name, "fp32") == roofline
@@ -157,6 +159,16 @@ def test_preflight_refuses_an_oversized_run_and_says_which_batch_fits():
     assert check_preflight(BenchSpec(**{**DEBUG, "batch_size": 10}, mode="train", num_experts=4), "cpu", available).fits
 
 
+def test_training_peak_counts_gradients_and_moments_for_the_trained_parameters_only():
+    spec = BenchSpec(**DEBUG, mode="train", num_experts=4)
+    total = count_params(spec.model_config()).total_params
+    assert estimate_peak_bytes(spec, "cpu", trained_params=total) == estimate_peak_bytes(spec, "cpu")
+    # fp32 AdamW: a parameter never trained saves its 4-byte gradient and its two 4-byte moments.
+    untrained = 1000
+    saved = estimate_peak_bytes(spec, "cpu") - estimate_peak_bytes(spec, "cpu", trained_params=total - untrained)
+    assert saved == pytest.approx((4 + 8) * untrained, abs=1)
+
+
 def test_preflight_says_when_not_even_one_series_fits():
     verdict = check_preflight(BenchSpec(**DEBUG, mode="forecast"), "cpu", available_bytes=1000)
     assert not verdict.fits and "Not even one series fits" in verdict.message and "sample paths" in verdict.message
@@ -169,8 +181,11 @@ def test_preflight_says_when_not_even_one_series_fits():
 def test_steps_run_every_mode_and_report_usage(mode):
     spec = BenchSpec(**DEBUG, mode=mode, architecture="token_ffn", num_experts=4)
     model = build_model_from_config(spec.model_config())
-    output = make_step(spec, model, "cpu")()
+    step = make_step(spec, model, "cpu")
+    output = step()
     usage = summarise_usage(output, spec.num_experts)
+    total = sum(p.numel() for p in model.parameters())
+    assert (0 < step.trained_params() <= total) if mode == "train" else step.trained_params() is None
     if mode == "forecast":
         assert output.shape == (spec.batch_size, spec.num_samples, spec.prediction_length) and usage == {}
         return
@@ -197,6 +212,7 @@ def test_runner_returns_every_field():
     assert row["flops"] == count_step_flops(spec) and row["time_ratio"] > 0 and row["memory_ratio"] > 0
     assert len(row["usage_counts"]) == 4 and sum(row["usage_counts"]) == spec.batch_size * spec.top_k
     assert result.roofline.source == "probe" and load_cached_roofline(result.device_name, "fp32") == result.roofline
+    assert 0 < result.roofline.efficiency
     assert {"torch", "transformers", "chronos-forecasting", "python"} <= set(result.versions)
     assert stages[0] == "starting" and stages[-1] == "done" and {"build", "warmup", "measure", "calibrate"} <= set(stages)
     exported = export_results([result], "csv").decode()

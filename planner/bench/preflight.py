@@ -2,7 +2,7 @@
 
 The predicted peak comes from planner.memory:
 - train: the training step (weights, gradients, AdamW moments, activations saved for backward), with the
-  CPU's dropout masks on CPU;
+  CPU's dropout masks on CPU; after a run, for the parameters it trained (see `estimate_peak_bytes`);
 - forecast: weights (every expert resident), the KV cache, the encoder output per sample path, the largest
   live activation;
 - forward: the same as a one-path forecast: a teacher-forced forward holds the same kinds of tensors (weights,
@@ -13,22 +13,38 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 from planner.bench.spec import BenchSpec
 from planner.memory import estimate_memory
+from planner.params import count_params
 
 MEMORY_FRACTION = 0.8  # the rest is for the allocator's slack, the runtime and whatever else runs
 GIB = 2**30
 
 
-def estimate_peak_bytes(spec: BenchSpec, device: str) -> int:
-    """The planner's peak memory of one step of `spec` on `device` ("cpu", "cuda" or "mps")."""
+def estimate_peak_bytes(spec: BenchSpec, device: str, trained_params: Optional[int] = None) -> int:
+    """The planner's peak memory of one step of `spec` on `device` ("cpu", "cuda" or "mps").
+
+    Training: the planner gives every parameter a gradient and AdamW moments, as a long run trains every
+    expert. A short run trains only the experts its series were routed to (a fresh router often sends a whole
+    batch to the same few); given `trained_params` (what the run's optimizer holds moments for), gradients
+    and moments are counted for those alone.
+    """
     config, workload = spec.model_config(), spec.workload()
     activation_device = "cpu" if device == "cpu" else "cuda"  # the dropout masks' width
     if spec.mode == "forward":
         workload = dataclasses.replace(workload, num_samples=1)
-    memory = estimate_memory(config, workload, device=activation_device)
-    return memory.training.total_bytes if spec.mode == "train" else memory.forecast.total_bytes
+    params = count_params(config)
+    memory = estimate_memory(config, workload, params, device=activation_device)
+    if spec.mode != "train":
+        return memory.forecast.total_bytes
+    training = memory.training
+    if trained_params is None:
+        return training.total_bytes
+    trained_share = trained_params / params.total_params
+    return (training.weights_bytes + training.activations_bytes
+            + round((training.gradients_bytes + training.optimizer_states_bytes) * trained_share))
 
 
 def largest_fitting_batch(spec: BenchSpec, device: str, limit_bytes: float) -> int:

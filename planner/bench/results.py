@@ -24,8 +24,10 @@ MEASUREMENT_NOTES = {
     "attention": "eager (the only implementation T5 has)",
     "flops_source": "planner (analytic, per step); achieved FLOP/s = planner FLOPs / median time",
     "tokens": "forward/train: B x (context + 1 + prediction + 1) positions; forecast: B x N x prediction sampled",
-    "predicted_time": "roofline: sum over phases of max(FLOPs / matmul FLOP/s, bytes / bandwidth)",
-    "predicted_memory": "planner.memory (train: training step; forecast: forecast; forward: one-path forecast)",
+    "predicted_time": "roofline: sum over phases of max(FLOPs / matmul FLOP/s, bytes / bandwidth), divided by the "
+    "efficiency a reference forward (tiny, dense, batch 4) reached on this device",
+    "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
+    "forecast: forecast; forward: one-path forecast)",
 }
 
 
@@ -45,6 +47,7 @@ class BenchResult:
     memory_method: Optional[str] = None
     available_memory_bytes: Optional[int] = None
     predicted_peak_bytes: Optional[int] = None
+    trained_params: Optional[int] = None  # train mode: parameters AdamW holds moments for (routed experts only)
     roofline: Optional[DeviceRoofline] = None
     predicted_time_s: Optional[float] = None
     usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
@@ -99,10 +102,12 @@ class BenchResult:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "memory_ratio": self.memory_ratio,
             "memory_method": self.memory_method,
+            "trained_params": self.trained_params,
             "available_memory_bytes": self.available_memory_bytes,
             "roofline_source": roofline.source if roofline else None,
             "roofline_matmul_flops_per_s": roofline.matmul_flops_per_s if roofline else None,
             "roofline_bandwidth_bytes_per_s": roofline.bandwidth_bytes_per_s if roofline else None,
+            "roofline_efficiency": roofline.efficiency if roofline else None,
             "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
             "usage_entropy_nats": self.usage_entropy_nats,
             "balance_loss": self.balance_loss,
@@ -112,7 +117,8 @@ class BenchResult:
 
 
 def _same_workload(a: BenchSpec, b: BenchSpec) -> bool:
-    keys = ("size", "mode", "batch_size", "context_length", "prediction_length", "num_samples", "device", "dtype")
+    keys = ("size", "mode", "batch_size", "context_length", "prediction_length", "num_samples", "device", "dtype",
+            "threads")
     return all(getattr(a, key) == getattr(b, key) for key in keys)
 
 

@@ -1,10 +1,12 @@
-"""A calibrated roofline: the predicted time of a phase is max(FLOPs ÷ matmul throughput, bytes ÷ bandwidth).
+"""A calibrated roofline: the predicted time of a phase is max(FLOPs ÷ matmul throughput, bytes ÷ bandwidth),
+divided by the device's measured efficiency.
 
-The throughput and the bandwidth come from a short probe on this device (`measure_roofline`: a square matmul
-and a large copy, in the run's dtype), cached per device and dtype in roofline.json under the cache folder;
-or from `DEVICE_PRESETS`, public peak numbers, to predict for a device one does not have. No real model
-reaches a datasheet peak, so a preset's predictions are optimistic (lower bounds on time); a probe measures
-what this device really reaches on a large matmul, which a model's matmuls come close to.
+On this device, a short probe (`measure_roofline`: a square matmul and a large copy, in the run's dtype)
+gives the throughput and the bandwidth; then `calibration.calibrate_roofline` times a reference forward
+and keeps the share of the roofline a real model reaches (softmax, norms, copies and small matmuls are what
+a roofline of matmuls alone leaves out). Both are cached per device and dtype in roofline.json under the
+cache folder. `DEVICE_PRESETS` hold datasheet peaks to predict for a device one does not have; with no
+model measured there, their efficiency is 1 and their predictions are lower bounds on time.
 
 The probe alone imports torch, lazily: the presets and the predictions are plain Python.
 """
@@ -29,12 +31,14 @@ PROBE_COPY_BYTES = {"cpu": 64 * 2**20, "mps": 256 * 2**20, "cuda": 2**30}
 
 @dataclass(frozen=True)
 class DeviceRoofline:
-    """What one device reaches in one dtype: `source` is "probe" (measured here) or "preset" (datasheet)."""
+    """What one device reaches in one dtype: `source` is "probe" (measured here) or "preset" (datasheet).
+    `efficiency` is the share of the roofline a reference forward reached here (1 for a preset)."""
 
     device_name: str
     dtype: str
     matmul_flops_per_s: float
     bandwidth_bytes_per_s: float
+    efficiency: float
     source: str
 
     @classmethod
@@ -84,7 +88,7 @@ def preset_roofline(preset: str, dtype: str) -> DeviceRoofline:
     if dtype not in device.flops_per_s:
         raise ValueError(f"dtype {dtype} is not supported natively by {device.name}; "
                          f"use one of {', '.join(device.flops_per_s)}")
-    return DeviceRoofline(device.name, dtype, device.flops_per_s[dtype], device.bandwidth_bytes_per_s, "preset")
+    return DeviceRoofline(device.name, dtype, device.flops_per_s[dtype], device.bandwidth_bytes_per_s, 1.0, "preset")
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class Phase:
 
 
 def estimate_phase_time_s(phase: Phase, roofline: DeviceRoofline) -> float:
-    """One occurrence: bound by compute or by memory traffic, whichever takes longer."""
-    return max(phase.flops / roofline.matmul_flops_per_s, phase.bytes / roofline.bandwidth_bytes_per_s)
+    """One occurrence: bound by compute or by memory traffic, whichever takes longer, at the device's efficiency."""
+    bound_s = max(phase.flops / roofline.matmul_flops_per_s, phase.bytes / roofline.bandwidth_bytes_per_s)
+    return bound_s / roofline.efficiency
 
 
 def estimate_time_s(phases: Iterable[Phase], roofline: DeviceRoofline) -> float:
@@ -123,7 +128,10 @@ def _read_cache() -> dict:
 
 def load_cached_roofline(device_name: str, dtype: str) -> Optional[DeviceRoofline]:
     entry = _read_cache().get(device_name, {}).get(dtype)
-    return DeviceRoofline.from_dict(entry) if entry else None
+    try:
+        return DeviceRoofline.from_dict(entry) if entry else None
+    except TypeError:  # written by an older version, without a field: calibrate again
+        return None
 
 
 def save_roofline(roofline: DeviceRoofline) -> None:
@@ -157,7 +165,8 @@ def _best_rate(work: float, run: Callable[[], object], synchronize: Callable[[],
 
 
 def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Callable[[], None]) -> DeviceRoofline:
-    """Probe this device: FLOP/s of an n×n×n matmul and bytes/s of a large copy (read + write), in `dtype`."""
+    """Probe this device: FLOP/s of an n×n×n matmul and bytes/s of a large copy (read + write), in `dtype`
+    (efficiency 1: `calibration.calibrate_roofline` measures it)."""
     import torch  # only the probe needs torch
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -170,4 +179,4 @@ def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Cal
     source = torch.ones(elements, device=device, dtype=torch_dtype)
     target = torch.empty_like(source)
     bandwidth = _best_rate(2 * source.numel() * source.element_size(), lambda: target.copy_(source), synchronize)
-    return DeviceRoofline(device_name, dtype, flops_per_s, bandwidth, "probe")
+    return DeviceRoofline(device_name, dtype, flops_per_s, bandwidth, 1.0, "probe")

@@ -56,6 +56,7 @@ class BenchSpec:
     num_samples: int = 20  # forecast mode only
     device: str = "auto"
     dtype: str = "fp32"
+    threads: Optional[int] = None  # PyTorch's CPU threads; None keeps its default (one per core)
     warmup: int = 1  # untimed: first calls pay one-off costs (allocator growth, kernel selection)
     repeats: int = 5
     time_limit_s: float = 600.0  # the whole subprocess: start-up, build, warm-up and repeats
@@ -71,6 +72,8 @@ class BenchSpec:
         _check_count("warmup", self.warmup, 1, MAX_REPEATS)
         _check_count("repeats", self.repeats, 1, MAX_REPEATS)
         _check_count("seed", self.seed, 0, 2**31 - 1)
+        if self.threads is not None:
+            _check_count("threads", self.threads, 1, 1024)
         limit = self.time_limit_s
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
                 or not 0 < limit <= MAX_TIME_LIMIT_S:

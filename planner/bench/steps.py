@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import platform
 from importlib import metadata
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import transformers
@@ -53,7 +54,26 @@ def summarise_usage(output: Any, num_experts: int) -> dict[str, Any]:
     }
 
 
-def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> Callable[[], Any]:
+@dataclass(frozen=True)
+class BenchStep:
+    """`run()` does one repetition; in train mode `optimizer` is the AdamW it steps."""
+
+    run: Callable[[], Any]
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+    def __call__(self) -> Any:
+        return self.run()
+
+    def trained_params(self) -> Optional[int]:
+        """Parameters AdamW holds moments for: those that received a gradient in some step. Experts no
+        series was routed to get none (their gradient stays None), so they carry no moments either."""
+        if self.optimizer is None:
+            return None
+        state = self.optimizer.state
+        return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p in state)
+
+
+def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep:
     """The work of one timed repetition, on a fixed tokenized batch of synthetic series."""
     generator = torch.Generator().manual_seed(spec.seed)
     series = synthetic_series(spec.batch_size, spec.context_length + spec.prediction_length, generator)
@@ -68,14 +88,14 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> Callable[
             with torch.autocast(device_type=device, dtype=TORCH_DTYPES[spec.dtype], enabled=autocast):
                 return train_step(model, optimizer, batch)
 
-        return train
+        return BenchStep(train, optimizer)
     model.eval()
     if spec.mode == "forward":
         def forward() -> MoEOutput:
             with torch.no_grad():
                 return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
 
-        return forward
+        return BenchStep(forward)
     sampler = torch.Generator(device=device).manual_seed(spec.seed)
 
     def forecast() -> torch.Tensor:
@@ -83,4 +103,4 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> Callable[
             return model.sample_tokens(batch["input_ids"], batch["attention_mask"], spec.prediction_length,
                                        spec.num_samples, generator=sampler)
 
-    return forecast
+    return BenchStep(forecast)

@@ -29,6 +29,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     # torch and the model code load here, not at import: the spec is parsed before they cost anything.
     import torch
 
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     from planner.bench.device import available_memory_bytes, check_dtype_supported, describe_device, \
         resolve_device, synchronize
     from planner.bench.preflight import check_preflight
@@ -50,7 +52,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from model.build import build_model_from_config
     from planner.bench.device import TORCH_DTYPES
     from planner.bench.memory_probe import PeakMemoryProbe, pin_allocator, settle_allocator
-    from planner.bench.roofline import load_cached_roofline, measure_roofline, save_roofline
+    from planner.bench.calibration import calibrate_roofline
+    from planner.bench.roofline import load_cached_roofline, save_roofline
     from planner.bench.steps import library_versions, make_step, summarise_usage
     from planner.bench.timing import measure_step_times
 
@@ -80,18 +83,20 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     times = measure_step_times(timed_step, warmup=spec.memory_steps, repeats=spec.repeats,
                                synchronize=lambda: synchronize(device), on_step=on_step, after_warmup=after_warmup)
     usage = summarise_usage(last_output[0], spec.num_experts)
+    trained_params = step.trained_params()
     del model, step, last_output
 
     device_name = describe_device(device)
     roofline = None if spec.recalibrate else load_cached_roofline(device_name, spec.dtype)
     if roofline is None:
         emit("progress", stage="calibrate", done=0, total=1)
-        roofline = measure_roofline(device, spec.dtype, device_name, lambda: synchronize(device))
+        roofline = calibrate_roofline(device, spec.dtype, device_name, lambda: synchronize(device))
         save_roofline(roofline)
     emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
          versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
          memory_method=probe.method,
-         available_memory_bytes=available, roofline=dataclasses.asdict(roofline), **usage)
+         available_memory_bytes=available, roofline=dataclasses.asdict(roofline), trained_params=trained_params,
+         **usage)
 
 
 def main(stdin: TextIO = sys.stdin) -> None:
