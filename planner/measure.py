@@ -18,8 +18,9 @@ tracking make slow, `MatmulFlopCounter`, which applies FlopCounterMode's own per
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -85,14 +86,37 @@ def _drop_grad(parameter: torch.Tensor) -> None:
     parameter.grad = None
 
 
+class MatmulFlopCounter(TorchDispatchMode):
+    """FLOPs of every op by FlopCounterMode's own formulas (flop_registry), without its module tracking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total_flops = 0
+
+    def _count(self, func, args, kwargs, out) -> None:
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.total_flops += formula(*args, **kwargs, out_val=out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self._count(func, args, kwargs, out)
+        return out
+
+
 def _meta(value: Any) -> Any:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-class ShapeOnlyMatmuls(TorchDispatchMode):
-    """Every op runs for real except those FlopCounterMode counts, which return random N(0, 1) numbers
-    of the shape and dtype the meta kernel gives, and dropout's mask draws, which keep everything. Enter it *outside* the counter, so the counter sees
-    each product (with its real arguments) before this mode answers it."""
+class ShapeOnlyMatmuls(MatmulFlopCounter):
+    """Every op runs for real except the products FlopCounterMode counts, which return random N(0, 1)
+    numbers of the shape and dtype their meta kernel gives (and are counted, as MatmulFlopCounter does),
+    and dropout's mask draws, which keep everything.
+
+    Under FlopCounterMode, enter this mode first (outside), so the counter sees each product with its real
+    arguments before this mode answers it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,26 +129,16 @@ class ShapeOnlyMatmuls(TorchDispatchMode):
         if func.overloadpacket not in flop_registry:
             return func(*args, **kwargs)
         shaped = func(*tree_map(_meta, args), **tree_map(_meta, kwargs))
+        self._count(func, args, kwargs, shaped)
         if shaped.numel() > self._pool.numel():
             self._pool = torch.randn(max(shaped.numel(), 2 * self._pool.numel()))
         # A copy, not a view of the pool: autograd tracks in-place updates per tensor.
         return self._pool[: shaped.numel()].to(shaped.dtype).view(shaped.shape).clone()
 
 
-class MatmulFlopCounter(TorchDispatchMode):
-    """FLOPs of every op by FlopCounterMode's own formulas (flop_registry), without its module tracking."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total_flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func.overloadpacket)
-        if formula is not None:
-            self.total_flops += formula(*args, **kwargs, out_val=out)
-        return out
+def execution(shape_only: bool) -> ContextManager:
+    """The mode to run a measurement in: shape-only execution, or plain (fully computed) execution."""
+    return ShapeOnlyMatmuls() if shape_only else contextlib.nullcontext()
 
 
 def token_batch(config: ChronosMoEConfig, workload: Workload, generator: Optional[torch.Generator] = None):
@@ -135,11 +149,11 @@ def token_batch(config: ChronosMoEConfig, workload: Workload, generator: Optiona
     return input_ids, torch.ones_like(input_ids), labels
 
 
-def measure_forward_and_train_flops(model: ChronosMoEModel, batch) -> tuple[int, int]:
+def measure_forward_and_train_flops(model: ChronosMoEModel, batch, shape_only: bool = False) -> tuple[int, int]:
     """FlopCounterMode totals after the teacher-forced forward with labels and after its backward."""
     input_ids, attention_mask, labels = batch
     model.eval()  # dropout is elementwise (not counted) and its random masks cost more than the counting
-    with FlopCounterMode(display=False) as counter:
+    with execution(shape_only), FlopCounterMode(display=False) as counter:
         loss = model(input_ids, attention_mask, labels=labels).loss
         forward_flops = counter.get_total_flops()
         loss.backward()
@@ -147,10 +161,11 @@ def measure_forward_and_train_flops(model: ChronosMoEModel, batch) -> tuple[int,
     return forward_flops, train_flops
 
 
-def measure_forecast_flops(model: ChronosMoEModel, workload: Workload, generator: Optional[torch.Generator] = None) -> int:
+def measure_forecast_flops(model: ChronosMoEModel, workload: Workload, generator: Optional[torch.Generator] = None,
+                           shape_only: bool = False) -> int:
     """FLOPs of one real `model.forecast` over B random series of the workload's context length."""
     context = torch.rand(workload.batch_size, workload.context_length, generator=generator) * 10 + 1
-    with MatmulFlopCounter() as counter:
+    with ShapeOnlyMatmuls() if shape_only else MatmulFlopCounter() as counter:
         model.forecast(
             context,
             prediction_length=workload.prediction_length,
@@ -176,7 +191,7 @@ def _not_counted(inputs: Any, outputs: Any) -> int:
     return 0
 
 
-def measure_fvcore_forward_flops(model: ChronosMoEModel, batch) -> tuple[int, dict[str, int], set[str]]:
+def measure_fvcore_forward_flops(model: ChronosMoEModel, batch, shape_only: bool = False) -> tuple[int, dict[str, int], set[str]]:
     """fvcore's forward count converted to FLOPs, its unsupported ops (name → calls) and uncalled modules."""
     import logging
 
@@ -188,5 +203,6 @@ def measure_fvcore_forward_flops(model: ChronosMoEModel, batch) -> tuple[int, di
     analysis.set_op_handle(**{op: _not_counted for op in FVCORE_NORM_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     logging.getLogger("fvcore").setLevel(logging.ERROR)
-    macs = analysis.total()
+    with execution(shape_only):
+        macs = analysis.total()  # traces (runs) the model
     return FVCORE_FLOPS_PER_MAC * macs, dict(analysis.unsupported_ops()), set(analysis.uncalled_modules())

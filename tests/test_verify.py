@@ -12,7 +12,6 @@ from model.config import ARCHITECTURES, make_config
 from planner import verify as verify_module
 from planner.measure import (
     MatmulFlopCounter,
-    ShapeOnlyMatmuls,
     build_shape_only,
     measure_forecast_flops,
     measure_forward_and_train_flops,
@@ -36,10 +35,8 @@ VARIANTS = [dict(num_experts=0)] + [dict(architecture=a, num_experts=4) for a in
 def _counts(model, config, workload, shape_only):
     generator = torch.Generator().manual_seed(0)
     batch = token_batch(config, workload, generator)
-    with ShapeOnlyMatmuls() if shape_only else torch.enable_grad():
-        forward, train = measure_forward_and_train_flops(model, batch)
-        forecast = measure_forecast_flops(model, workload, generator)
-    return forward, train, forecast
+    forward, train = measure_forward_and_train_flops(model, batch, shape_only)
+    return forward, train, measure_forecast_flops(model, workload, generator, shape_only)
 
 
 @pytest.mark.parametrize("size", ["debug", "tiny"])
