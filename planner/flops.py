@@ -19,7 +19,8 @@ min(tokens·K, E·capacity) — an upper bound when routing is unbalanced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from functools import cached_property
 
 from model.config import ChronosMoEConfig
 from planner.workload import Workload
@@ -41,12 +42,19 @@ class FlopBreakdown:
     head_flops: int = 0
 
     def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
-        return FlopBreakdown(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return FlopBreakdown(
+            encoder_flops=self.encoder_flops + other.encoder_flops,
+            decoder_flops=self.decoder_flops + other.decoder_flops,
+            router_flops=self.router_flops + other.router_flops,
+            expert_flops=self.expert_flops + other.expert_flops,
+            head_flops=self.head_flops + other.head_flops,
+        )
 
     def components(self) -> dict[str, int]:
-        return {f.name.removesuffix("_flops"): getattr(self, f.name) for f in fields(self)}
+        return {"encoder": self.encoder_flops, "decoder": self.decoder_flops, "router": self.router_flops,
+                "expert": self.expert_flops, "head": self.head_flops}
 
-    @property
+    @cached_property
     def total_flops(self) -> int:
         return sum(self.components().values())
 
@@ -94,6 +102,8 @@ def count_expert_slots(config: ChronosMoEConfig, tokens: int) -> int:
 def count_ffn_layers_flops(config: ChronosMoEConfig, tokens: int, num_blocks: int, moe_blocks: int) -> tuple[int, int, int]:
     """(dense FFN, token router, expert FFN) FLOPs of a stack's FFN sublayers for one call over `tokens`."""
     dense = (num_blocks - moe_blocks) * count_dense_ffn_flops(config, tokens)
+    if moe_blocks == 0:
+        return dense, 0, 0
     router = moe_blocks * count_linear_flops(tokens, config.dims.d_model, config.num_experts)
     experts = moe_blocks * count_dense_ffn_flops(config, count_expert_slots(config, tokens))
     return dense, router, experts

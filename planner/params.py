@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 from model.config import ChronosMoEConfig
@@ -112,7 +113,7 @@ class ParamBreakdown:
         """Component name → parameters, in display order."""
         return {name: getattr(self, f"{name}_params") for name in COMPONENTS}
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         """Everything registered (what must be stored), tied tensors once."""
         return sum(self.components().values())

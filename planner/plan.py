@@ -7,30 +7,18 @@ none of the MoE architectures applies to it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Optional
 
 from model.config import ChronosMoEConfig, make_config
+from model.presets import BackboneDims
 from planner.flops import FlopCounts, count_flops
 from planner.memory import MemoryBreakdown, estimate_memory
 from planner.params import ParamBreakdown, count_params
 from planner.workload import Workload
 
 DENSE = "dense"
-
-
-def dense_counterpart(config: ChronosMoEConfig) -> ChronosMoEConfig:
-    """The dense Chronos-T5 with the same backbone dimensions and vocabulary."""
-    return dataclasses.replace(
-        config,
-        architecture="shared_then_expert",
-        num_experts=0,
-        expert_capacity=None,
-        dispatch="sparse",
-        encoder_moe_blocks=None,
-        decoder_moe_blocks=None,
-    )
 
 
 @dataclass(frozen=True)
@@ -53,18 +41,25 @@ class Plan:
 
 def plan(config: ChronosMoEConfig, workload: Workload = Workload(), size: str = "custom") -> Plan:
     """Count one variant and its dense counterpart. `size` is the label rows carry (the preset name)."""
-    dense = dense_counterpart(config)
     params = count_params(config)
+    dense_params, dense_flops = _dense_counts(config.dims, workload)
     return Plan(
         size=size,
         config=config,
         workload=workload,
         params=params,
         flops=count_flops(config, workload),
-        dense_params=count_params(dense),
-        dense_flops=count_flops(dense, workload),
+        dense_params=dense_params,
+        dense_flops=dense_flops,
         memory=estimate_memory(config, workload, params),
     )
+
+
+@lru_cache(maxsize=64)
+def _dense_counts(dims: BackboneDims, workload: Workload) -> tuple[ParamBreakdown, FlopCounts]:
+    """The dense model's counts, shared by every variant of a size in a grid."""
+    dense = ChronosMoEConfig(dims)
+    return count_params(dense), count_flops(dense, workload)
 
 
 def grid_configs(

@@ -36,7 +36,7 @@ def test_table_json_is_a_list_of_documented_rows(capsys):
     assert required <= set(rows[0])
     assert rows[0]["metadata"]["workload_context_length"] == 512
     assert [{k: v for k, v in row.items() if k != "metadata"} for row in rows] == _expected_rows()
-    documented = open("planner/README_rows.md").read()
+    documented = open("README.md").read()
     assert all(f"`{key}`" in documented for key in rows[0])
 
 

@@ -91,3 +91,18 @@ def test_invalid_configs_raise_naming_the_field(kwargs, field):
 def test_invalid_workloads_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         Workload(**{field: value})
+
+
+def test_full_grid_plans_in_under_50_ms():
+    import time
+
+    from planner.plan import plan_grid
+
+    def grid_cpu_seconds():
+        # CPU time, best of 5: other processes sharing the cores must not fail the test.
+        start = time.process_time()
+        rows = [plan_row(p) for p in plan_grid(["tiny", "mini", "small", "base", "large"], ARCHITECTURES, [0, 4, 8, 16])]
+        assert len(rows) == 5 * (1 + 3 * 3)  # dense once per size
+        return time.process_time() - start
+
+    assert min(grid_cpu_seconds() for _ in range(5)) < 0.050
