@@ -8,17 +8,20 @@ the rest of the grid is still shown.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import streamlit as st
 
 from model.config import MAX_EXPERTS, ChronosMoEConfig, make_config
 from planner.memory import MemoryBreakdown
+from planner.parallel import plan_all_strategies
 from planner.plan import Plan, breakdown_rows, plan, plan_row
+from planner.solver import Budget, SearchSpace, SolverResult, solve
 from planner.workload import Workload
 from ui.sidebar import Settings
 
 CUSTOM = "custom"
+ALL_CANDIDATES = 10**9  # solve()'s `limit`: keep every feasible candidate, for the Pareto chart
 
 
 def parse_expert_counts(text: str) -> tuple[int, ...]:
@@ -71,6 +74,12 @@ def _config(settings: Settings, size: str, architecture: str, num_experts: int) 
                router_hidden_dim=settings.router_hidden_dim, dispatch=settings.dispatch,
                expert_capacity=settings.expert_capacity if architecture == "token_ffn" else None)
     return make_config(size, vocab_size=settings.vocab_size, **(moe if num_experts else {}), **dims)
+
+
+def dense_config(settings: Settings, size: str) -> ChronosMoEConfig:
+    """The dense model of one size (a preset, or "custom" from the sidebar's dimensions) at the sidebar's
+    vocabulary: the base the Budget tab's solver adds experts to. ValueError naming the field."""
+    return _config(settings, size, "dense", 0)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -139,3 +148,22 @@ def memory_parts(memory: MemoryBreakdown) -> dict[str, dict[str, int]]:
         },
     }
 
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def solve_budget(base: ChronosMoEConfig, target_total_params: int, budget: Budget, architectures: tuple[str, ...],
+                 workload: Workload, space: SearchSpace, tolerance: Optional[float]) -> SolverResult:
+    """planner.solver.solve, every feasible candidate kept (best first). About a second: behind a button."""
+    return solve(base, target_total_params, budget, architectures=architectures, workload=workload, space=space,
+                 tolerance=tolerance, limit=ALL_CANDIDATES)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def device_plans(config: ChronosMoEConfig, workload: Workload, num_devices: int, device_memory_bytes: int,
+                 precision: str) -> list[dict[str, Any]]:
+    """planner.parallel.plan_all_strategies: one row per strategy × activation checkpointing, with `fits`.
+    ValueError naming the field (num_devices, precision); a device memory ≤ 0 is refused here."""
+    if device_memory_bytes <= 0:
+        raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / 2**30:g} GiB")
+    return plan_all_strategies(config, workload, num_devices, device_memory_bytes=device_memory_bytes,
+                               precision=precision)

@@ -49,3 +49,12 @@ def to_gib(value: float) -> float:
 def to_millions(value: float) -> float:
     """Parameters in millions, for chart axes."""
     return value / 1e6
+
+
+def format_seconds(value: float) -> str:
+    """A duration with three significant digits: '1.23 s', '45.6 ms', '780 µs'."""
+    for scale, unit in ((1.0, "s"), (1e-3, "ms")):
+        scaled = float(f"{value / scale:.3g}")
+        if abs(scaled) >= 1:
+            return f"{_three_digits(scaled)} {unit}"
+    return f"{_three_digits(float(f'{value / 1e-6:.3g}'))} µs"

@@ -8,7 +8,7 @@ the current view and reopening it restores the view. An upload fills the widgets
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import streamlit as st
 
@@ -56,8 +56,14 @@ def _apply_upload() -> None:
     except ValueError as error:
         st.session_state["upload_message"] = ("error", f"{upload.name}: {error}")
         return
-    st.session_state.update(result.values)
+    fill_sidebar(result.values)
     st.session_state["upload_message"] = ("success", result.summary)
+
+
+def fill_sidebar(values: dict[str, Any]) -> None:
+    """Set widgets by key (an upload, a solver candidate). Call it from a widget's callback: callbacks run
+    before the widgets are drawn, so the widgets then show the new values."""
+    st.session_state.update(values)
 
 
 def _draw_upload() -> None:

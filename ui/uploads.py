@@ -1,4 +1,4 @@
-"""An uploaded config file, turned into sidebar widget values.
+"""An uploaded config file (or a solver's candidate), turned into sidebar widget values.
 
 The parsing and its checks (yaml.safe_load, a size limit, a schema check, one ValueError naming the key)
 are the planner's (planner.config_import); this module only maps what it read onto the sidebar's keys.
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
+from model.config import ChronosMoEConfig
 from planner.config_import import (
     MAX_CONFIG_BYTES,
     ImportedConfig,
@@ -52,14 +53,19 @@ def _training_values(imported: ImportedConfig) -> dict[str, Any]:
         "experts": "0",
     }
     if config.is_moe:
-        values.update(
-            architectures=[config.architecture],
-            experts=f"0, {config.num_experts}",  # the dense model stays in the grid as the baseline
-            top_k=config.top_k,
-            router_hidden_dim=config.router_hidden_dim,
-            expert_capacity=config.expert_capacity,
-        )
+        values.update(moe_values(config))
     return values
+
+
+def moe_values(config: ChronosMoEConfig) -> dict[str, Any]:
+    """The sidebar's MoE widgets for one MoE config (also how the Budget tab opens a candidate in Plan)."""
+    return {
+        "architectures": [config.architecture],
+        "experts": f"0, {config.num_experts}",  # the dense model stays in the grid as the baseline
+        "top_k": config.top_k,
+        "router_hidden_dim": config.router_hidden_dim,
+        "expert_capacity": config.expert_capacity,
+    }
 
 
 def _summary(name: str, imported: ImportedConfig) -> str:
