@@ -5,8 +5,11 @@ Tabs are drawn only when open (on_change="rerun"), so a rerun after a widget cha
 
 import streamlit as st
 
+from ui.bench_tab import draw_bench
+from ui.budget_tab import draw_budget
 from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table
 from ui.conventions import CONVENTIONS_MARKDOWN
+from ui.devices_tab import draw_devices
 from ui.exports import draw_downloads
 from ui.format import format_bytes, format_count
 from ui.sidebar import BIND, Settings, draw_sidebar
@@ -14,7 +17,7 @@ from ui.tables import (component_frame, flops_frame, grid_column_config, grid_di
                        styled)
 from ui.verify_tab import draw_verify
 
-TABS = ("Plan", "Breakdown", "Charts", "Verify")
+TABS = ("Plan", "Breakdown", "Charts", "Verify", "Budget", "Devices", "Benchmark")
 ROW_PX = 35  # st.dataframe's row height, to size tables to their rows
 
 
@@ -129,8 +132,8 @@ if not table.variants:
     st.stop()
 
 tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
-for name, draw in (("Plan", draw_plan), ("Breakdown", draw_breakdown), ("Charts", draw_charts),
-                   ("Verify", draw_verify)):
+for name, draw in zip(TABS, (draw_plan, draw_breakdown, draw_charts, draw_verify, draw_budget, draw_devices,
+                             draw_bench)):
     with tabs[name]:
         if tabs[name].open:
             draw(table, settings)

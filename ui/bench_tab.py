@@ -1,0 +1,291 @@
+"""The Benchmark tab: measure chosen variants on this machine beside the planner's predictions (planner.bench).
+
+A run happens only behind the button: each variant runs in a fresh subprocess with a time limit, one
+benchmark at a time across every browser session and CLI (the package's lock; a waiting run says what it
+waits for). When anything reruns the page while a run goes (the Cancel button, a changed setting), Streamlit
+starts the new script run beside the old one; the new run sets the old one's cancel event and the runner
+kills its subprocess within a tenth of a second. Finished runs stay in the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from typing import Any, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from model.config import ARCHITECTURES, DISPATCH_MODES
+from model.presets import PRESETS
+from planner.bench import (DEVICES, DTYPES, MODES, BenchProgress, BenchResult, BenchSpec, compare_to_dense,
+                           export_results, lock_holder, request_cancel, run_benchmark)
+from planner.bench_cli import add_bench_subcommand, bench_specs
+from ui.compute import PlanTable, parse_expert_counts
+from ui.format import format_bytes, format_count, format_ratio, format_seconds
+from ui.sidebar import BIND, Settings
+
+STOP_WAIT_S = 10.0  # a stopped run kills its subprocess within the runner's 0.1 s poll; this is a ceiling
+STAGES = {"waiting": "waiting for another benchmark", "starting": "starting a fresh Python process",
+          "preflight": "checking the predicted memory", "build": "importing torch and building the model",
+          "warmup": "warm-up step", "measure": "timed step", "calibrate": "probing this device's roofline",
+          "done": "done"}
+# Shown column -> (row key, formatter, help).
+RESULT_COLUMNS = {
+    "Median": ("median_s", format_seconds, "Median wall time of a step over the repeats"),
+    "p95": ("p95_s", format_seconds, "95th percentile of the repeats"),
+    "Predicted": ("predicted_time_s", format_seconds, "Calibrated roofline: per phase, the larger of FLOPs ÷ "
+                  "matmul throughput and bytes ÷ bandwidth"),
+    "Time ×pred": ("time_ratio", format_ratio, "Measured median ÷ predicted time"),
+    "Peak memory": ("peak_memory_bytes", format_bytes, "Measured peak (CUDA max_memory_allocated, or the "
+                    "subprocess's peak RSS above its baseline on CPU)"),
+    "Predicted peak": ("predicted_peak_bytes", format_bytes, "The planner's memory of one step"),
+    "Memory ×pred": ("memory_ratio", format_ratio, "Measured peak ÷ predicted peak"),
+    "Series/s": ("series_per_s", lambda v: format_count(v), "Series per second at the median time"),
+    "Tokens/s": ("tokens_per_s", lambda v: format_count(v), "Tokens per second at the median time"),
+    "Achieved FLOP/s": ("achieved_flops_per_s", lambda v: format_count(v, "FLOP/s"),
+                        "The planner's FLOPs ÷ the median time"),
+    "Usage entropy": ("usage_entropy_nats", "{:.3f}".format, "Entropy of the expert usage in nats (ln E when "
+                      "balanced)"),
+    "Balance loss": ("balance_loss", "{:.3f}".format, "Switch balance loss summed over MoE layers (1 per layer "
+                     "when balanced)"),
+}
+
+
+def _draw_inputs(settings: Settings) -> dict[str, Any]:
+    columns = st.columns([1, 3, 1, 1])
+    sizes = columns[0].multiselect("Sizes", list(PRESETS), default=["debug"], key="bench_sizes", bind=BIND,
+                                   help="debug runs in about a second once torch is imported; large ones take long")
+    architectures = columns[1].multiselect("Architectures", list(ARCHITECTURES), default=["token_ffn"],
+                                           key="bench_architectures", bind=BIND)
+    experts = columns[2].text_input("Expert counts E", value="0, 4", key="bench_experts", bind=BIND,
+                                    help="Comma-separated; 0 runs the dense model, the baseline of the ratios")
+    top_k = columns[3].number_input("Top-k K", min_value=1, value=2, step=1, key="bench_top_k", bind=BIND)
+    columns = st.columns(4)
+    modes = columns[0].multiselect("Modes", list(MODES), default=["forward"], key="bench_modes", bind=BIND,
+                                   help="forward: teacher-forced inference; forecast: N sample paths; train: "
+                                   "forward, backward and AdamW step with the balance loss")
+    dispatch = columns[1].multiselect("Dispatch", list(DISPATCH_MODES), default=["sparse"], key="bench_dispatch",
+                                      bind=BIND, help="dense runs every expert and masks: the reference cost")
+    device = columns[2].selectbox("Device", list(DEVICES), key="bench_device", bind=BIND)
+    dtype = columns[3].selectbox("Dtype", list(DTYPES), key="bench_dtype", bind=BIND,
+                                 help="fp16 is refused on CPU; training in bf16/fp16 runs AMP")
+    columns = st.columns(7)
+    numbers = {}
+    for column, (name, label, default) in zip(columns, (
+            ("batch_size", "Batch", 2), ("context_length", "Context", 64), ("prediction_length", "Prediction", 16),
+            ("num_samples", "Sample paths", 4), ("warmup", "Warm-up", 1), ("repeats", "Repeats", 3),
+            ("time_limit_s", "Time limit (s)", 120))):
+        numbers[name] = int(column.number_input(label, min_value=1, value=default, step=1, key=f"bench_{name}",
+                                                bind=BIND))
+    return dict(sizes=sizes, architectures=architectures, experts=experts, top_k=int(top_k), modes=modes,
+                dispatch=dispatch, device=device, dtype=dtype, **numbers)
+
+
+def build_specs(inputs: dict[str, Any], settings: Settings) -> list[BenchSpec]:
+    """The grid of runs (the CLI's, dense first), at the sidebar's router width; ValueError naming the field."""
+    for name in ("sizes", "modes", "dispatch"):
+        if not inputs[name]:
+            raise ValueError(f"{name}: choose at least one")
+    experts = list(parse_expert_counts(inputs["experts"]))
+    if any(experts) and not inputs["architectures"]:
+        raise ValueError("architectures: choose at least one architecture for the MoE variants")
+    parser = argparse.ArgumentParser()  # the CLI's own defaults, so a flag added there needs nothing here
+    add_bench_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench"])
+    vars(args).update(
+        sizes=",".join(inputs["sizes"]), modes=inputs["modes"], architectures=inputs["architectures"],
+        experts=experts, top_k=inputs["top_k"], dispatch=inputs["dispatch"],
+        router_hidden_dim=settings.router_hidden_dim, expert_capacity=settings.expert_capacity,
+        batch_size=inputs["batch_size"], context_length=inputs["context_length"],
+        prediction_length=inputs["prediction_length"], num_samples=inputs["num_samples"], device=inputs["device"],
+        dtype=inputs["dtype"], warmup=inputs["warmup"], repeats=inputs["repeats"],
+        time_limit_s=float(inputs["time_limit_s"]),
+    )
+    return bench_specs(args)
+
+
+def _reporter(bar, index: int, count: int, spec: BenchSpec):
+    def report(update: BenchProgress) -> None:
+        step = f" {update.done} of {update.total}" if update.stage in ("warmup", "measure") else ""
+        text = update.message if update.stage == "waiting" else STAGES[update.stage] + step
+        bar.progress((index + update.fraction) / count, text=f"Run {index + 1} of {count}, {spec.label}: {text}")
+    return report
+
+
+def _stop(running: tuple[threading.Event, threading.Event]) -> None:
+    """Stop this session's run: Streamlit starts the new script run while the old one is still going, so
+    tell it (the runner polls the event) and wait until it has killed its subprocess and left the lock."""
+    cancel_event, finished = running
+    cancel_event.set()
+    finished.wait(STOP_WAIT_S)
+
+
+def _cancel() -> None:
+    """Cancel button callback."""
+    running = st.session_state.get("bench_running")
+    if running:
+        _stop(running)
+        st.session_state.update(bench_running=None, bench_notice="Cancelled: the run in progress was killed; "
+                                "finished runs are kept.")
+
+
+def _run(specs: Sequence[BenchSpec]) -> None:
+    cancel_event, finished = threading.Event(), threading.Event()
+    cancel = st.empty()  # shown only while the runs go
+    cancel.button("Cancel", key="bench_cancel", icon=":material/cancel:", on_click=_cancel,
+                  help="Kills the run in progress; finished runs are kept")
+    bar = st.progress(0.0, text="Starting…")
+    results: list[BenchResult] = []
+    st.session_state.update(bench_results=results, bench_running=(cancel_event, finished), bench_notice=None)
+    try:
+        for index, spec in enumerate(specs):
+            if cancel_event.is_set():
+                break
+            results.append(run_benchmark(spec, progress=_reporter(bar, index, len(specs), spec),
+                                         cancel_event=cancel_event))
+    finally:
+        finished.set()
+    st.session_state["bench_running"] = None
+    cancel.empty()
+    bar.progress(1.0, text=f"Finished {len(results)} run(s)")
+
+
+def _draw_busy() -> None:
+    holder = lock_holder()
+    if holder is None:
+        return
+    since = time.time() - holder.get("since", time.time())
+    left, right = st.columns([4, 1], vertical_alignment="center")
+    left.info(f"Another benchmark is running ({holder.get('label', 'unknown')}, for {since:.0f} s): one runs at a "
+              "time on this machine, so a run started here waits for it.", icon=":material/hourglass_top:")
+    right.button("Cancel that benchmark", key="bench_cancel_other", on_click=request_cancel,
+                 help="Stops the benchmark running now, whoever started it")
+
+
+def results_frame(results: Sequence[BenchResult]) -> pd.DataFrame:
+    """One row per finished run: settings, measured beside predicted (seconds, bytes, exact)."""
+    rows = []
+    for result in results:
+        if not result.ok:
+            continue
+        row = result.row()
+        rows.append({"Run": result.spec.label, "Device": f"{row['device_name']}, {result.spec.dtype}",
+                     **{name: row[key] for name, (key, _, _) in RESULT_COLUMNS.items()},
+                     "Expert usage": row["usage_counts"]})
+    return pd.DataFrame(rows)
+
+
+def measured_figure(results: Sequence[BenchResult]):
+    """Measured against predicted, time and peak memory, on log axes with the line of perfect prediction."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    done = [r for r in results if r.ok]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("step time (s)", "peak memory (MiB = 2^20 bytes)"),
+                           horizontal_spacing=0.1)
+    for col, (measured, predicted, scale) in enumerate((
+            (lambda r: r.timing.median_s, lambda r: r.predicted_time_s, 1.0),
+            (lambda r: r.peak_memory_bytes, lambda r: r.predicted_peak_bytes, 2.0**-20)), start=1):
+        x = [predicted(r) * scale for r in done]
+        y = [measured(r) * scale for r in done]
+        span = [min(x + y) / 2, max(x + y) * 2]
+        figure.add_trace(go.Scatter(x=span, y=span, mode="lines", line=dict(dash="dash", color="#999"),
+                                    name="measured = predicted", showlegend=col == 1), row=1, col=col)
+        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=10, color="#1f77b4"),
+                                    text=[r.spec.label for r in done], name="runs", showlegend=col == 1,
+                                    hovertemplate="%{text}<br>predicted %{x:.3g}<br>measured %{y:.3g}<extra></extra>"),
+                         row=1, col=col)
+    figure.update_xaxes(type="log", dtick="D2", title_text="predicted")  # labels at 1, 2, 5 of each decade
+    figure.update_yaxes(type="log", dtick="D2", title_text="measured")
+    figure.update_layout(title="Measured vs predicted (above the dashed line: slower or larger than predicted)",
+                         height=420, margin=dict(t=90))
+    return figure
+
+
+def ratio_figure(comparison: Sequence[dict[str, Any]]):
+    """MoE ÷ dense measured time against the planner's FLOP ratio: sparse dispatch should stay near the line."""
+    import plotly.graph_objects as go
+
+    values = [row["flops_vs_dense"] for row in comparison] + [row["time_vs_dense"] for row in comparison]
+    span = [0.0, max(values) * 1.1]
+    figure = go.Figure([
+        go.Scatter(x=span, y=span, mode="lines", line=dict(dash="dash", color="#999"), name="time ratio = FLOP ratio"),
+        go.Scatter(x=[row["flops_vs_dense"] for row in comparison], y=[row["time_vs_dense"] for row in comparison],
+                   mode="markers", marker=dict(size=11), text=[row["label"] for row in comparison], name="MoE runs",
+                   hovertemplate="%{text}<br>FLOPs ×%{x:.2f}<br>time ×%{y:.2f}<extra></extra>"),
+    ])
+    figure.update_layout(title="MoE ÷ dense: measured time ratio vs the planner's FLOP ratio",
+                         xaxis_title="FLOPs ÷ dense FLOPs (×)", yaxis_title="median time ÷ dense median time (×)",
+                         height=420, margin=dict(t=60))
+    return figure
+
+
+def usage_figure(results: Sequence[BenchResult]):
+    """Routing slots per expert (summed over MoE layers), one group of bars per run."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure([go.Bar(x=[f"expert {i}" for i in range(len(r.usage_counts))], y=list(r.usage_counts),
+                               name=r.spec.label) for r in results if r.ok and r.usage_counts])
+    figure.update_layout(title="Expert usage: routed slots per expert (balanced: equal bars)", barmode="group",
+                         showlegend=True,
+                         yaxis_title="routed slots (series or tokens × K, all MoE layers)", height=380,
+                         legend=dict(orientation="h", yanchor="top", y=-0.15), margin=dict(t=60))
+    return figure
+
+
+def _draw_results(results: Sequence[BenchResult]) -> None:
+    for result in results:
+        if not result.ok:
+            show = st.warning if result.status in ("refused", "cancelled") else st.error
+            show(f"{result.spec.label}: {result.status}: {result.message}", icon=":material/error:")
+    frame = results_frame(results)
+    if frame.empty:
+        return
+    st.dataframe(
+        frame.style.format({name: fmt for name, (_, fmt, _) in RESULT_COLUMNS.items()}, na_rep="—"),
+        hide_index=True, key="bench_table",
+        column_config={
+            "Run": st.column_config.TextColumn(pinned=True),
+            **{name: st.column_config.NumberColumn(help=text) for name, (_, _, text) in RESULT_COLUMNS.items()},
+            "Expert usage": st.column_config.BarChartColumn(help="Routed slots per expert (MoE)"),
+        })
+    st.plotly_chart(measured_figure(results), key="bench_measured")
+    comparison = compare_to_dense(results)
+    if comparison:
+        st.plotly_chart(ratio_figure(comparison), key="bench_ratio")
+    else:
+        st.caption("Run E = 0 beside MoE counts (same size and mode) to compare MoE time with dense time.")
+    if any(r.ok and r.usage_counts for r in results):
+        st.plotly_chart(usage_figure(results), key="bench_usage")
+    columns = st.columns(4)
+    for column, fmt, mime in ((columns[0], "csv", "text/csv"), (columns[1], "json", "application/json")):
+        column.download_button(fmt.upper(), export_results(results, fmt), file_name=f"benchmark.{fmt}", mime=mime,
+                               key=f"bench_{fmt}", on_click="ignore", icon=":material/download:", width="stretch")
+
+
+def draw_bench(table: PlanTable, settings: Settings) -> None:
+    st.markdown("Measure variants on this machine beside the planner's predictions: synchronised timing after "
+                "warm-up (median, p95), peak memory in a fresh subprocess, and a roofline calibrated by a short "
+                "probe of this device. Each run starts its own Python process (a few seconds to import torch). "
+                "Router width and capacity are the sidebar's.")
+    inputs = _draw_inputs(settings)
+    _draw_busy()
+    try:
+        specs = build_specs(inputs, settings)
+    except ValueError as error:
+        st.error(str(error), icon=":material/error:")
+        return
+    run = st.button(f"Run {len(specs)} benchmark(s)", key="bench_run", type="primary", icon=":material/speed:")
+    running = st.session_state.get("bench_running")
+    if running and not run:  # the page reran (a setting changed) while this session's benchmark ran
+        _stop(running)
+        st.session_state.update(bench_running=None, bench_notice="Stopped: the page reran while the benchmark "
+                                "ran (a setting changed), so its run was killed; finished runs are kept.")
+    if run:
+        _run(specs)
+    if st.session_state.get("bench_notice"):
+        st.warning(st.session_state["bench_notice"], icon=":material/cancel:")
+    if st.session_state.get("bench_results"):
+        _draw_results(st.session_state["bench_results"])
