@@ -17,6 +17,7 @@ import streamlit as st
 from model.config import ARCHITECTURES, MAX_EXPERTS, ChronosMoEConfig
 from model.presets import PRESETS
 from planner.solver import BUDGET_KINDS, DEFAULT_ROUTER_WIDTHS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, SolverResult
+from planner.workload import Workload
 from ui.compute import CUSTOM, PlanTable, dense_config, solve_budget, workload_of
 from ui.format import GIB, format_bytes, format_count, format_ratio, to_millions
 from ui.sidebar import BIND, Settings, fill_sidebar
@@ -166,6 +167,13 @@ def pareto_figure(result: SolverResult, problem: Problem):
     return figure
 
 
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_pareto_figure(problem: Problem, workload: Workload, _result: SolverResult):
+    """The chart of one solve, kept (not copied): plotly builds thousands of points slowly (0.3 s) and
+    st.plotly_chart only reads the figure. The result is the solve's for (problem, workload), so not hashed."""
+    return pareto_figure(_result, problem)
+
+
 def _open_in_plan(size: str, configs: dict[str, ChronosMoEConfig]) -> None:
     """Button callback: the chosen candidate (read now, so a choice made in the same rerun counts) onto the
     sidebar, with sparse dispatch and no capacity limit as solved, then the Plan tab."""
@@ -237,4 +245,4 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
                                                       "parameters for no more active ones"),
         })
     _draw_open_in_plan(result, problem)
-    st.plotly_chart(pareto_figure(result, problem), key="budget_pareto")
+    st.plotly_chart(cached_pareto_figure(problem, workload, result), key="budget_pareto")
