@@ -160,6 +160,16 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
     return rows, _workload_metadata(workload), 0
 
 
+def _report_progress(start: float) -> Callable[[int, int, list], None]:
+    def report(done: int, total: int, checks: list) -> None:
+        first, failed = checks[0], sum(not check.ok for check in checks)
+        verdict = f"{failed} FAILED" if failed else "ok"
+        print(f"[{done}/{total}] {first.size} {first.architecture} E={first.num_experts}: {len(checks)} checks {verdict} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return report
+
+
 def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
     import fvcore
     import torch
@@ -170,7 +180,8 @@ def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     workload = _workload(args)
     sizes, experts = (QUICK_SIZES, QUICK_EXPERTS) if args.quick else (args.sizes, args.experts)
     start = time.perf_counter()
-    checks = verify_grid(sizes, args.architectures, experts, workload, workers=args.workers, **_grid_settings(args))
+    checks = verify_grid(sizes, args.architectures, experts, workload, workers=args.workers,
+                         progress=_report_progress(start), **_grid_settings(args))
     metadata = {
         **_workload_metadata(workload),
         "torch": torch.__version__, "transformers": transformers.__version__,

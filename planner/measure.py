@@ -10,10 +10,11 @@ products FlopCounterMode counts, whose outputs are random numbers of the exact s
 gather/scatter and sampling then run on real (random) values, at a small fraction of the arithmetic.
 The tests check that counts taken this way equal counts of fully computed runs, for every architecture.
 
-Counters: FlopCounterMode for the forward and the training step (it counts the real backward); for the
-forecast, whose thousands of small decoder ops FlopCounterMode's per-op decomposition and module
-tracking make slow, `MatmulFlopCounter`, which applies FlopCounterMode's own per-op formulas
-(`torch.utils.flop_counter.flop_registry`) to every op; the tests check both agree.
+Counters: FlopCounterMode for the forward and the training step (it counts the real backward), with dropout
+off (elementwise; its mask draws cost more than the counting); fvcore for the forward (MACs × 2, its norm
+handles off); for the forecast, whose thousands of small decoder ops FlopCounterMode's per-op decomposition
+and module tracking make slow, `MatmulFlopCounter` (or, shape-only, `ShapeOnlyMatmuls`), which apply
+FlopCounterMode's own per-op formulas (`torch.utils.flop_counter.flop_registry`); the tests check they agree.
 """
 
 from __future__ import annotations
@@ -193,8 +194,6 @@ def _not_counted(inputs: Any, outputs: Any) -> int:
 
 def measure_fvcore_forward_flops(model: ChronosMoEModel, batch, shape_only: bool = False) -> tuple[int, dict[str, int], set[str]]:
     """fvcore's forward count converted to FLOPs, its unsupported ops (name → calls) and uncalled modules."""
-    import logging
-
     from fvcore.nn import FlopCountAnalysis
 
     model.eval()  # dropout is elementwise either way; eval keeps the trace deterministic
@@ -202,7 +201,6 @@ def measure_fvcore_forward_flops(model: ChronosMoEModel, batch, shape_only: bool
     # A handle of None would not do: fvcore 0.1.5 then still runs its built-in norm handle.
     analysis.set_op_handle(**{op: _not_counted for op in FVCORE_NORM_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
     with execution(shape_only):
         macs = analysis.total()  # traces (runs) the model
     return FVCORE_FLOPS_PER_MAC * macs, dict(analysis.unsupported_ops()), set(analysis.uncalled_modules())

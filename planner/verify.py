@@ -16,9 +16,9 @@ computed), so the whole grid at the Chronos shapes fits in minutes on two cores.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_bytes
@@ -206,25 +206,36 @@ def verify_grid(
     *,
     workers: Optional[int] = None,
     options: Optional[dict[str, Any]] = None,
+    progress: Optional[Callable[[int, int, list[Check]], None]] = None,
     **settings: Any,
 ) -> list[Check]:
     """Checks for every variant of the grid (settings as for `plan_grid`), in worker processes.
 
     Each worker runs one variant at a time on one thread; the default is one worker per CPU core.
     Variants are started largest first, so no worker is left with a large one at the end.
+    `progress(done, total, checks)` is called as each variant finishes.
     """
     items = [(size, config, workload, options or {})
              for size, config in grid_configs(sizes, architectures, experts, **settings)]
     order = sorted(range(len(items)), key=lambda i: -_estimated_cost(items[i][:3]))
     workers = workers or os.cpu_count() or 1
+    results: dict[int, list[Check]] = {}
+
+    def finished(index: int, checks: list[Check]) -> None:
+        results[index] = checks
+        if progress is not None:
+            progress(len(results), len(items), checks)
+
     if workers == 1 or len(items) == 1:
-        results = {i: _verify_item(items[i]) for i in order}
+        for i in order:
+            finished(i, _verify_item(items[i]))
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {i: pool.submit(_verify_item, items[i]) for i in order}
-            results = {i: future.result() for i, future in futures.items()}
+            futures = {pool.submit(_verify_item, items[i]): i for i in order}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
     return [check for i in range(len(items)) for check in results[i]]
 
 
