@@ -74,8 +74,8 @@ def test_upload_preset_config_json_matches_its_preset():
     ("config.json", json.dumps({"d_model": 64}).encode(), "d_ff"),
     ("config.json", json.dumps({**T5_CONFIG, "model_type": "llama"}).encode(), "model_type"),
     ("weights.bin", b"\x00", "config.json or a training"),
-    pytest.param("config.json", b"[" * 5_000 + b"]" * 5_000, "nests too deeply", id="deep-json"),
-    pytest.param("train.yaml", b"[" * 5_000 + b"]" * 5_000, "nests too deeply", id="deep-yaml"),
+    pytest.param("config.json", b"[" * 5_000 + b"]" * 5_000, "nested too deeply", id="deep-json"),
+    pytest.param("train.yaml", b"[" * 5_000 + b"]" * 5_000, "nested too deeply", id="deep-yaml"),
     pytest.param("big.yaml", b"#" * (MAX_CONFIG_BYTES + 1), f"{MAX_CONFIG_BYTES:,} bytes", id="too-big"),
 ])
 def test_bad_upload_is_one_value_error_naming_the_problem(name, data, field):

@@ -87,13 +87,10 @@ def read_upload(name: str, data: bytes, *, num_samples: int = 20) -> UploadResul
     suffix = PurePath(name).suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise ValueError(f"file must be a config.json or a training .yaml/.yml, got {name!r}")
-    try:
-        if suffix == ".json":
-            imported = import_hf_config_json(data)
-            values = _custom_size_values(imported)
-        else:
-            imported = import_training_yaml(data, num_samples=num_samples)
-            values = _training_values(imported)
-    except RecursionError:  # the parsers recurse per nesting level; a file under the size limit can exhaust it
-        raise ValueError(f"{name} nests too deeply to be a config file") from None
+    if suffix == ".json":
+        imported = import_hf_config_json(data)
+        values = _custom_size_values(imported)
+    else:
+        imported = import_training_yaml(data, num_samples=num_samples)
+        values = _training_values(imported)
     return UploadResult(values=values, summary=_summary(name, imported))
