@@ -71,7 +71,8 @@ def devices_figure(rows: list[dict[str, Any]], memory_bytes: int, gpu: str):
     limit = f"{gpu}: {format_bytes(memory_bytes)}"
     if memory_bytes <= LIMIT_OFF_CHART * tallest:
         figure.add_hline(y=memory_bytes / scale, line=dict(color="#d62728", dash="dash", width=2),
-                         annotation_text=limit, annotation_position="top left")
+                         annotation_text=limit, annotation_position="top left",
+                         annotation=dict(font=dict(color="#d62728"), bgcolor="rgba(255, 255, 255, 0.85)"))
     else:
         figure.add_annotation(text=f"{limit}, far above every bar", xref="paper", yref="paper", x=0, y=1.06,
                               showarrow=False, xanchor="left", font=dict(color="#d62728"))
