@@ -87,8 +87,9 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SolverResult:
-    candidates: tuple[Candidate, ...]  # feasible, best first
+    candidates: tuple[Candidate, ...]  # best first; one per shape, at the largest K that fits the budget
     pareto_front: tuple[Candidate, ...]  # feasible, by total ascending: no other has more total for ≤ active
+    feasible: tuple[Candidate, ...]  # every (shape, K) within the budget, for charts
     evaluated: int  # shapes (architecture, E, router width or MoE blocks) whose budget was computed
 
 
@@ -173,8 +174,9 @@ def solve(
     tolerance: Optional[float] = None,
     limit: int = 20,
 ) -> SolverResult:
-    """Feasible configurations ranked by |total − target| (then by budget use, highest first, then fewer
-    experts). `tolerance` (a fraction) keeps only totals within target × (1 ± tolerance)."""
+    """Feasible shapes, each at its largest K within the budget, ranked by |total − target| (then by budget
+    use, highest first, then fewer experts). `tolerance` (a fraction) keeps only totals within
+    target × (1 ± tolerance)."""
     if isinstance(target_total_params, bool) or not isinstance(target_total_params, int) or target_total_params < 1:
         raise ValueError(f"target total parameters must be a positive integer, got {target_total_params!r}")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
@@ -186,6 +188,7 @@ def solve(
     dense_forward = count_flops(dense, workload).forward_flops
 
     feasible: list[Candidate] = []
+    best_per_shape: list[Candidate] = []
     evaluated = 0
     for architecture, experts, width, pattern in _shapes(base, architectures, space):
         def config_with(top_k: int) -> ChronosMoEConfig:
@@ -197,14 +200,19 @@ def solve(
         max_top_k = min(experts, space.max_top_k)
         values = _budget_values(config_with, max_top_k, budget, workload, dense_forward)
         evaluated += 1
+        shape_feasible = []
         for top_k, value in enumerate(values, start=1):
             if value > budget.limit:
                 break  # every budget quantity grows with K
             active = breakdown.total_params - (experts - top_k) * breakdown.params_per_expert
-            feasible.append(Candidate(config_with(top_k), breakdown.total_params, active, value, pattern))
+            shape_feasible.append(Candidate(config_with(top_k), breakdown.total_params, active, value, pattern))
+        feasible.extend(shape_feasible)
+        if shape_feasible:
+            # A shape's smaller K have the same total and use less of the budget: rank only its largest.
+            best_per_shape.append(shape_feasible[-1])
 
     ranked = sorted(
-        feasible,
+        best_per_shape,
         key=lambda c: (abs(c.total_params - target_total_params), -c.budget_value, c.config.num_experts),
     )
-    return SolverResult(tuple(ranked[:limit]), pareto_front(feasible), evaluated)
+    return SolverResult(tuple(ranked[:limit]), pareto_front(feasible), tuple(feasible), evaluated)

@@ -147,7 +147,7 @@ def pareto_figure(result: SolverResult, problem: Problem):
 
     best = result.candidates[0]
     figure = go.Figure([
-        points(result.candidates, mode="markers", name=f"feasible ({len(result.candidates):,})",
+        points(result.feasible, mode="markers", name=f"feasible ({len(result.feasible):,})",
                marker=dict(color="#9e9e9e", size=5, opacity=0.3)),
         points(result.pareto_front, mode="lines+markers", name=f"Pareto front ({len(result.pareto_front)})",
                line=dict(color="#1f77b4", shape="hv"), marker=dict(size=7)),
@@ -227,7 +227,7 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
         st.warning(f"None of the {result.evaluated:,} shapes searched fits: raise the limit, widen the tolerance "
                    "or the search space.")
         return
-    st.success(f"{len(result.candidates):,} feasible configurations from {result.evaluated:,} shapes; "
+    st.success(f"{len(result.feasible):,} feasible configurations from {result.evaluated:,} shapes; "
                f"{len(result.pareto_front)} on the Pareto front. Best: {result.candidates[0].describe}.")
     frame = candidates_frame(result, problem)
     unit = BUDGET_UNITS[problem.budget.kind]

@@ -21,7 +21,6 @@ from planner.workload import Workload
 from ui.sidebar import Settings
 
 CUSTOM = "custom"
-ALL_CANDIDATES = 10**9  # solve()'s `limit`: keep every feasible candidate, for the Pareto chart
 
 
 def parse_expert_counts(text: str) -> tuple[int, ...]:
@@ -153,9 +152,10 @@ def memory_parts(memory: MemoryBreakdown) -> dict[str, dict[str, int]]:
 @st.cache_data(max_entries=16, show_spinner=False)
 def solve_budget(base: ChronosMoEConfig, target_total_params: int, budget: Budget, architectures: tuple[str, ...],
                  workload: Workload, space: SearchSpace, tolerance: Optional[float]) -> SolverResult:
-    """planner.solver.solve, every feasible candidate kept (best first). About a second: behind a button."""
+    """planner.solver.solve: the ranking, the Pareto front and every feasible point. About a second: behind
+    a button."""
     return solve(base, target_total_params, budget, architectures=architectures, workload=workload, space=space,
-                 tolerance=tolerance, limit=ALL_CANDIDATES)
+                 tolerance=tolerance)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
