@@ -179,23 +179,7 @@ def _estimated_cost(item: tuple[str, ChronosMoEConfig, Workload]) -> int:
 
 def _verify_item(item: tuple[str, ChronosMoEConfig, Workload, dict]) -> list[Check]:
     size, config, workload, options = item
-    checks = verify_variant(size, config, workload, **options)
-    _release_freed_memory()
-    return checks
-
-
-def _release_freed_memory() -> None:
-    """Hand freed tensor memory back to the system. glibc keeps it otherwise, and a worker that runs two
-    large variants in a row would hold both peaks (enough to exhaust a 2-core, 16-GiB machine)."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    malloc_trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
-    if malloc_trim is not None:  # glibc only
-        malloc_trim(0)
+    return verify_variant(size, config, workload, **options)
 
 
 def verify_grid(
