@@ -34,8 +34,9 @@ from planner.export import export_metadata, render
 GIB = 2**30
 OUTPUT_FORMATS = ("table", "md", "csv", "json")
 # What the table and Markdown formats show (CSV and JSON carry every field, in bytes and seconds).
-SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "min_s", "cpu_median_s", "predicted_time_s", "time_ratio", "tokens_per_s",
-                   "achieved_gflops_per_s", "peak_memory_gib", "predicted_peak_gib", "memory_ratio", "message")
+SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "min_s", "cpu_median_s", "predicted_time_s", "time_ratio",
+                   "cpu_time_ratio", "tokens_per_s", "achieved_gflops_per_s", "peak_memory_gib", "predicted_peak_gib",
+                   "memory_ratio", "message")
 
 
 def _names(allowed: Sequence[str]):

@@ -30,6 +30,8 @@ from planner.bench import (
     preset_roofline,
     run_benchmark,
 )
+from planner.bench import calibration
+from planner.bench.device import describe_device
 from planner.bench.phases import count_running_experts, count_step_flops
 from planner.bench.preflight import largest_fitting_batch
 from planner.bench.roofline import DeviceRoofline, Phase, estimate_time_s, load_cached_roofline, save_roofline
@@ -99,7 +101,7 @@ def test_measure_step_times_counts_warmup_and_repeats():
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
     roofline = DeviceRoofline("test", "fp32", matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e11, efficiency=0.5,
-                              source="probe")
+                              source="probe", clock="wall")
     compute_bound = Phase("encode", flops=4e12, bytes=1e11)  # 4 s of compute, 1 s of traffic
     memory_bound = Phase("decode step", flops=1e10, bytes=5e10, count=10)  # 0.01 s vs 0.5 s, ten times
     assert estimate_time_s([compute_bound, memory_bound], roofline) == pytest.approx((4.0 + 10 * 0.5) / 0.5)
@@ -115,7 +117,7 @@ def test_presets_give_datasheet_numbers_and_refuse_unsupported_dtypes():
 
 
 def test_roofline_cache_round_trips():
-    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, 0.6, "probe")
+    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, 0.6, "probe", "cpu time / threads")
     assert load_cached_roofline(roofline.device_name, "fp32") is None
     save_roofline(roofline)
     assert load_cached_roofline(roofline.device_name, "fp32") == roofline
@@ -199,22 +201,32 @@ def test_steps_run_every_mode_and_report_usage(mode):
 # --- the runner, through its subprocess ---------------------------------------------------------------------
 
 
+def test_calibration_sets_the_efficiency_a_reference_forward_reaches(monkeypatch):
+    monkeypatch.setattr(calibration, "REFERENCE", {**calibration.REFERENCE, "size": "debug", "context_length": 64})
+    roofline = calibration.calibrate_roofline("cpu", "fp32", "this CPU", synchronize=lambda: None)
+    assert roofline.source == "probe" and roofline.clock == "cpu time / threads"
+    assert roofline.matmul_flops_per_s > 0 and roofline.bandwidth_bytes_per_s > 0 and roofline.efficiency > 0
+
+
 def test_runner_returns_every_field():
     spec = BenchSpec(**DEBUG, mode="train", architecture="shared_then_expert", num_experts=4)
+    # A cached calibration, as after the first run on a machine (the calibration has its own test).
+    cpu_name = describe_device("cpu")  # the worker keeps PyTorch's default threads, as this process does
+    cached = DeviceRoofline(cpu_name, "fp32", 2e10, 5e9, 0.5, "probe", "cpu time / threads")
+    save_roofline(cached)
     stages = []
     result = run_benchmark(spec, progress=lambda update: stages.append(update.stage))
     assert result.status == "ok", result.message + result.traceback
     row = result.row()
-    optional = {"expert_capacity", "message"}
+    optional = {"expert_capacity", "message", "threads"}  # unset settings, and no message when all went well
     assert [key for key, value in row.items() if value is None and key not in optional] == []
     assert len(row["times_s"]) == spec.repeats and row["median_s"] > 0 and row["p95_s"] >= row["median_s"]
     assert row["device_resolved"] == "cpu" and row["peak_memory_bytes"] > 0 and row["predicted_peak_bytes"] > 0
     assert row["flops"] == count_step_flops(spec) and row["time_ratio"] > 0 and row["memory_ratio"] > 0
     assert len(row["usage_counts"]) == 4 and sum(row["usage_counts"]) == spec.batch_size * spec.top_k
-    assert result.roofline.source == "probe" and load_cached_roofline(result.device_name, "fp32") == result.roofline
-    assert 0 < result.roofline.efficiency
+    assert result.roofline == cached and result.device_name == cpu_name
     assert {"torch", "transformers", "chronos-forecasting", "python"} <= set(result.versions)
-    assert stages[0] == "starting" and stages[-1] == "done" and {"build", "warmup", "measure", "calibrate"} <= set(stages)
+    assert stages[0] == "starting" and stages[-1] == "done" and {"build", "warmup", "measure"} <= set(stages)
     exported = export_results([result], "csv").decode()
     table = list(csv.DictReader(line for line in io.StringIO(exported) if not line.startswith("#")))
     assert table[0]["status"] == "ok" and "# device: " in exported and "# version_torch: " in exported

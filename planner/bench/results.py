@@ -69,6 +69,14 @@ class BenchResult:
         return self.timing.median_s / self.predicted_time_s
 
     @property
+    def cpu_time_ratio(self) -> Optional[float]:
+        """On CPU: (median CPU time ÷ threads) / predicted time: the run as if it had the cores to itself,
+        against a prediction calibrated the same way (see device.busy_clock). None on a GPU."""
+        if self.timing is None or not self.predicted_time_s or self.device != "cpu" or not self.threads:
+            return None
+        return self.timing.cpu_median_s / self.threads / self.predicted_time_s
+
+    @property
     def memory_ratio(self) -> Optional[float]:
         """Measured peak / predicted peak."""
         if self.peak_memory_bytes is None or not self.predicted_peak_bytes:
@@ -85,7 +93,7 @@ class BenchResult:
             "message": self.message,
             "device_resolved": self.device,
             "device_name": self.device_name,
-            "threads": self.threads,
+            "threads_used": self.threads,
             "median_s": timing.median_s if timing else None,
             "p95_s": timing.p95_s if timing else None,
             "min_s": timing.min_s if timing else None,
@@ -94,6 +102,7 @@ class BenchResult:
             "cpu_times_s": list(timing.cpu_times_s) if timing else None,
             "predicted_time_s": self.predicted_time_s,
             "time_ratio": self.time_ratio,
+            "cpu_time_ratio": self.cpu_time_ratio,
             "series_per_s": timing.series_per_s if timing else None,
             "tokens_per_s": timing.tokens_per_s if timing else None,
             "flops": self.flops,
@@ -108,6 +117,7 @@ class BenchResult:
             "roofline_matmul_flops_per_s": roofline.matmul_flops_per_s if roofline else None,
             "roofline_bandwidth_bytes_per_s": roofline.bandwidth_bytes_per_s if roofline else None,
             "roofline_efficiency": roofline.efficiency if roofline else None,
+            "roofline_clock": roofline.clock if roofline else None,
             "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
             "usage_entropy_nats": self.usage_entropy_nats,
             "balance_loss": self.balance_loss,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
 
@@ -32,7 +31,8 @@ PROBE_COPY_BYTES = {"cpu": 64 * 2**20, "mps": 256 * 2**20, "cuda": 2**30}
 @dataclass(frozen=True)
 class DeviceRoofline:
     """What one device reaches in one dtype: `source` is "probe" (measured here) or "preset" (datasheet).
-    `efficiency` is the share of the roofline a reference forward reached here (1 for a preset)."""
+    `efficiency` is the share of the roofline a reference forward reached here (1 for a preset).
+    Predictions from a CPU probe are of the time with the cores to oneself."""
 
     device_name: str
     dtype: str
@@ -40,6 +40,7 @@ class DeviceRoofline:
     bandwidth_bytes_per_s: float
     efficiency: float
     source: str
+    clock: str  # what the probe timed: "wall" (GPU, presets) or "cpu time / threads" (CPU, see device.busy_clock)
 
     @classmethod
     def from_dict(cls, values: dict) -> "DeviceRoofline":
@@ -88,7 +89,8 @@ def preset_roofline(preset: str, dtype: str) -> DeviceRoofline:
     if dtype not in device.flops_per_s:
         raise ValueError(f"dtype {dtype} is not supported natively by {device.name}; "
                          f"use one of {', '.join(device.flops_per_s)}")
-    return DeviceRoofline(device.name, dtype, device.flops_per_s[dtype], device.bandwidth_bytes_per_s, 1.0, "preset")
+    return DeviceRoofline(device.name, dtype, device.flops_per_s[dtype], device.bandwidth_bytes_per_s, 1.0, "preset",
+                          "wall")
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,9 @@ def save_roofline(roofline: DeviceRoofline) -> None:
 # --- the probe ---------------------------------------------------------------------------------------------
 
 
-def _best_rate(work: float, run: Callable[[], object], synchronize: Callable[[], None]) -> float:
-    """work / (shortest time of `run`), after one untimed call, repeated for at least PROBE_MIN_TIME_S.
+def measure_best_time_s(run: Callable[[], object], synchronize: Callable[[], None], clock: Callable[[], float]) -> float:
+    """The shortest time of `run` on `clock`, after one untimed call, over at least PROBE_MIN_REPEATS repeats
+    and PROBE_MIN_TIME_S.
 
     The best repeat, not the median: other processes can only slow a repeat down, and the roofline is
     meant to describe the device, not whatever else was running while it was probed.
@@ -157,14 +160,15 @@ def _best_rate(work: float, run: Callable[[], object], synchronize: Callable[[],
     synchronize()
     times_s: list[float] = []
     while len(times_s) < PROBE_MIN_REPEATS or (sum(times_s) < PROBE_MIN_TIME_S and len(times_s) < PROBE_MAX_REPEATS):
-        start = time.perf_counter()
+        start = clock()
         run()
         synchronize()
-        times_s.append(time.perf_counter() - start)
-    return work / min(times_s)
+        times_s.append(clock() - start)
+    return max(min(times_s), 1e-9)  # a coarse CPU clock can read 0 for a fast repeat
 
 
-def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Callable[[], None]) -> DeviceRoofline:
+def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Callable[[], None],
+                     clock: Callable[[], float], clock_name: str) -> DeviceRoofline:
     """Probe this device: FLOP/s of an n×n×n matmul and bytes/s of a large copy (read + write), in `dtype`
     (efficiency 1: `calibration.calibrate_roofline` measures it)."""
     import torch  # only the probe needs torch
@@ -173,10 +177,11 @@ def measure_roofline(device: str, dtype: str, device_name: str, synchronize: Cal
     side = PROBE_MATMUL_SIDE[device]
     left = torch.randn(side, side, device=device, dtype=torch_dtype)
     right = torch.randn(side, side, device=device, dtype=torch_dtype)
-    flops_per_s = _best_rate(2 * side**3, lambda: left @ right, synchronize)
+    flops_per_s = 2 * side**3 / measure_best_time_s(lambda: left @ right, synchronize, clock)
     del left, right
     elements = PROBE_COPY_BYTES[device] // (torch.finfo(torch_dtype).bits // 8)
     source = torch.ones(elements, device=device, dtype=torch_dtype)
     target = torch.empty_like(source)
-    bandwidth = _best_rate(2 * source.numel() * source.element_size(), lambda: target.copy_(source), synchronize)
-    return DeviceRoofline(device_name, dtype, flops_per_s, bandwidth, 1.0, "probe")
+    copy_bytes = 2 * source.numel() * source.element_size()  # read and written
+    bandwidth = copy_bytes / measure_best_time_s(lambda: target.copy_(source), synchronize, clock)
+    return DeviceRoofline(device_name, dtype, flops_per_s, bandwidth, 1.0, "probe", clock_name)

@@ -85,14 +85,19 @@ def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optio
             [sys.executable, "-m", "planner.bench.worker"], cwd=PROJECT_ROOT, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
         )
+        events: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read_events, args=(process.stdout, events), daemon=True)
+        reader.start()
         try:
-            process.stdin.write(json.dumps(spec.to_dict()))
-            process.stdin.close()
-            events: queue.Queue = queue.Queue()
-            threading.Thread(target=_read_events, args=(process.stdout, events), daemon=True).start()
+            try:
+                process.stdin.write(json.dumps(spec.to_dict()))
+                process.stdin.close()
+            except BrokenPipeError:  # the worker died at once; its stderr will say why
+                pass
             outcome, final = _follow(spec, process, events, progress, cancel_event)
         finally:
             _kill(process)  # also when the caller's progress callback raised (an app rerun, Ctrl-C)
+            reader.join(timeout=5)  # the pipe reaches its end once the process group is gone
             process.stdout.close()
         stderr.seek(0)
         return outcome, final, stderr.read()[-STDERR_TAIL_CHARS:]
