@@ -294,6 +294,7 @@ def test_compare_to_dense_divides_by_the_matching_dense_run():
     assert [(r["dispatch"], r["time_vs_dense"], r["flops_vs_dense"]) for r in rows] == [("sparse", 1.5, 1.2),
                                                                                           ("dense", 2.5, 2.0)]
     assert rows[0]["time_ratio_over_flop_ratio"] == pytest.approx(1.25)
+    assert rows[0]["cpu_time_vs_dense"] == 1.5 and rows[1]["cpu_time_ratio_over_flop_ratio"] == pytest.approx(1.25)
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -134,7 +134,8 @@ def _same_workload(a: BenchSpec, b: BenchSpec) -> bool:
 
 def compare_to_dense(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
     """For each finished MoE run with a finished dense run of the same size and workload: the measured
-    time ratio MoE / dense beside the planner's FLOP ratio (sparse dispatch should keep them close)."""
+    time ratio MoE / dense beside the planner's FLOP ratio (sparse dispatch should keep them close).
+    The CPU-time ratio is the steadier of the two on a machine other processes share (see timing)."""
     dense = [r for r in results if r.ok and r.spec.num_experts == 0]
     rows = []
     for result in results:
@@ -144,6 +145,7 @@ def compare_to_dense(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
         if match is None:
             continue
         time_vs_dense = result.timing.median_s / match.timing.median_s
+        cpu_time_vs_dense = result.timing.cpu_median_s / match.timing.cpu_median_s
         flops_vs_dense = result.flops / match.flops
         rows.append({
             "label": result.spec.label,
@@ -154,8 +156,10 @@ def compare_to_dense(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
             "num_experts": result.spec.num_experts,
             "top_k": result.spec.top_k,
             "time_vs_dense": time_vs_dense,
+            "cpu_time_vs_dense": cpu_time_vs_dense,
             "flops_vs_dense": flops_vs_dense,
             "time_ratio_over_flop_ratio": time_vs_dense / flops_vs_dense,
+            "cpu_time_ratio_over_flop_ratio": cpu_time_vs_dense / flops_vs_dense,
         })
     return rows
 
