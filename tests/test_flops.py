@@ -88,13 +88,13 @@ def test_expert_slots_with_capacity_are_hand_derived():
 
 # --- equality with the counters on the real modules ---------------------------------------------------------
 # Every architecture × E ∈ {0, 4, 8, 16}: forward and training step (FlopCounterMode) and forward (fvcore × 2)
-# on debug, tiny and mini at the Chronos shapes and on small at reduced shapes; the forecast (64 cached steps
-# at the Chronos shapes cost seconds each) for every E on debug and small, and for E = 4 on tiny and mini.
-# `python -m planner verify` checks the whole grid, forecasts included.
+# on debug, tiny and mini at the Chronos shapes and on small at reduced shapes; the forecast for every E on
+# small (reduced) and for E ∈ {0, 4} at the Chronos shapes (64 cached steps cost seconds each; E only changes
+# the router's width there). `python -m planner verify` checks the whole grid at the Chronos shapes.
 
-REDUCED = Workload(batch_size=2, context_length=96, prediction_length=12, num_samples=3)
+REDUCED = Workload(batch_size=2, context_length=48, prediction_length=6, num_samples=2)
 SHAPES = {"debug": Workload(), "tiny": Workload(), "mini": Workload(), "small": REDUCED}
-FORECAST_EXPERTS = {"debug": (0, 4, 8, 16), "tiny": (0, 4), "mini": (0, 4), "small": (0, 4, 8, 16)}
+FORECAST_EXPERTS = {"debug": (0, 4), "tiny": (0, 4), "mini": (0, 4), "small": (0, 4, 8, 16)}
 
 
 @pytest.fixture
