@@ -48,10 +48,12 @@ class ChronosMoEModel(nn.Module):
         self.router: Optional[ContextRouter] = None
         self.experts: Optional[nn.ModuleList] = None
         self.balance_loss = LoadBalancingLoss(config.num_experts) if config.is_moe else None
+        self._token_layers: list[tuple[str, TokenExpertFFN]] = []  # found once: decoding clears them every step
         if not config.is_moe:
             return
         if config.architecture == "token_ffn":
             self._install_token_experts()
+            self._token_layers = [(n, m) for n, m in self.named_modules() if isinstance(m, TokenExpertFFN)]
             return
         self.router = ContextRouter(
             dims.d_model, config.router_hidden_dim, config.num_experts, config.top_k, backbone.config.dropout_rate
@@ -150,7 +152,7 @@ class ChronosMoEModel(nn.Module):
         return dispatch(decoder_hidden, routing, heads, mode=self.config.dispatch)
 
     def token_moe_layers(self) -> list[tuple[str, TokenExpertFFN]]:
-        return [(name, module) for name, module in self.named_modules() if isinstance(module, TokenExpertFFN)]
+        return list(self._token_layers)
 
     def _collect_routing(self, routing: Optional[RoutingDecision]) -> list[RoutingRecord]:
         records = []

@@ -395,7 +395,9 @@ def measure_saved_activation_bytes(model, input_ids, attention_mask, labels) -> 
         if key not in weights and key not in saved_bytes:
             saved_bytes[key] = storage.nbytes()
             kept_alive.append(tensor)
-        return tensor
+        # Detached: a saved tensor that is the graph's own output would keep the graph (and with it every
+        # saved tensor) alive in a cycle Python cannot collect; no backward runs, so nothing needs the link.
+        return tensor.detach()
 
     was_training = model.training
     model.train()
@@ -404,4 +406,5 @@ def measure_saved_activation_bytes(model, input_ids, attention_mask, labels) -> 
             model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     finally:
         model.train(was_training)
+        kept_alive.clear()
     return sum(saved_bytes.values())
