@@ -150,7 +150,8 @@ def test_devices_bad_input_is_one_error_naming_the_field(key, value, field):
 
 def test_benchmark_runs_behind_the_button_and_shows_every_field():
     # A cached roofline for this CPU, so the run skips the device calibration (tested in test_bench).
-    save_roofline(DeviceRoofline(describe_device("cpu"), "fp32", 1e10, 5e9, 0.5, "probe"))
+    save_roofline(DeviceRoofline(describe_device("cpu"), "fp32", matmul_flops_per_s=1e10, bandwidth_bytes_per_s=5e9,
+                                 efficiency=0.5, source="probe", clock="cpu time / threads"))
     at = run_app(sizes="tiny", tab="Benchmark", bench_experts="4", bench_device="cpu")
     assert not at.dataframe  # nothing runs until the button
     for key, value in dict(bench_context_length=16, bench_prediction_length=4, bench_repeats=2).items():
