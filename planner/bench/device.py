@@ -59,7 +59,8 @@ def describe_device(device: str) -> str:
         return torch.cuda.get_device_name()
     if device == "mps":
         return f"{_processor_name()} (MPS)"
-    return f"{_processor_name()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{_processor_name()} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def available_memory_bytes(device: str) -> int:
