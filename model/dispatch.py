@@ -45,18 +45,35 @@ def dispatch(
             total = scaled if total is None else total + scaled
         return total
 
-    total = None
-    for expert_id, expert in enumerate(experts):
-        # nonzero walks row-major, so rows come in order and a capacity keeps the earliest ones.
-        rows, slots = torch.nonzero(routing.expert_indices == expert_id, as_tuple=True)
-        if capacity is not None:
-            rows, slots = rows[:capacity], slots[:capacity]
-        if rows.numel() == 0:
-            continue  # an expert nobody chose does not run, and gets no gradient
-        outputs = expert(inputs[rows], *(argument[rows] for argument in row_arguments))
-        scaled = _scale_rows(outputs, routing.expert_weights[rows, slots])
-        if total is None:
-            total = inputs.new_zeros((inputs.shape[0], *outputs.shape[1:]), dtype=outputs.dtype)
-        total = total.index_add(0, rows, scaled)
+    return _grouped_dispatch(inputs, routing, experts, row_arguments, capacity)
+
+
+def _grouped_dispatch(inputs, routing, experts, row_arguments, capacity):
+    """Sparse dispatch with one host sync: the (row, slot) pairs sorted by expert, the group sizes read once.
+
+    A stable sort keeps each expert's rows in row order, so a capacity keeps the earliest ones, as Switch
+    does. One gather brings every routed row, the experts run on consecutive groups, one product weights
+    them and one index_add sums them back per row.
+    """
+    top_k = routing.expert_indices.shape[1]
+    flat_experts = routing.expert_indices.reshape(-1)  # (rows·K,) in row-major order
+    order = torch.argsort(flat_experts, stable=True)  # (rows·K,) slots grouped by expert, rows in order
+    group_sizes = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # the one host sync
+    if capacity is not None:
+        kept = [group[:capacity] for group in order.split(group_sizes)]
+        order = torch.cat(kept)
+        group_sizes = [len(group) for group in kept]
+    rows = order // top_k  # (slots,)
+    gathered = inputs[rows]
+    arguments = [argument[rows] for argument in row_arguments]
+    outputs = []
+    start = 0
+    for expert, size in zip(experts, group_sizes):
+        if size:  # an expert nobody chose does not run, and gets no gradient
+            outputs.append(expert(gathered[start:start + size], *(a[start:start + size] for a in arguments)))
+        start += size
     # Every row has K ≥ 1 slots and a capacity is at least 1, so some expert always ran.
-    return total
+    stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    scaled = _scale_rows(stacked, routing.expert_weights.reshape(-1)[order])
+    total = inputs.new_zeros((inputs.shape[0], *stacked.shape[1:]), dtype=stacked.dtype)
+    return total.index_add(0, rows, scaled)

@@ -10,8 +10,9 @@ modules saves (transformers' modeling_t5.py and model/):
 - Eager attention saves copies of q, kᵀ and v (reshaped for bmm), the fp32 softmax, the dropout mask and
   the dropped probabilities (three B·H·Lq·Lk tensors), and the input of the output projection.
 - Dropout saves a mask: a bool on CUDA (native_dropout), a tensor of the data's dtype on CPU.
-- Sparse dispatch saves, per routing slot, the nonzero() index pair, the gathered input, the expert output
-  (multiplied by its weight) and the weighted output (index_add keeps its source).
+- Sparse dispatch saves, per routing slot, two int64 indices (the slot's place in the expert-sorted order, which
+  gathers its weight, and its row, which gathers the input and adds the output back), the gathered input,
+  the expert output (multiplied by its weight) and the weighted output (index_add keeps its source).
 - Cross-entropy over (B·T, V) keeps the fp32 log-probabilities: often the largest single tensor.
 
 `measure_saved_activation_bytes` counts what the hooks see: every distinct storage saved for backward,
@@ -45,7 +46,7 @@ from planner.params import (
 )
 from planner.workload import PRECISION_REGIMES, Workload
 
-INDEX_BYTES = 8  # int64: token ids, labels, position buckets, top-k indices, nonzero() rows and slots
+INDEX_BYTES = 8  # int64: token ids, labels, position buckets, top-k indices, sorted slot order and rows
 FLOAT32_BYTES = 4  # what the modules compute in fp32 on purpose: softmaxes, norm statistics, log-probs
 DEVICES = ("cuda", "cpu")
 
@@ -204,7 +205,7 @@ def _context_router_bytes(config: ChronosMoEConfig, rows: int, length: int, w: A
 def _combine_bytes(config: ChronosMoEConfig, rows: int, slots: int, output_elements: int, output_bytes: int) -> int:
     """Weighting and summing the expert outputs (`dispatch`), given `slots` expert runs of one row each.
 
-    Sparse: per slot the nonzero() (row, slot) pair, the gathered weight, the expert output the product
+    Sparse: per slot the two int64 indices (sorted slot order, row), the gathered weight, the expert output the product
     keeps and the weighted output index_add keeps. Dense: every expert's output and the (rows, E) weights.
     """
     if config.dispatch == "dense":

@@ -57,7 +57,7 @@ HAND_LOSS = 2 * 16 * 4 + 4  # fp32 log-probabilities T×V, NLL total weight
 HAND_LM_HEAD = 2 * 8 * 4  # the scaled decoder output the tied head keeps
 # MoE parts with E = 2, K = 1, router width R = 4:
 HAND_CONTEXT_ROUTER = (4 * 4 + 4) + 8 * 4 + 4 * 12 + (2 * 4 + 8 + 4 + 4) + 2 * 4  # pool, in, hidden, top-K, balance
-HAND_HEAD_COMBINE = 16 + 4 + 2 * (2 * 16) * 4  # nonzero pair, weight, head output and weighted output (T×V)
+HAND_HEAD_COMBINE = 16 + 4 + 2 * (2 * 16) * 4  # slot order and row indices, weight, head output and weighted output (T×V)
 HAND_EXPERT_HEAD = 2 * (32 * 12 + 8 * 4 + 8 * 4 + 2 * 4 + 8 * 4) + 2 * 8 * 4 + HAND_HEAD_COMBINE
 HAND_ENCODER_COMBINE = 16 + 4 + 2 * (4 * 8) * 4
 HAND_EXPERT_ENCODER = HAND_ENCODER + HAND_ENCODER_COMBINE + 2 * 8 * 4 + HAND_HEAD_COMBINE
