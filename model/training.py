@@ -41,7 +41,8 @@ def training_batch(
 
 def train_step(model: ChronosMoEModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]):
     """One forward (cross-entropy + weighted balance loss), backward and optimizer step; returns the output."""
-    model.train()
+    if not model.training:  # a walk over every module: with many experts it costs milliseconds a step
+        model.train()
     optimizer.zero_grad(set_to_none=True)
     output = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     output.loss.backward()

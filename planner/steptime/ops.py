@@ -1,0 +1,86 @@
+"""A traced step as plain data: the ops it dispatches, merged by what they are, with counts.
+
+Torch-free, so predictions can read a cached trace without loading torch. `trace.trace_step` makes them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+KINDS = ("matmul", "memory", "view", "sync", "collective")
+PHASES = ("forward", "backward", "optimizer", "forecast")
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One op as the device sees it. `gemm` is (batch, m, n, k) for the products whose shape is known."""
+
+    name: str  # the ATen overload, e.g. "aten.addmm.default" ("Tensor.tolist" for a host read)
+    kind: str  # one of KINDS
+    phase: str  # one of PHASES
+    dtype: str  # of the output, e.g. "float32"
+    flops: int  # FlopCounterMode's formula; 0 unless a matmul
+    bytes_read: int
+    bytes_written: int
+    gemm: Optional[tuple[int, int, int, int]] = None
+    pointwise: bool = False  # elementwise (PyTorch's pointwise tag): what a compiler fuses into its neighbours
+    index_rows: int = 0  # index ops: the rows their indices address (a scatter-add's cost grows with them)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """The ops of one step, each distinct op once with the number of times it ran."""
+
+    ops: tuple[tuple[OpRecord, int], ...]
+
+    @classmethod
+    def from_counter(cls, counts: Mapping[OpRecord, int]) -> "StepTrace":
+        return cls(tuple(sorted(counts.items(), key=lambda item: (item[0].phase, item[0].name, -item[1]))))
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops * count for op, count in self.ops)
+
+    @property
+    def op_count(self) -> int:
+        return sum(count for _, count in self.ops)
+
+    def count(self, kind: Optional[str] = None, phase: Optional[str] = None) -> int:
+        """Ops of `kind` (any kind when None) in `phase` (any phase when None)."""
+        return sum(count for op, count in self.ops
+                   if (kind is None or op.kind == kind) and (phase is None or op.phase == phase))
+
+    def names(self) -> Counter:
+        """How often each ATen op ran."""
+        counts: Counter = Counter()
+        for op, count in self.ops:
+            counts[op.name] += count
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows")
+        return {"fields": [*fields, "count"],
+                "ops": [[getattr(op, f) for f in fields] + [count] for op, count in self.ops]}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "StepTrace":
+        """Inverse of to_dict; raises ValueError for anything else (a damaged cache file)."""
+        try:
+            ops = []
+            for *fields, count in values["ops"]:
+                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows = fields
+                if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
+                    raise ValueError(f"bad op record {fields!r}")
+                ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
+                                     tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
+                                     int(index_rows)),
+                            count))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a step trace: {error}") from None
+        return cls(tuple(ops))

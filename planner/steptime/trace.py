@@ -1,0 +1,253 @@
+"""The ops one step dispatches, recorded from the real code path by shape-only execution (performance.md).
+
+`trace_step(config, workload, mode)` runs one step of the real modules — a teacher-forced forward, a
+training step (forward, balance loss, backward, AdamW step) or a forecast (the encoder once, then every
+decoding step with the KV cache and the sampling) — under `OpRecorder`, a TorchDispatchMode that sees every
+ATen op after autograd, the ops the backward runs included. Each op is recorded with its FLOPs (by
+FlopCounterMode's own formulas), the bytes it reads and writes, its dtype and its kind:
+
+- `matmul`: the products FlopCounterMode counts (mm, addmm, bmm, baddbmm, ...), with their GEMM shape;
+- `memory`: everything else that touches data: elementwise, reductions, softmax, copies, cat,
+  index/gather/scatter, factories;
+- `view`: metadata only (view, transpose, expand, slice, ...): no bytes, only the dispatch;
+- `sync`: the host waits for the device: `nonzero`, `.item()`, `.tolist()`, boolean-mask indexing;
+- `collective`: torch.distributed's ops (none in one process).
+
+Execution is shape-only (`planner.measure.ShapeOnlyMatmuls`: products answered with random numbers of the
+right shape, parameters broadcast scalars), so large sizes trace in seconds and the trace does not depend on
+the device. Bytes are what a kernel addresses: a parameter counts in full (in a real model it is a full
+tensor), an index op reads only the rows it gathers, a broadcast input only its distinct elements, an
+`empty` writes nothing.
+
+The optimizer step is traced on meta tensors of the shapes that received gradients (AdamW, single-tensor
+implementation: PyTorch's default for CPU tensors; its step counter lives on the host, so its `.item()` is
+not a device sync). Identical ops are merged with a count; traces are cached per variant and workload
+(`load_or_trace`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from model.config import ChronosMoEConfig
+from planner.measure import ShapeOnlyMatmuls, build_shape_only, token_batch
+from planner.steptime.ops import OpRecord, StepTrace
+
+MODES = ("forward", "train", "forecast")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Ops that make the host wait for the device's values (data-dependent output shapes or a value to Python).
+SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "unique_consecutive", "_unique",
+                      "_unique2", "unique_dim", "equal", "is_nonzero", "allclose"})
+# Index ops read only what they gather: their output and their indices, not the whole source.
+GATHER_OPS = frozenset({"embedding", "index", "index_select", "gather", "take"})
+# Scatter-adds: rows added into a table (a row at a time on CPU).
+SCATTER_OPS = frozenset({"embedding_dense_backward", "index_add", "index_add_", "index_put", "index_put_",
+                         "scatter_add", "scatter_add_"})
+# Metadata-only ops PyTorch does not tag as views (and the profiler's range markers, namespace "profiler").
+METADATA_OPS = frozenset({"_unsafe_view"})
+# What a shape-only step runs at most, to stop a runaway trace (the largest Chronos forecast runs ~60,000).
+MAX_TRACED_OPS = 5_000_000
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _gemm_shape(name: str, args: tuple) -> Optional[tuple[int, int, int, int]]:
+    """(batch, m, n, k) of a product: m×k times k×n, `batch` times."""
+    if name in ("mm", "addmm"):
+        left, right = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+        return 1, left.shape[0], right.shape[1], left.shape[1]
+    if name in ("bmm", "baddbmm"):
+        left, right = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+        return left.shape[0], left.shape[1], right.shape[2], left.shape[2]
+    return None
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every op it sees as an OpRecord (merged with a count at the end); `phase` labels them.
+
+    Enter it inside ShapeOnlyMatmuls (this mode sees each op first, with its real arguments)."""
+
+    def __init__(self, full_size_storages: set[int]) -> None:
+        super().__init__()
+        self.phase = "forward"
+        self.records: Counter[OpRecord] = Counter()
+        self.sync_exempt_phases: set[str] = set()
+        self._full_size = full_size_storages  # storages of broadcast parameters: count them in full
+
+    def _bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes a kernel addresses in `tensor`: its distinct elements (a broadcast counts once)."""
+        if tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in self._full_size:
+            return tensor.numel() * tensor.element_size()
+        distinct = 1
+        for size, stride in zip(tensor.shape, tensor.stride()):
+            if stride != 0:
+                distinct *= size
+        return distinct * tensor.element_size() if tensor.numel() else 0
+
+    def _kind(self, func, name: str, args: tuple) -> str:
+        if func.overloadpacket in flop_registry:
+            return "matmul"
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            return "collective"
+        if name in SYNC_OPS or (name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))):
+            return "memory" if self.phase in self.sync_exempt_phases else "sync"
+        if func.is_view or name in METADATA_OPS or func.namespace == "profiler":
+            return "view"
+        return "memory"
+
+    def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        name = func.overloadpacket.__name__
+        kind = self._kind(func, name, args)
+        outputs = _tensors(out)
+        flops, read, written, gemm, index_rows = 0, 0, 0, None, 0
+        if kind == "matmul":
+            flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+            gemm = _gemm_shape(name, args)
+        if kind not in ("view",):
+            inputs = _tensors((args, kwargs))
+            indices = [t for t in inputs[1:] if not (t.is_floating_point() or t.dtype == torch.bool)]
+            index_rows = sum(t.numel() for t in indices) if name in GATHER_OPS | SCATTER_OPS else 0
+            if name in GATHER_OPS:
+                read = sum(map(self._bytes, indices)) + sum(map(self._bytes, outputs))
+            else:
+                read = sum(map(self._bytes, inputs))
+            written = 0 if "empty" in name else sum(map(self._bytes, outputs))
+        dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
+        pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
+        self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
+                              index_rows)] += 1
+        if sum(self.records.values()) > MAX_TRACED_OPS:
+            raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.record(func, args, kwargs, out)
+        return out
+
+
+class HostReads(TorchFunctionMode):
+    """`.tolist()` reads a whole tensor to the host without an ATen op the dispatch mode could see."""
+
+    def __init__(self, recorder: OpRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.tolist:
+            tensor = args[0]
+            size = tensor.numel() * tensor.element_size()
+            self.recorder.records[OpRecord("Tensor.tolist", "sync", self.recorder.phase, _dtype_name(tensor.dtype),
+                                           0, size, 0, None)] += 1
+        return out
+
+
+def _shape_only_model(config: ChronosMoEConfig, dtype: str):
+    model = build_shape_only(config)
+    if dtype != "fp32":
+        # Broadcast scalars cast at no cost; the step then runs in the inference dtype.
+        for module in model.modules():
+            for key, parameter in list(module._parameters.items()):
+                if parameter is not None and parameter.is_floating_point():
+                    module._parameters[key] = torch.nn.Parameter(
+                        torch.full((), 0.02, dtype=TORCH_DTYPES[dtype]).expand(parameter.shape), requires_grad=False)
+    return model
+
+
+def _full_size_storages(model: torch.nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size]) -> None:
+    """One steady-state AdamW step (the second: the first also creates the moments) on meta tensors."""
+    params = [torch.nn.Parameter(torch.empty(shape, device="meta")) for shape in trained_shapes]
+    if not params:
+        return
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    for param in params:
+        param.grad = torch.empty_like(param)
+    optimizer.step()
+    recorder.phase = "optimizer"
+    recorder.sync_exempt_phases.add("optimizer")
+    with recorder:
+        optimizer.step()
+
+
+def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32", seed: int = 0) -> StepTrace:
+    """Trace one step of `mode` for `config` at `workload` by shape-only execution (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
+    batch = token_batch(config, workload, generator)
+    with ShapeOnlyMatmuls():
+        return record_step(model, batch, workload, mode, dtype, generator)
+
+
+def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: Optional[torch.Generator] = None,
+             on_backward: Callable[[], None] = lambda: None) -> None:
+    """One step of `mode` on `model` for `batch` = (ids, mask, labels), as the bench runs it, less the
+    optimizer: a no-grad forward with labels, a forward and backward of the loss (in `dtype` under
+    autocast), or `sample_tokens`. `on_backward` is called between the forward and the backward."""
+    input_ids, attention_mask, labels = batch
+    train = mode == "train"
+    autocast = contextlib.nullcontext()
+    if train and dtype != "fp32":
+        autocast = torch.autocast("cpu", dtype=TORCH_DTYPES[dtype])
+    if model.training != train:  # a walk over every module: with many experts it costs milliseconds
+        model.train(train)
+    with torch.no_grad() if not train else contextlib.nullcontext(), autocast:
+        if mode == "forecast":
+            model.sample_tokens(input_ids, attention_mask, workload.prediction_length, workload.num_samples,
+                                generator=generator)
+            return
+        output = model(input_ids, attention_mask, labels=labels)
+        if train:
+            on_backward()
+            output.loss.backward()
+
+
+def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
+                generator: Optional[torch.Generator] = None) -> StepTrace:
+    """Record the ops of one step of `mode` on `model` (shape-only or real; see `run_step`), the training
+    step's AdamW step included (traced on meta tensors of the parameters that received a gradient)."""
+    recorder = OpRecorder(_full_size_storages(model))
+    recorder.phase = "forecast" if mode == "forecast" else "forward"
+    trained: dict[int, torch.Size] = {}
+
+    def note_trained(parameter: torch.Tensor) -> None:
+        trained[id(parameter)] = parameter.shape
+
+    def start_backward() -> None:
+        recorder.phase = "backward"
+
+    train = mode == "train"
+    handles = [p.register_post_accumulate_grad_hook(note_trained) for p in model.parameters()] if train else []
+    try:
+        with recorder, HostReads(recorder):
+            run_step(model, batch, workload, mode, dtype, generator, on_backward=start_backward)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if train:
+        _trace_optimizer(recorder, list(trained.values()))
+    return StepTrace.from_counter(recorder.records)

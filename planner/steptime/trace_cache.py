@@ -1,0 +1,63 @@
+"""Traces cached on disk per variant, workload, mode and dtype, so a prediction traces each step once.
+
+The key holds everything the ops depend on: the model config, the workload, the mode, the dtype, and the
+versions of torch and transformers (their code paths are what is traced). A damaged or foreign file is
+traced again and replaced, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from model.config import ChronosMoEConfig
+from planner.bench.cache import cache_dir
+from planner.steptime.ops import StepTrace
+from planner.workload import Workload
+
+TRACE_FORMAT = 1  # bump when what a trace records changes
+
+
+def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str) -> str:
+    versions = {name: metadata.version(name) for name in ("torch", "transformers")}
+    identity = {"format": TRACE_FORMAT, "config": dataclasses.asdict(config), "mode": mode, "dtype": dtype,
+                "workload": {field: getattr(workload, field) for field in
+                             ("batch_size", "context_length", "prediction_length", "num_samples")},
+                "versions": versions}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _trace_file(key: str) -> Path:
+    folder = cache_dir() / "traces"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.json"
+
+
+def _load(path: Path) -> Optional[StepTrace]:
+    try:
+        return StepTrace.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):  # absent, unreadable or damaged: trace again
+        return None
+
+
+def load_or_trace(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str = "fp32") -> StepTrace:
+    """The cached trace of one step, or a new one (traced by shape-only execution, then saved)."""
+    path = _trace_file(trace_key(config, workload, mode, dtype))
+    trace = _load(path)
+    if trace is not None:
+        return trace
+    from planner.steptime.trace import trace_step  # torch loads only when a trace must be made
+
+    trace = trace_step(config, workload, mode, dtype)
+    try:
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(trace.to_dict()))
+        temporary.replace(path)  # atomically: another process may be reading it
+    except OSError:
+        pass  # an unwritable cache costs a retrace next time, nothing else
+    return trace

@@ -1,0 +1,192 @@
+"""The op trace: its FLOPs equal the planner's, its op count equals torch.profiler's, its bytes equal hand
+derivations, it sees one host sync per MoE call, and it is cached."""
+
+import collections
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model.build import build_model_from_config
+from model.config import make_config
+from planner.flops import count_flops
+from planner.measure import token_batch
+from planner.steptime import trace_cache
+from planner.steptime.trace import record_step, run_step, trace_step
+from planner.workload import Workload
+
+ARCHITECTURES = ("dense", "shared_then_expert", "expert_only", "token_ffn")
+WORKLOAD = Workload(batch_size=2, context_length=16, prediction_length=4, num_samples=2)
+
+
+def config_of(architecture: str, size: str = "debug", experts: int = 4):
+    if architecture == "dense":
+        return make_config(size)
+    return make_config(size, architecture=architecture, num_experts=experts, top_k=2)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["forward", "train", "forecast"])
+def test_trace_flops_equal_count_flops(architecture, mode):
+    config = config_of(architecture)
+    flops = count_flops(config, WORKLOAD)
+    expected = {"forward": flops.forward_flops, "train": flops.train_flops, "forecast": flops.forecast_flops}[mode]
+    assert trace_step(config, WORKLOAD, mode).flops == expected
+
+
+def test_trace_flops_exact_at_tiny_with_sixteen_experts():
+    config = config_of("token_ffn", "tiny", 16)
+    workload = Workload(batch_size=3, context_length=64, prediction_length=8, num_samples=4)
+    flops = count_flops(config, workload)
+    assert trace_step(config, workload, "forecast").flops == flops.forecast_flops
+    assert trace_step(config, workload, "train").flops == flops.train_flops
+
+
+def _expected_syncs(config, mode: str) -> int:
+    """One grouped dispatch (one host read of the group sizes) per MoE call, derived from the architecture."""
+    if not config.is_moe:
+        return 0
+    steps = WORKLOAD.prediction_length
+    if config.architecture == "shared_then_expert":  # the expert heads: once, or once per decoding step
+        return steps if mode == "forecast" else 1
+    if config.architecture == "expert_only":  # the expert encoders once, then the heads
+        return 1 + (steps if mode == "forecast" else 1)
+    encoder, decoder = len(config.token_moe_encoder_blocks), len(config.token_moe_decoder_blocks)
+    return encoder + decoder * (steps if mode == "forecast" else 1)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["forward", "train", "forecast"])
+def test_trace_counts_one_host_sync_per_moe_call(architecture, mode):
+    config = config_of(architecture)
+    trace = trace_step(config, WORKLOAD, mode)
+    assert trace.count("sync") == _expected_syncs(config, mode)
+    assert {op.name for op, _ in trace.ops if op.kind == "sync"} <= {"Tensor.tolist"}  # no nonzero, no .item()
+
+
+def _composite(op: str) -> bool:
+    """Does some overload of aten::op decompose above autograd (CompositeImplicitAutograd)?"""
+    packet = getattr(torch.ops.aten, op, None)
+    found = False
+    for overload in packet.overloads() if packet is not None else ():
+        try:
+            found |= torch._C._dispatch_has_kernel_for_dispatch_key(getattr(packet, overload).name(),
+                                                                    "CompositeImplicitAutograd")
+        except RuntimeError:
+            pass
+    return found
+
+
+def profiler_op_counts(events) -> collections.Counter:
+    """The profiler's ATen events a dispatch mode sees: composite ops are replaced by what they call (a
+    no-op composite such as eval-mode dropout, or `.to` to the same dtype, by nothing); an op whose children
+    are only its own allocations is one op. Two records never reach a dispatch mode: `detach_` and the
+    top-level `empty` of `torch.tensor(...)` from Python data; PyTorch's eager `reshape` calls
+    `_reshape_alias` where a mode sees `view`."""
+    counts: collections.Counter = collections.Counter()
+
+    def visit(event, root: bool) -> None:
+        if event.name.startswith("aten::"):
+            op = event.name[len("aten::"):]
+            children = {child.name[len("aten::"):] for child in event.cpu_children if child.name.startswith("aten::")}
+            if op == "detach_" or (root and op == "empty"):
+                return
+            if not _composite(op) or (children and children <= {"empty", "empty_strided", "resize_"}):
+                counts["view" if op == "_reshape_alias" else op] += 1
+                return
+        for child in event.cpu_children:
+            visit(child, False)
+
+    for event in events:
+        if event.cpu_parent is None:
+            visit(event, True)
+    return counts
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["forward", "forecast"])
+def test_trace_op_count_equals_the_profilers(architecture, mode):
+    config = config_of(architecture)
+    torch.manual_seed(0)
+    model = build_model_from_config(config)
+    batch = token_batch(config, WORKLOAD, torch.Generator().manual_seed(0))
+    run_step(model, batch, WORKLOAD, mode, generator=torch.Generator().manual_seed(0))  # warm-up
+    trace = record_step(model, batch, WORKLOAD, mode, generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run_step(model, batch, WORKLOAD, mode, generator=torch.Generator().manual_seed(0))
+    traced = collections.Counter()
+    for op, count in trace.ops:
+        if op.name.startswith("aten."):
+            traced[op.name.split(".")[1]] += count
+    assert traced == profiler_op_counts(profiler.events())
+
+
+def test_training_trace_op_count_within_three_percent_of_the_profilers():
+    """Under a dispatch mode autograd accumulates gradients differently (`add` where it would `add_`, more
+    `detach`), so the training step's count differs a little from the profiler's; FLOPs are still exact."""
+    config = config_of("token_ffn")
+    torch.manual_seed(0)
+    model = build_model_from_config(config)
+    batch = token_batch(config, WORKLOAD, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, foreach=False)  # lr 0: the routing stays
+
+    def step():
+        torch.manual_seed(1)
+        run_step(model, batch, WORKLOAD, "train")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.manual_seed(1)
+    trace = record_step(model, batch, WORKLOAD, "train")
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    traced = sum(count for op, count in trace.ops if op.name.startswith("aten."))
+    assert traced == pytest.approx(sum(profiler_op_counts(profiler.events()).values()), rel=0.03)
+
+
+def test_trace_bytes_hand_derived():
+    """debug: D 64, F 256, H 4, V 4096; B 2, S 17, T 5 tokens; fp32 (4 bytes), ids int64 (8 bytes)."""
+    trace = trace_step(make_config("debug"), WORKLOAD, "forward")
+    ops = collections.defaultdict(list)
+    for op, count in trace.ops:
+        ops[op.name].append((op, count))
+    b, s, t, d, f, h, v = 2, 17, 5, 64, 256, 4, 4096
+    # The token embedding of the encoder: gathers B·S rows of D; reads those rows and the ids.
+    encoder_embedding = next(op for op, _ in ops["aten.embedding.default"] if op.bytes_written == b * s * d * 4)
+    assert encoder_embedding.bytes_read == b * s * d * 4 + b * s * 8
+    # The encoder FFN's first matmul: (B·S, D) × (D, F): reads both, writes (B·S, F); 2·B·S·D·F FLOPs.
+    (wi, count), = [(op, c) for op, c in ops["aten.mm.default"] if op.gemm == (1, b * s, f, d)]
+    assert (wi.bytes_read, wi.bytes_written, wi.flops, count) == ((b * s * d + d * f) * 4, b * s * f * 4,
+                                                                  2 * b * s * d * f, 2)
+    # The ReLU after it reads and writes (B·S, F) once per encoder block.
+    relu = next(op for op, c in ops["aten.relu.default"] if op.bytes_written == b * s * f * 4)
+    assert relu.bytes_read == relu.bytes_written and relu.pointwise
+    # Encoder self-attention softmax over (B, H, S, S) scores; the LM head writes (B·T, V) logits.
+    assert any(op.bytes_read == op.bytes_written == b * h * s * s * 4 for op, _ in ops["aten._softmax.default"])
+    (head, _), = [(op, c) for op, c in ops["aten.mm.default"] if op.gemm == (1, b * t, v, d)]
+    assert head.bytes_written == b * t * v * 4 and head.bytes_read == (b * t * d + d * v) * 4
+    # Views move nothing.
+    assert all(op.bytes == 0 for op, _ in trace.ops if op.kind == "view")
+
+
+def test_trace_is_cached_and_a_damaged_cache_is_traced_again(monkeypatch, tmp_path):
+    config = config_of("shared_then_expert")
+    first = trace_cache.load_or_trace(config, WORKLOAD, "forward")
+    (path,) = (tmp_path / "traces").glob("*.json")
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced again although cached")
+
+    monkeypatch.setattr("planner.steptime.trace.trace_step", no_tracing)
+    assert trace_cache.load_or_trace(config, WORKLOAD, "forward") == first
+    path.write_text('{"ops": [["aten.mm.default", "matmul", "forward", "float32", -1]]}')
+    monkeypatch.undo()
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+    assert trace_cache.load_or_trace(config, WORKLOAD, "forward") == first
