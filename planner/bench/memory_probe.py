@@ -36,6 +36,7 @@ _RESET_HIGH_WATER_MARK = "5"  # proc(5): "reset the peak resident set size to th
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 PINNED_MMAP_THRESHOLD_BYTES = 128 * 2**10
 SETTLED_MMAP_THRESHOLD_BYTES = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+PROBE_MMAP_THRESHOLD_BYTES = 2**30
 
 
 def _mallopt(parameter: int, value: int) -> None:
@@ -54,6 +55,12 @@ def settle_allocator() -> None:
     """While timing: glibc's steady state after a long run (freed blocks up to 32 MiB are reused)."""
     _mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD_BYTES)
     _mallopt(_M_TRIM_THRESHOLD, 2 * SETTLED_MMAP_THRESHOLD_BYTES)
+
+
+def reuse_all_freed_memory() -> None:
+    """For probes of kernel speed: every freed block is reused, so no timing includes fresh pages."""
+    _mallopt(_M_MMAP_THRESHOLD, PROBE_MMAP_THRESHOLD_BYTES)
+    _mallopt(_M_TRIM_THRESHOLD, 2 * PROBE_MMAP_THRESHOLD_BYTES)
 
 
 def _peak_rss_bytes() -> int:

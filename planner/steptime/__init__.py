@@ -1,0 +1,27 @@
+"""Step time from the ops a step dispatches (issue: "Step time you can trust"; performance.md).
+
+- `trace.trace_step` / `trace_cache.load_or_trace`: every ATen op of a forward, training step or forecast,
+  with FLOPs, bytes, dtype and kind, by shape-only execution of the real modules (torch; cached on disk);
+- `devices`: device models, this machine's (`MeasuredDevice`, from `probe.probe_device`, cached by
+  `device_cache`) and GPUs' (`GPU_PRESETS`, datasheets and published measurements, each cited);
+- `predict.predict_step_time(trace, device)` -> `StepTime`: seconds split into matmul, memory-bound,
+  overhead and sync, and what bounds the step.
+
+`predict_spec` ties them to a benchmark's settings. Only tracing and probing import torch.
+"""
+
+from __future__ import annotations
+
+from planner.steptime.devices import GPU_PRESETS, DeviceModel, GpuPreset, MeasuredDevice, gpu_preset
+from planner.steptime.predict import TERMS, StepTime, predict_step_time
+
+__all__ = ["GPU_PRESETS", "TERMS", "DeviceModel", "GpuPreset", "MeasuredDevice", "StepTime", "gpu_preset",
+           "predict_spec", "predict_step_time"]
+
+
+def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: bool = False) -> StepTime:
+    """The predicted step of a BenchSpec on `device` (its trace is made once, then read from the cache)."""
+    from planner.steptime.trace_cache import load_or_trace
+
+    trace = load_or_trace(spec.model_config(), spec.workload(), spec.mode, spec.dtype)
+    return predict_step_time(trace, device, compiled=compiled, tf32=tf32)

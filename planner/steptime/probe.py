@@ -1,0 +1,232 @@
+"""Probing this machine for the device model's terms (a few seconds; cached by `device_cache`).
+
+- GEMM kernel rates on a grid of shapes, plain (`mm`, a weight read from memory) and batched (`bmm`, as
+  attention runs them, operands in the cache), in the
+  run's dtype: the time of each, less the cost of calling an op from Python (measured on a 1×1 product);
+- elementwise (`x + x`) and transcendental (softmax over rows of 512) kernel times at sizes from 4 KiB to
+  128 MiB moved (caches, then memory);
+- the host's time per dispatched op, per phase: real steps of the debug model at small shapes (a no-grad
+  forward, a forecast, a forward and backward, an AdamW step), each timed, less the kernel time the model
+  above gives for its traced ops, divided by its op count. Views are timed alone.
+
+Every time is the best repeat on the wall clock: other processes can only slow a repeat down, and the model
+describes the machine, not its neighbours. Runs in the benchmark's worker, after its measurement (so the
+allocator is in the same state as the timed steps).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from model.build import build_model_from_config
+from model.config import make_config
+from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
+from planner.measure import token_batch
+from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve
+from planner.steptime.predict import predict_step_time
+from planner.steptime.trace import TORCH_DTYPES, record_step, run_step
+from planner.workload import Workload
+
+MIN_TIME_S = 0.02  # per point: enough repeats to find an undisturbed one
+MIN_REPEATS, MAX_REPEATS = 3, 200
+MM_AXES = ((1, 4, 16, 64, 256, 1024), (64, 256, 1024, 4096), (64, 256, 1024, 4096))
+BMM_BATCH = 32
+BMM_AXES = ((1, 16, 64, 512), (16, 64, 512), (16, 64, 512))
+COLD_BYTES, COLD_COPIES_MAX = 64 * 2**20, 64  # twice a 32 MiB last-level cache
+SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 128 * 2**20)
+SOFTMAX_ROW = 512
+FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
+KERNEL_FLOOR_S = 1e-7  # a kernel time never reads as zero or negative after the call cost is taken off
+# The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled).
+CALIBRATION_WORKLOAD = Workload(batch_size=1, context_length=16, prediction_length=4, num_samples=2)
+
+
+def best_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None) -> float:
+    """The shortest wall time of `run` after one untimed call (MIN_REPEATS at least, MIN_TIME_S in all)."""
+    run()
+    synchronize()
+    times: list[float] = []
+    while len(times) < MIN_REPEATS or (sum(times) < MIN_TIME_S and len(times) < MAX_REPEATS):
+        start = time.perf_counter()
+        run()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A (k, n) weight as a linear layer holds it (n, k) transposed, a different copy at each call, so it
+    comes from memory as a model's weights do (each is read once per step), not from the cache."""
+    copies = max(2, min(COLD_COPIES_MAX, -(-COLD_BYTES // (n * k * torch.finfo(dtype).bits // 8))))
+    weights = [torch.ones(n, k, dtype=dtype) for _ in range(copies)]
+    turn = iter(range(1 << 62))
+    return lambda: weights[next(turn) % copies].t()
+
+
+def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
+    rates = []
+    for m in axes[0]:
+        plane = []
+        for n in axes[1]:
+            row = []
+            for k in axes[2]:
+                if batch > 1:  # attention's operands: activations just made, in the cache
+                    a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
+                    run = lambda: torch.bmm(a, b)  # noqa: E731
+                else:
+                    a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
+                    run = lambda: torch.mm(a, weight())  # noqa: E731
+                seconds = max(best_time_s(run) - call_s, KERNEL_FLOOR_S)
+                row.append(2 * batch * m * n * k / seconds)
+            plane.append(tuple(row))
+        rates.append(tuple(plane))
+    return GemmGrid(*axes, tuple(rates))
+
+
+def _size_curve(make_run: Callable[[int], Callable[[], object]], bytes_per_element: int, call_s: float) -> SizeCurve:
+    """Kernel seconds of `make_run(elements)` at each of SIZES_BYTES moved (`bytes_per_element` moved per
+    element, read and written, as the trace counts them)."""
+    seconds = []
+    for size in SIZES_BYTES:
+        run = make_run(max(size // bytes_per_element, SOFTMAX_ROW))
+        seconds.append(max(best_time_s(run) - call_s, KERNEL_FLOOR_S))
+    return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(seconds))
+
+
+def _rows(elements: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.rand(max(elements // SOFTMAX_ROW, 1), SOFTMAX_ROW, dtype=dtype)
+
+
+def _memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callable[[], object]], int]]:
+    """Per memory class: a representative op at a number of elements, and the bytes it moves per element."""
+    e = torch.finfo(dtype).bits // 8
+
+    def elementwise(n):
+        x, y, out = torch.rand(n, dtype=dtype), torch.rand(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        return lambda: torch.mul(x, y, out=out)
+
+    def random(n):
+        x = torch.empty(n, dtype=dtype)
+        return lambda: x.bernoulli_(0.9)
+
+    def softmax(n):
+        x = _rows(n, dtype)
+        return lambda: torch.softmax(x, -1)
+
+    def softmax_backward(n):
+        grad, out = _rows(n, dtype), torch.softmax(_rows(n, dtype), -1)
+        return lambda: torch.ops.aten._softmax_backward_data(grad, out, -1, dtype)
+
+    def transcendental(n):
+        x, out = torch.rand(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        return lambda: torch.exp(x, out=out)
+
+    def reduction(n):
+        x = _rows(n, dtype)
+        return lambda: x.sum(-1)
+
+    return {"elementwise": (elementwise, 3 * e), "random": (random, 2 * e), "softmax": (softmax, 2 * e),
+            "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
+            "reduction": (reduction, e)}
+
+
+def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> float:
+    """T5's relative-position gradient: L·L rows of H values summed into a 32-bucket table, less its bytes."""
+    rows, heads = 2**18, 4
+    grad, indices = torch.rand(rows, heads), torch.randint(0, 32, (rows,))
+    seconds = best_time_s(lambda: torch.ops.aten.embedding_dense_backward(grad, indices, 32, -1, False)) - call_s
+    moved = grad.numel() * 4 + rows * 8 + 32 * heads * 4
+    return max(seconds - elementwise(moved), KERNEL_FLOOR_S) / rows
+
+
+def _fresh_page_s_per_byte() -> float:
+    """Writing a tensor above the mmap threshold (new pages) less writing one already mapped, per byte."""
+    elements = FRESH_PROBE_BYTES // 4
+    mapped = torch.empty(elements)
+    fresh_s = best_time_s(lambda: torch.empty(elements).fill_(1.0))
+    mapped_s = best_time_s(lambda: mapped.fill_(1.0))
+    return max(fresh_s - mapped_s, KERNEL_FLOOR_S) / FRESH_PROBE_BYTES
+
+
+def _calibration_steps(dtype: str):
+    """(phase, run, trace) for each calibration step of the debug model."""
+    config = make_config("debug")
+    torch.manual_seed(0)
+    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
+    batch = token_batch(config, CALIBRATION_WORKLOAD, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    steps = []
+    for mode, phase in (("forward", "forward"), ("forecast", "forecast")):
+        def run(mode=mode):
+            run_step(model, batch, CALIBRATION_WORKLOAD, mode, generator=torch.Generator().manual_seed(0))
+        steps.append((phase, run, record_step(model, batch, CALIBRATION_WORKLOAD, mode,
+                                              generator=torch.Generator().manual_seed(0))))
+    train_trace = record_step(model, batch, CALIBRATION_WORKLOAD, "train")
+
+    def forward_backward():
+        run_step(model, batch, CALIBRATION_WORKLOAD, "train")
+        model.zero_grad(set_to_none=True)
+
+    def optimizer_step():
+        if next(model.parameters()).grad is None:  # gradients to step on, made once, outside the timing
+            run_step(model, batch, CALIBRATION_WORKLOAD, "train")
+        optimizer.step()
+
+    steps.append(("backward", forward_backward, train_trace))
+    steps.append(("optimizer", optimizer_step, train_trace))
+    return steps
+
+
+def _phase_trace(trace, phases: tuple[str, ...]):
+    from planner.steptime.ops import StepTrace
+    return StepTrace(tuple((op, count) for op, count in trace.ops if op.phase in phases))
+
+
+def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
+    """Measure this CPU's terms in `dtype` (see the module docstring)."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    one = torch.ones(1, 1, dtype=torch_dtype)
+    call_s = best_time_s(lambda: torch.mm(one, one))
+    mm = _gemm_grid(MM_AXES, torch_dtype, 1, call_s)
+    bmm = _gemm_grid(BMM_AXES, torch_dtype, BMM_BATCH, call_s)
+    settle_allocator()  # the timed steps' allocator: large outputs are fresh pages
+    fresh_s_per_byte = _fresh_page_s_per_byte()
+    reuse_all_freed_memory()  # the kernels alone; fresh pages are priced apart
+    try:
+        memory = {name: _size_curve(make_run, moved, call_s)
+                  for name, (make_run, moved) in _memory_probes(torch_dtype).items()}
+    finally:
+        settle_allocator()
+    scatter_s_per_row = _scatter_s_per_row(memory["elementwise"], call_s)
+    tensor = torch.ones(4, 4)
+    view_s = best_time_s(lambda: tensor.view(16))
+    draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory, scatter_s_per_row,
+                           fresh_s_per_byte,
+                           SETTLED_MMAP_THRESHOLD_BYTES, {"forward": view_s}, view_s)
+    host: dict[str, float] = {}
+    measured = {}
+    for phase, run, trace in _calibration_steps(dtype):
+        run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
+        measured[phase] = best_time_s(run)
+        if phase == "backward":  # the forward and backward together: take the forward's part off
+            forward_ops = _phase_trace(trace, ("forward",))
+            forward_s = predict_step_time(forward_ops, _with_host(draft, host["forward"], view_s)).total_s
+            ops = _phase_trace(trace, ("backward",))
+            spent_s = measured[phase] - forward_s
+        else:
+            ops = _phase_trace(trace, ("optimizer",)) if phase == "optimizer" else trace
+            spent_s = measured[phase]
+        kernels = predict_step_time(ops, _with_host(draft, 0.0, 0.0))
+        views = ops.count("view")
+        host[phase] = max((spent_s - kernels.total_s - views * view_s) / max(ops.op_count - views, 1),
+                          KERNEL_FLOOR_S)
+    return replace(draft, host_s_per_op=host)
+
+
+def _with_host(device: MeasuredDevice, per_op_s: float, per_view_s: float) -> MeasuredDevice:
+    return replace(device, host_s_per_op={"forward": per_op_s}, host_s_per_view=per_view_s)

@@ -1,0 +1,175 @@
+"""The device models and the prediction: hand-priced ops, the GPU presets' wave quantisation, the compiled
+what-if, the probe's cache (bad entries refused and probed again, never used), and predictions without
+running (CLI and API)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from planner.bench import BenchSpec, predict_row
+from planner.steptime import GPU_PRESETS, gpu_preset, predict_step_time
+from planner.steptime import device_cache
+from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve, preset_for_device_name
+from planner.steptime.ops import OpRecord, StepTrace
+from tests.steptime_fixtures import FRESH_S_PER_BYTE, HOST_S, SCATTER_S_PER_ROW, VIEW_S, simple_measured_device
+
+MM = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 10**9, 10**6, 10**6, (1, 1000, 1000, 1000))
+ADD = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**8, 10**8, pointwise=True)
+SOFTMAX_BACKWARD = OpRecord("aten._softmax_backward_data.default", "memory", "backward", "float32", 0,
+                            2 * 10**8, 10**8)
+VIEW = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0)
+SYNC = OpRecord("Tensor.tolist", "sync", "forward", "int64", 0, 128, 0)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+
+
+def test_cpu_prediction_hand_priced():
+    """1e10 FLOP/s, 1e10 B/s: the mm 0.2 s; add 0.03 s plus fresh pages for its 100 MB output (above
+    32 MiB); the softmax backward 0.03 s in place... no: out of place, fresh too; host 1e-5 s a forward op,
+    5e-6 a backward op, 1e-6 a view; a CPU adds host and kernel time."""
+    trace = StepTrace(((MM, 2), (ADD, 3), (SOFTMAX_BACKWARD, 1), (VIEW, 10), (SYNC, 1)))
+    step = predict_step_time(trace, simple_measured_device())
+    fresh = 10**8 * FRESH_S_PER_BYTE
+    assert step.matmul_s == pytest.approx(2 * 0.2)
+    assert step.memory_s == pytest.approx(3 * (0.03 + fresh) + (0.03 + fresh) + 128 / 1e10)
+    assert step.overhead_s == pytest.approx(2 * HOST_S["forward"] + 3 * HOST_S["forward"] + HOST_S["backward"]
+                                            + 10 * VIEW_S + HOST_S["forward"])
+    assert step.sync_s == 0 and step.sync_count == 1 and step.op_count == 17 and step.bound == "matmul"
+    assert step.total_s == pytest.approx(step.matmul_s + step.memory_s + step.overhead_s)
+
+
+def test_scatter_costs_its_rows():
+    scatter = OpRecord("aten.embedding_dense_backward.default", "memory", "backward", "float32", 0, 6 * 10**6,
+                       512, index_rows=10**6)
+    device = simple_measured_device()
+    assert device.memory_s(scatter) == pytest.approx((6 * 10**6 + 512) / 1e10 + 10**6 * SCATTER_S_PER_ROW)
+
+
+def test_gpu_wave_quantisation_hand_derived():
+    h100 = gpu_preset("h100-sxm")  # 132 SMs, 128×128 output tiles
+    assert h100.wave_efficiency(1, 1536, 1536) == pytest.approx(144 / 264)  # 144 tiles: two waves, the second short
+    assert h100.wave_efficiency(1, 128 * 12, 128 * 11) == pytest.approx(1.0)  # 132 tiles: one full wave
+    big = OpRecord("aten.mm.default", "matmul", "forward", "bfloat16", 2 * 128 * 12 * 128 * 11 * 8192, 1, 1,
+                   (1, 128 * 12, 128 * 11, 8192))
+    assert h100.matmul_s(big, "bf16") == pytest.approx(big.flops / (989.4e12 * 0.803))
+    assert h100.matmul_s(big, "tf32") == pytest.approx(big.flops / (494.7e12 * 0.803))
+    with pytest.raises(ValueError, match="no bf16 matmul rate"):
+        gpu_preset("t4").matmul_s(big, "bf16")
+
+
+def test_gpu_host_runs_ahead_until_the_kernels_are_slower():
+    """A GPU hides host time behind kernels: the step is max(host, kernels) + syncs × latency."""
+    a100 = gpu_preset("a100-80gb")
+    tiny_add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 8, 4)
+    host_bound = predict_step_time(StepTrace(((tiny_add, 1000),)), a100)
+    per_op_host = a100.host_s(tiny_add)
+    assert host_bound.total_s == pytest.approx(1000 * per_op_host) and host_bound.bound == "overhead"
+    assert host_bound.memory_s == pytest.approx(1000 * 2.5e-6)  # each tiny kernel takes the floor
+    heavy = predict_step_time(StepTrace(((MM, 100), (SYNC, 2))), a100)
+    assert heavy.overhead_s == 0 and heavy.sync_s == pytest.approx(2 * a100.sync_s()) and heavy.bound == "matmul"
+
+
+def test_compiled_what_if_drops_pointwise_ops_and_views():
+    trace = StepTrace(((MM, 1), (ADD, 4), (VIEW, 10)))
+    device = simple_measured_device()
+    eager, compiled = predict_step_time(trace, device), predict_step_time(trace, device, compiled=True)
+    assert compiled.memory_s == 0 and compiled.matmul_s == eager.matmul_s
+    assert compiled.overhead_s == pytest.approx(HOST_S["backward"])  # the mm alone, dispatched without Python
+
+
+def test_gemm_grid_interpolates_in_log_space():
+    grid = GemmGrid((1, 4), (64, 256), (64, 256), (((1e9, 1e9), (1e9, 1e9)), ((4e9, 4e9), (4e9, 4e9))))
+    assert grid.rate(1, 64, 64) == pytest.approx(1e9) and grid.rate(4, 256, 256) == pytest.approx(4e9)
+    assert grid.rate(2, 100, 100) == pytest.approx(2e9)  # halfway in log2(m): the geometric mean
+    assert grid.rate(4096, 8192, 8192) == pytest.approx(4e9)  # beyond the grid: its edge
+
+
+def test_size_curve_log_log_inside_throughput_outside():
+    curve = SizeCurve((1e3, 1e5), (1e-6, 1e-5))
+    assert curve(1e4) == pytest.approx(math.sqrt(1e-6 * 1e-5))
+    assert curve(1e7) == pytest.approx(1e-5 * 100) and curve(0) == 0
+
+
+@pytest.mark.parametrize("damage", [
+    lambda entry: [1, 2, 3],
+    lambda entry: {key: value for key, value in entry.items() if key != "mm"},
+    lambda entry: {**entry, "host_s_per_view": 0},
+    lambda entry: {**entry, "scatter_s_per_row": -1.0},
+    lambda entry: {**entry, "fresh_page_s_per_byte": float("nan")},
+    lambda entry: {**entry, "memory": {**entry["memory"], "softmax": {"sizes": [1, 2], "seconds": [0.0, 1.0]}}},
+])
+def test_damaged_probe_cache_is_refused_and_probed_again(damage, monkeypatch):
+    good = simple_measured_device("Some CPU (2 threads)")
+    device_cache.save_measured_device(good)
+    path = device_cache.cache_dir() / device_cache.DEVICE_MODEL_FILE
+    values = json.loads(path.read_text())
+    values[good.name]["fp32"] = damage(values[good.name]["fp32"])
+    path.write_text(json.dumps(values))
+    loaded, problem = device_cache.load_measured_device(good.name, "fp32")
+    assert loaded is None and "refused" in problem and "\n" not in problem
+    probed = simple_measured_device(good.name)
+    monkeypatch.setattr("planner.steptime.probe.probe_device", lambda dtype, name: probed)
+    device, notes = device_cache.measured_device(good.name, "fp32")
+    assert device is probed and any("refused" in note for note in notes)
+    assert device_cache.load_measured_device(good.name, "fp32") == (probed, None)  # the new probe was kept
+
+
+def test_probe_cache_that_is_not_json_is_refused(monkeypatch):
+    (device_cache.cache_dir() / device_cache.DEVICE_MODEL_FILE).write_text("{not json")
+    loaded, problem = device_cache.load_measured_device("x", "fp32")
+    assert loaded is None and "unreadable" in problem
+
+
+def test_probe_that_cannot_be_saved_is_used_and_says_so(monkeypatch, tmp_path):
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(blocked))
+    probed = simple_measured_device("Some CPU")
+    monkeypatch.setattr("planner.steptime.probe.probe_device", lambda dtype, name: probed)
+    device, notes = device_cache.measured_device("Some CPU", "fp32")
+    assert device is probed and len(notes) == 1 and "could not be saved" in notes[0]
+
+
+def test_presets_cite_every_number_and_match_cuda_names():
+    for preset in GPU_PRESETS.values():
+        assert preset.sources and all(preset.sources.values())
+        assert preset.bandwidth_bytes_per_s > 0 and all(rate > 0 for rate in preset.matmul_peaks.values())
+    assert {"h100-sxm", "h100-pcie", "h200", "a100-40gb", "a100-80gb", "a10g", "l4", "t4", "rtx-4090"} <= set(GPU_PRESETS)
+    assert "tf32" in gpu_preset("a100-80gb").matmul_peaks and "tf32" not in gpu_preset("t4").matmul_peaks
+    assert preset_for_device_name("NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert preset_for_device_name("NVIDIA H200") == "h200"
+    assert preset_for_device_name("NVIDIA A100-SXM4-80GB") == "a100-80gb"
+    assert preset_for_device_name("Tesla T4") == "t4" and preset_for_device_name("Some GPU") is None
+
+
+def test_predict_row_carries_the_workload_and_refuses_bad_devices():
+    spec = BenchSpec(size="debug", architecture="token_ffn", num_experts=4, mode="forecast", batch_size=3,
+                     context_length=32, prediction_length=8, num_samples=5)
+    row = predict_row(spec, "a100-80gb", tf32=True)
+    assert (row["mode"], row["batch_size"], row["context_length"], row["prediction_length"], row["num_samples"],
+            row["tf32"]) == ("forecast", 3, 32, 8, 5, True)
+    assert row["predicted_time_s"] == pytest.approx(row["predicted_matmul_s"] + row["predicted_memory_bound_s"]
+                                                    + row["predicted_overhead_s"] + row["predicted_sync_s"])
+    assert row["predicted_sync_count"] == 1 + 8  # the encoder's token-MoE block, then one per decoding step
+    with pytest.raises(ValueError, match="unknown device 'tpu-v9'; valid devices: this-machine, h100-sxm"):
+        predict_row(spec, "tpu-v9")
+    with pytest.raises(ValueError, match="bf16 is not supported natively by NVIDIA T4"):
+        predict_row(BenchSpec(size="debug", dtype="bf16"), "t4")
+
+
+def test_cli_predicts_without_running_and_lists_devices_for_a_bad_name():
+    command = [sys.executable, "-m", "planner", "bench", "--sizes", "debug", "--experts", "0", "--modes", "train",
+               "--batch-size", "2", "--context-length", "32", "--prediction-length", "8"]
+    bad = subprocess.run([*command, "--predict-for", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "h100-sxm" in bad.stderr and "this-machine" in bad.stderr
+    good = subprocess.run([*command, "--predict-for", "h200", "--format", "csv"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    header = next(line for line in good.stdout.splitlines() if not line.startswith("#"))
+    assert {"mode", "batch_size", "context_length", "prediction_length", "num_samples", "dtype",
+            "predicted_matmul_s", "predicted_bound"} <= set(header.split(","))

@@ -1,0 +1,33 @@
+"""The probe of this machine: every term measured, positive and finite, and a round trip through the cache
+(a reduced grid, so it takes seconds; the full probe runs in the benchmark's worker)."""
+
+import math
+
+import pytest
+
+from planner.steptime import devices, probe
+from planner.steptime.device_cache import load_measured_device, save_measured_device
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+
+
+def test_probe_measures_every_term_and_round_trips(monkeypatch):
+    monkeypatch.setattr(probe, "MM_AXES", ((1, 64), (64, 256), (64, 256)))
+    monkeypatch.setattr(probe, "BMM_AXES", ((1, 64), (16, 64), (16, 64)))
+    monkeypatch.setattr(probe, "SIZES_BYTES", (64 * 2**10, 4 * 2**20))
+    monkeypatch.setattr(probe, "COLD_BYTES", 2**20)
+    measured = probe.probe_device("fp32", "this CPU")
+    rates = [r for grid in (measured.mm, measured.bmm) for plane in grid.rates for row in plane for r in row]
+    curves = [t for curve in measured.memory.values() for t in curve.seconds]
+    scalars = [measured.scatter_s_per_row, measured.fresh_page_s_per_byte, measured.host_s_per_view,
+               *measured.host_s_per_op.values()]
+    assert all(math.isfinite(v) and v > 0 for v in rates + curves + scalars)
+    assert set(measured.host_s_per_op) == {"forward", "forecast", "backward", "optimizer"}
+    assert set(measured.memory) == set(devices.MEMORY_CLASSES)
+    # The presets' default host time per op is of the order this CPU measures (what their comment says).
+    assert 1 / 3 < devices.DEFAULT_HOST_S_PER_OP["forward"] / measured.host_s_per_op["forward"] < 3
+    assert save_measured_device(measured) is None
+    assert load_measured_device("this CPU", "fp32") == (measured, None)
