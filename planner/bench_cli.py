@@ -15,18 +15,16 @@ from typing import Any, Optional, Sequence
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from planner.bench import (
-    DEVICE_PRESETS,
     DEVICES,
     DTYPES,
     MODES,
+    PREDICTION_DEVICES,
     BenchProgress,
     BenchResult,
     BenchSpec,
     compare_to_dense,
-    estimate_peak_bytes,
-    estimate_step_time_s,
     export_results,
-    preset_roofline,
+    predict_row,
     run_benchmark,
 )
 from planner.export import export_metadata, render
@@ -35,8 +33,13 @@ GIB = 2**30
 OUTPUT_FORMATS = ("table", "md", "csv", "json")
 # What the table and Markdown formats show (CSV and JSON carry every field, in bytes and seconds).
 SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "min_s", "cpu_median_s", "predicted_time_s", "time_ratio",
-                   "cpu_time_ratio", "tokens_per_s", "achieved_gflops_per_s", "peak_memory_gib", "predicted_peak_gib",
-                   "memory_ratio", "message")
+                   "cpu_time_ratio", "predicted_matmul_s", "predicted_memory_bound_s", "predicted_overhead_s",
+                   "predicted_sync_s", "predicted_bound", "tokens_per_s", "achieved_gflops_per_s", "peak_memory_gib",
+                   "predicted_peak_gib", "memory_ratio", "message")
+PREDICTION_COLUMNS = ("label", "mode", "batch_size", "context_length", "prediction_length", "num_samples", "dtype",
+                      "device_name", "compiled", "tf32", "predicted_time_s", "predicted_matmul_s",
+                      "predicted_memory_bound_s", "predicted_overhead_s", "predicted_sync_s", "predicted_bound",
+                      "predicted_peak_gib")
 
 
 def _names(allowed: Sequence[str]):
@@ -64,8 +67,9 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "bench", help="measure variants on this device beside the planner's predictions",
         description="Run each variant in a subprocess with a time limit (one benchmark at a time), after a "
         "preflight that refuses runs predicted to exceed 80%% of the available memory. Timing: median and p95 "
-        "of synchronised repeats after warm-up; FLOPs are the planner's; predicted time is a roofline "
-        "calibrated by a short probe of this device (cached), or a preset's datasheet peaks (--predict-for).")
+        "of synchronised repeats after warm-up; FLOPs are the planner's; predicted time prices every op the step "
+        "dispatches (traced once, cached) on this device's probed model (cached; --recalibrate re-probes), or "
+        "on a GPU preset (--predict-for), split into matmul, memory-bound, overhead and sync.")
     parser.add_argument("--modes", type=_names(MODES), default=["forward"], help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--sizes", type=str, default="small", help="comma-separated size presets (debug, tiny, ...)")
     parser.add_argument("--architectures", type=_names(ARCHITECTURES), default=list(ARCHITECTURES))
@@ -86,8 +90,11 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--time-limit", type=float, default=600.0, dest="time_limit_s", help="seconds per run")
     parser.add_argument("--recalibrate", action="store_true", help="re-run the device probe")
-    parser.add_argument("--predict-for", choices=list(DEVICE_PRESETS), default=None,
-                        help="run nothing: predicted time and memory on this preset device")
+    parser.add_argument("--predict-for", choices=PREDICTION_DEVICES, default=None, metavar="DEVICE",
+                        help="run nothing: predicted time and memory on DEVICE: " + ", ".join(PREDICTION_DEVICES))
+    parser.add_argument("--compiled", action="store_true",
+                        help="with --predict-for: the torch.compile what-if (elementwise ops fused)")
+    parser.add_argument("--tf32", action="store_true", help="with --predict-for: fp32 matmuls in TF32 (GPUs)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
     parser.set_defaults(handler=run_bench_command)
@@ -125,15 +132,19 @@ def _summary_row(result: BenchResult) -> dict[str, Any]:
     return {column: row[column] for column in SUMMARY_COLUMNS}
 
 
-def _prediction_rows(specs: Sequence[BenchSpec], preset: str) -> list[dict[str, Any]]:
-    device = "mps" if preset.startswith("apple") else "cuda"
+def _prediction_rows(specs: Sequence[BenchSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for spec in specs:
-        roofline = preset_roofline(preset, spec.dtype)
-        rows.append({"label": spec.label, "device_name": roofline.device_name, "dtype": spec.dtype,
-                     "predicted_time_s": estimate_step_time_s(spec, roofline),
-                     "predicted_peak_gib": estimate_peak_bytes(spec, device) / GIB})
+        row = predict_row(spec, args.predict_for, compiled=args.compiled, tf32=args.tf32)
+        if row["notes"]:
+            print(f"note: {row['notes']}", file=sys.stderr)
+        rows.append(row)
     return rows
+
+
+def _prediction_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**{column: row.get(column) for column in PREDICTION_COLUMNS if column != "predicted_peak_gib"},
+             "predicted_peak_gib": row["predicted_peak_bytes"] / GIB} for row in rows]
 
 
 def _write(text: bytes, output: Optional[Path]) -> None:
@@ -154,9 +165,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
     try:
         specs = bench_specs(args)
         if args.predict_for:
-            rows = _prediction_rows(specs, args.predict_for)
-            _write(render(rows, args.output_format, export_metadata({"predicted_for": args.predict_for})), args.output)
+            rows = _prediction_rows(specs, args)
+            shown = rows if args.output_format in ("csv", "json") else _prediction_table(rows)
+            _write(render(shown, args.output_format, export_metadata({"predicted_for": args.predict_for})),
+                   args.output)
             return 0
+        if args.compiled or args.tf32:
+            raise ValueError("--compiled and --tf32 are what-ifs for --predict-for; measured runs are eager fp32")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -165,6 +180,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         result = run_benchmark(spec, progress=_print_progress(index, len(specs), spec))
         print(f"\r[{index}/{len(specs)}] {spec.label}: {result.status} {result.message}".ljust(100), file=sys.stderr)
         results.append(result)
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
     if args.output_format in ("csv", "json"):
         _write(export_results(results, args.output_format), args.output)
     else:

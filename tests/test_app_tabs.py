@@ -13,13 +13,15 @@ from model.config import make_config
 from planner.bench import BenchResult, BenchSpec, compare_to_dense
 from planner.bench.device import describe_device
 from planner.bench.lock import BenchLock
-from planner.bench.roofline import DeviceRoofline, save_roofline
+from planner.steptime.device_cache import save_measured_device
+from planner.steptime.predict import StepTime
+from tests.steptime_fixtures import simple_measured_device
 from planner.bench.timing import summarise_times
 from planner.parallel import GPU_MEMORY_BYTES, plan_all_strategies
 from planner.solver import Budget, SearchSpace, solve
 from planner.workload import Workload
 from tests.test_app import APP, ARCHITECTURES, error_texts, run_app, shown_grid
-from ui.bench_tab import RESULT_COLUMNS, measured_figure, ratio_figure, results_frame
+from ui.bench_tab import RESULT_COLUMNS, measured_figure, ratio_figure, results_frame, time_split_figure
 from ui.devices_tab import DOES_NOT_FIT, FITS
 from ui.format import format_seconds
 
@@ -28,7 +30,7 @@ SMALL_SPACE = dict(budget_max_experts=8, budget_max_top_k=2)
 
 @pytest.fixture(autouse=True)
 def _private_bench_cache(tmp_path, monkeypatch):
-    """Each test gets its own benchmark lock and roofline cache (the worker subprocess inherits it)."""
+    """Each test gets its own benchmark lock, trace and device-probe cache (the worker subprocess inherits it)."""
     monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
 
 
@@ -149,9 +151,8 @@ def test_devices_bad_input_is_one_error_naming_the_field(key, value, field):
 
 
 def test_benchmark_runs_behind_the_button_and_shows_every_field():
-    # A cached roofline for this CPU, so the run skips the device calibration (tested in test_bench).
-    save_roofline(DeviceRoofline(describe_device("cpu"), "fp32", matmul_flops_per_s=1e10, bandwidth_bytes_per_s=5e9,
-                                 efficiency=0.5, source="probe", clock="cpu time / threads"))
+    # A cached probe of this CPU, so the run skips probing (tested in test_steptime_probe).
+    save_measured_device(simple_measured_device(describe_device("cpu")))
     at = run_app(sizes="tiny", tab="Benchmark", bench_experts="4", bench_device="cpu")
     assert not at.dataframe  # nothing runs until the button
     for key, value in dict(bench_context_length=16, bench_prediction_length=4, bench_repeats=2).items():
@@ -161,10 +162,11 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     (row,) = at.dataframe[0].value.to_dict("records")
     assert row["Run"] == "debug MoE-4 (top-2, token_ffn, sparse) forward"
     assert all(row[column] is not None and row[column] == row[column] for column in RESULT_COLUMNS), row
-    assert row["Predicted"] > 0 and at.session_state["bench_results"][0].roofline.efficiency == 0.5  # no calibration
+    assert row["Predicted"] > 0 and row["Bound by"] in ("matmul", "memory-bound", "overhead", "sync")
+    assert at.session_state["bench_results"][0].device_model["measured_on"] == "2026-01-01"  # the cached probe
     assert len(row["Expert usage"]) == 4 and sum(row["Expert usage"]) > 0
     charts = {chart.proto.id.split("-")[-1] for chart in at.get("plotly_chart")}
-    assert {"bench_measured", "bench_usage"} <= charts
+    assert {"bench_measured", "bench_split", "bench_usage"} <= charts
     assert {button.proto.label for button in at.get("download_button")} == {"CSV", "JSON"}
     assert any("E = 0" in caption.value for caption in at.caption)  # no dense run: no ratio to dense
 
@@ -192,8 +194,10 @@ def _result(num_experts: int, median_s: float, flops: int) -> BenchResult:
     spec = BenchSpec(size="debug", architecture="token_ffn", num_experts=num_experts, batch_size=2,
                      context_length=16, prediction_length=4, device="cpu")
     timing = summarise_times([median_s] * 3, [median_s] * 3, series=2, tokens=100, flops=flops)
+    # Predicted: half the median, a quarter in matmuls, a quarter in overhead.
+    predicted = StepTime(median_s / 4, 0.0, median_s / 4, 0.0, op_count=500, sync_count=0, device_name="test CPU")
     return BenchResult(spec=spec, status="ok", flops=flops, device="cpu", device_name="test CPU", timing=timing,
-                       peak_memory_bytes=3 * 2**20, predicted_peak_bytes=2 * 2**20, predicted_time_s=median_s / 2)
+                       peak_memory_bytes=3 * 2**20, predicted_peak_bytes=2 * 2**20, predicted=predicted)
 
 
 def test_benchmark_charts_plot_the_results():
@@ -203,6 +207,10 @@ def test_benchmark_charts_plot_the_results():
     assert list(measured[1].y) == pytest.approx([0.02, 0.03]) and list(measured[3].x) == pytest.approx([2.0, 2.0])
     (moe,) = ratio_figure(compare_to_dense(results)).data[1:]
     assert (moe.x[0], moe.y[0]) == pytest.approx((1.2, 1.5))
+    split = time_split_figure([r.spec.label for r in results], [r.predicted.split() for r in results],
+                              [r.timing.median_s for r in results]).data
+    assert [bar.name for bar in split[:4]] == ["matmul", "memory-bound", "overhead", "sync"]
+    assert list(split[0].x) == pytest.approx([0.005, 0.0075]) and list(split[4].x) == pytest.approx([0.02, 0.03])
 
 
 def test_format_seconds_three_digits():

@@ -1,6 +1,7 @@
 """Benchmarks (issue 5): the runner returns every field, the preflight refuses with its message, a run past
 its time limit is killed, concurrent requests are serialised, a cancel stops a run; and the pure parts
-(timing statistics, roofline, phases, ratios, the CLI's grid) against hand-derived values.
+(timing statistics, ratios, the CLI's grid) against hand-derived values. The time model has its own tests
+(test_steptime_*.py).
 
 Subprocess tests use the debug preset at short lengths; each costs a few seconds, mostly importing torch.
 """
@@ -24,22 +25,20 @@ from planner.bench import (
     check_preflight,
     compare_to_dense,
     estimate_peak_bytes,
-    estimate_phases,
     export_results,
     lock_holder,
-    preset_roofline,
     run_benchmark,
 )
-from planner.bench import calibration
 from planner.bench.device import describe_device
-from planner.bench.phases import count_running_experts, count_step_flops
 from planner.bench.preflight import largest_fitting_batch
-from planner.bench.roofline import DeviceRoofline, Phase, estimate_time_s, load_cached_roofline, save_roofline
+from planner.bench.work import count_step_flops
 from planner.bench.steps import make_step, summarise_usage
 from planner.bench.timing import measure_step_times, percentile, summarise_times
 from planner.bench_cli import add_bench_subcommand, bench_specs, run_bench_command
 from planner.flops import count_flops
 from planner.params import count_params
+from planner.steptime.device_cache import save_measured_device
+from tests.steptime_fixtures import simple_measured_device
 
 # A debug run that finishes in a second once torch is imported.
 DEBUG = dict(size="debug", batch_size=2, context_length=32, prediction_length=8, num_samples=3, device="cpu",
@@ -50,7 +49,7 @@ OVERSIZED = BenchSpec(**{**DEBUG, "batch_size": 1_000_000}, mode="train")
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Each test gets its own lock, cancel marker and roofline cache (subprocesses inherit the variable)."""
+    """Each test gets its own lock, cancel marker, trace and device-probe cache (subprocesses inherit it)."""
     monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
 
 
@@ -77,7 +76,7 @@ def test_spec_round_trips_through_json():
         BenchSpec.from_dict({**spec.to_dict(), "colour": "red"})
 
 
-# --- timing, roofline, phases (pure) ----------------------------------------------------------------------
+# --- timing (pure) ------------------------------------------------------------------------------------------
 
 
 def test_percentile_and_summary_hand_derived():
@@ -97,54 +96,6 @@ def test_measure_step_times_counts_warmup_and_repeats():
     assert len(calls) == 5 and len(times.wall_s) == len(times.cpu_s) == 3 and min(times.wall_s) >= 0
     assert stages == [("warmup", 1, 2), ("warmup", 2, 2), "after warm-up",
                       ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
-
-
-def test_roofline_takes_the_slower_of_compute_and_memory():
-    roofline = DeviceRoofline("test", "fp32", matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e11, efficiency=0.5,
-                              source="probe", clock="wall")
-    compute_bound = Phase("encode", flops=4e12, bytes=1e11)  # 4 s of compute, 1 s of traffic
-    memory_bound = Phase("decode step", flops=1e10, bytes=5e10, count=10)  # 0.01 s vs 0.5 s, ten times
-    assert estimate_time_s([compute_bound, memory_bound], roofline) == pytest.approx((4.0 + 10 * 0.5) / 0.5)
-
-
-def test_presets_give_datasheet_numbers_and_refuse_unsupported_dtypes():
-    h100 = preset_roofline("h100-sxm", "bf16")
-    assert (h100.matmul_flops_per_s, h100.bandwidth_bytes_per_s, h100.efficiency) == (989e12, 3.35e12, 1.0)
-    with pytest.raises(ValueError, match="bf16 is not supported natively by NVIDIA T4"):
-        preset_roofline("t4", "bf16")
-    with pytest.raises(ValueError, match="device preset must be one of"):
-        preset_roofline("abacus", "fp32")
-
-
-def test_roofline_cache_round_trips():
-    roofline = DeviceRoofline("Some CPU (2 threads)", "fp32", 1.5e10, 5e9, 0.6, "probe", "cpu time / threads")
-    assert load_cached_roofline(roofline.device_name, "fp32") is None
-    save_roofline(roofline)
-    assert load_cached_roofline(roofline.device_name, "fp32") == roofline
-    assert load_cached_roofline(roofline.device_name, "bf16") is None
-
-
-@pytest.mark.parametrize("architecture", ["shared_then_expert", "expert_only", "token_ffn"])
-@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
-def test_phases_carry_the_planners_flops(architecture, dispatch):
-    common = dict(size="tiny", num_experts=8, architecture=architecture, dispatch=dispatch, batch_size=4)
-    forward = BenchSpec(**common, mode="forward")
-    flops = count_flops(forward.model_config(), forward.workload())
-    assert sum(p.flops * p.count for p in estimate_phases(forward)) == flops.forward_flops
-    train = BenchSpec(**common, mode="train")
-    assert sum(p.flops * p.count for p in estimate_phases(train)) == flops.train_flops == count_step_flops(train)
-    forecast = estimate_phases(BenchSpec(**common, mode="forecast"))
-    # P decoding steps at their mean FLOPs: exact up to the integer division by P.
-    assert 0 <= flops.forecast_flops - sum(p.flops * p.count for p in forecast) < 64
-    assert all(p.bytes > 0 for p in forecast)
-
-
-def test_running_experts_hand_derived():
-    sparse = BenchSpec(size="debug", num_experts=16, top_k=2).model_config()
-    dense = BenchSpec(size="debug", num_experts=16, top_k=2, dispatch="dense").model_config()
-    assert count_running_experts(sparse, 3) == 6  # 3 series × top-2
-    assert count_running_experts(sparse, 100) == 16  # capped at E
-    assert count_running_experts(dense, 1) == 16
 
 
 # --- the preflight (pure) ---------------------------------------------------------------------------------
@@ -201,19 +152,12 @@ def test_steps_run_every_mode_and_report_usage(mode):
 # --- the runner, through its subprocess ---------------------------------------------------------------------
 
 
-def test_calibration_sets_the_efficiency_a_reference_forward_reaches(monkeypatch):
-    monkeypatch.setattr(calibration, "REFERENCE", {**calibration.REFERENCE, "size": "debug", "context_length": 64})
-    roofline = calibration.calibrate_roofline("cpu", "fp32", "this CPU", synchronize=lambda: None)
-    assert roofline.source == "probe" and roofline.clock == "cpu time / threads"
-    assert roofline.matmul_flops_per_s > 0 and roofline.bandwidth_bytes_per_s > 0 and roofline.efficiency > 0
-
-
 def test_runner_returns_every_field():
     spec = BenchSpec(**DEBUG, mode="train", architecture="shared_then_expert", num_experts=4)
-    # A cached calibration, as after the first run on a machine (the calibration has its own test).
+    # A cached device probe, as after the first run on a machine (the probe has its own test).
     cpu_name = describe_device("cpu")  # the worker keeps PyTorch's default threads, as this process does
-    cached = DeviceRoofline(cpu_name, "fp32", 2e10, 5e9, 0.5, "probe", "cpu time / threads")
-    save_roofline(cached)
+    cached = simple_measured_device(cpu_name)
+    save_measured_device(cached)
     stages = []
     result = run_benchmark(spec, progress=lambda update: stages.append(update.stage))
     assert result.status == "ok", result.message + result.traceback
@@ -224,7 +168,10 @@ def test_runner_returns_every_field():
     assert row["device_resolved"] == "cpu" and row["peak_memory_bytes"] > 0 and row["predicted_peak_bytes"] > 0
     assert row["flops"] == count_step_flops(spec) and row["time_ratio"] > 0 and row["memory_ratio"] > 0
     assert len(row["usage_counts"]) == 4 and sum(row["usage_counts"]) == spec.batch_size * spec.top_k
-    assert result.roofline == cached and result.device_name == cpu_name
+    assert result.device_model == {"name": cpu_name, "source": "probe", "measured_on": cached.measured_on}
+    assert result.device_name == cpu_name and result.notes == ()
+    assert result.predicted.total_s == pytest.approx(sum(result.predicted.split().values()))
+    assert result.predicted.op_count > 100 and result.predicted.sync_count == 1  # one grouped dispatch
     assert {"torch", "transformers", "chronos-forecasting", "python"} <= set(result.versions)
     assert stages[0] == "starting" and stages[-1] == "done" and {"build", "warmup", "measure"} <= set(stages)
     exported = export_results([result], "csv").decode()

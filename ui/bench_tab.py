@@ -19,8 +19,10 @@ import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from model.presets import PRESETS
-from planner.bench import (DEVICES, DTYPES, MODES, BenchProgress, BenchResult, BenchSpec, compare_to_dense,
-                           export_results, lock_holder, request_cancel, run_benchmark)
+from planner.bench import (DEVICES, DTYPES, MODES, PREDICTION_DEVICES, BenchProgress, BenchResult, BenchSpec,
+                           compare_to_dense, export_results, lock_holder, predict_row, request_cancel, run_benchmark)
+from planner.export import export_metadata, render
+from planner.steptime import TERMS
 from planner.bench_cli import add_bench_subcommand, bench_specs
 from ui.compute import PlanTable, parse_expert_counts
 from ui.format import format_bytes, format_count, format_ratio, format_seconds
@@ -29,15 +31,18 @@ from ui.sidebar import BIND, Settings
 STOP_WAIT_S = 10.0  # a stopped run kills its subprocess within the runner's 0.1 s poll; this is a ceiling
 STAGES = {"waiting": "waiting for another benchmark", "starting": "starting a fresh Python process",
           "preflight": "checking the predicted memory", "build": "importing torch and building the model",
-          "warmup": "warm-up step", "measure": "timed step", "calibrate": "probing this device's roofline",
-          "done": "done"}
+          "warmup": "warm-up step", "measure": "timed step",
+          "predict": "tracing the step's ops and probing this device (first time only)", "done": "done"}
+TERM_COLOURS = {"matmul": "#1f77b4", "memory-bound": "#ff7f0e", "overhead": "#7f7f7f", "sync": "#d62728"}
 # Shown column -> (row key, formatter, help).
 RESULT_COLUMNS = {
     "Median": ("median_s", format_seconds, "Median wall time of a step over the repeats"),
     "p95": ("p95_s", format_seconds, "95th percentile of the repeats"),
-    "Predicted": ("predicted_time_s", format_seconds, "Calibrated roofline: per phase, the larger of FLOPs ÷ "
-                  "matmul throughput and bytes ÷ bandwidth"),
+    "Predicted": ("predicted_time_s", format_seconds, "Op-level model: every op the step dispatches, priced by "
+                  "this device's probed GEMM rate, memory-bound time and per-op host time"),
     "Time ×pred": ("time_ratio", format_ratio, "Measured median ÷ predicted time"),
+    "CPU ×pred": ("cpu_time_ratio", format_ratio, "Median CPU time per thread ÷ predicted time (CPU only): "
+                  "steadier than wall time when other processes share the cores"),
     "Peak memory": ("peak_memory_bytes", format_bytes, "Measured peak (CUDA max_memory_allocated, or the "
                     "subprocess's peak RSS above its baseline on CPU)"),
     "Predicted peak": ("predicted_peak_bytes", format_bytes, "The planner's memory of one step"),
@@ -173,7 +178,7 @@ def results_frame(results: Sequence[BenchResult]) -> pd.DataFrame:
         row = result.row()
         rows.append({"Run": result.spec.label, "Device": f"{row['device_name']}, {result.spec.dtype}",
                      **{name: row[key] for name, (key, _, _) in RESULT_COLUMNS.items()},
-                     "Expert usage": row["usage_counts"]})
+                     "Bound by": row["predicted_bound"], "Expert usage": row["usage_counts"]})
     return pd.DataFrame(rows)
 
 
@@ -201,6 +206,27 @@ def measured_figure(results: Sequence[BenchResult]):
     figure.update_yaxes(type="log", dtick="D2", title_text="measured")
     figure.update_layout(title="Measured vs predicted (above the dashed line: slower or larger than predicted)",
                          height=420, margin=dict(t=90))
+    return figure
+
+
+def time_split_figure(labels: Sequence[str], splits: Sequence[dict[str, float]],
+                      measured_s: Sequence[float | None] = ()):
+    """Where the time goes: each run's predicted step split into matmul, memory-bound, overhead and sync,
+    with the measured median as a marker where there is one."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure([go.Bar(y=list(labels), x=[split[term] for split in splits], name=term, orientation="h",
+                               marker_color=TERM_COLOURS[term],
+                               hovertemplate="%{y}<br>" + term + " %{x:.3g} s<extra></extra>") for term in TERMS])
+    measured = [(label, value) for label, value in zip(labels, measured_s) if value]
+    if measured:
+        figure.add_trace(go.Scatter(y=[label for label, _ in measured], x=[value for _, value in measured],
+                                    mode="markers", name="measured median", marker=dict(symbol="line-ns-open",
+                                                                                        size=22, color="black")))
+    figure.update_layout(title="Where the time goes (predicted step, split by what bounds it)", barmode="stack",
+                         xaxis_title="seconds per step", height=max(260, 60 + 42 * len(labels)),
+                         legend=dict(orientation="h", yanchor="bottom", y=1.02), margin=dict(t=90, l=10))
+    figure.update_yaxes(autorange="reversed")
     return figure
 
 
@@ -252,6 +278,12 @@ def _draw_results(results: Sequence[BenchResult]) -> None:
             "Expert usage": st.column_config.BarChartColumn(help="Routed slots per expert (MoE)"),
         })
     st.plotly_chart(measured_figure(results), key="bench_measured")
+    predicted = [r for r in results if r.ok and r.predicted]
+    if predicted:
+        st.plotly_chart(time_split_figure([r.spec.label for r in predicted], [r.predicted.split() for r in predicted],
+                                          [r.timing.median_s for r in predicted]), key="bench_split")
+    for note in sorted({note for r in results for note in r.notes}):
+        st.info(note, icon=":material/info:")
     comparison = compare_to_dense(results)
     if comparison:
         st.plotly_chart(ratio_figure(comparison), key="bench_ratio")
@@ -265,11 +297,55 @@ def _draw_results(results: Sequence[BenchResult]) -> None:
                                key=f"bench_{fmt}", on_click="ignore", icon=":material/download:", width="stretch")
 
 
+def prediction_rows(specs: Sequence[BenchSpec], device: str, compiled: bool, tf32: bool) -> list[dict[str, Any]]:
+    """The grid predicted on `device` without running (planner.bench.predict_row); ValueError says why not."""
+    return [predict_row(spec, device, compiled=compiled, tf32=tf32) for spec in specs]
+
+
+def _draw_prediction(specs: Sequence[BenchSpec]) -> None:
+    """Predict the grid on a chosen device without running it: the split, a chart, and a CSV with the workload."""
+    with st.expander("Predict without running, on this machine or a GPU you do not have"):
+        columns = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
+        device = columns[0].selectbox("Device", PREDICTION_DEVICES, key="bench_predict_device", bind=BIND,
+                                      help="this-machine: this CPU's probed model (probed once, a few seconds); "
+                                      "the others: GPU presets from datasheets and published measurements")
+        compiled = columns[1].checkbox("Compiled", key="bench_predict_compiled", bind=BIND,
+                                       help="torch.compile what-if: elementwise ops fused into their neighbours")
+        tf32 = columns[2].checkbox("TF32", key="bench_predict_tf32", bind=BIND,
+                                   help="fp32 matmuls in TF32 (GPUs that have it)")
+        if not columns[3].button("Predict", key="bench_predict", icon=":material/online_prediction:"):
+            return
+        try:
+            with st.spinner("Tracing each step (once per variant and workload, then cached)…"):
+                rows = prediction_rows(specs, device, compiled, tf32)
+        except ValueError as error:
+            st.error(str(error), icon=":material/error:")
+            return
+        frame = pd.DataFrame([{"Run": row["label"], "Device": row["device_name"], "Predicted": row["predicted_time_s"],
+                               "Bound by": row["predicted_bound"], "Matmul": row["predicted_matmul_s"],
+                               "Memory-bound": row["predicted_memory_bound_s"],
+                               "Overhead": row["predicted_overhead_s"], "Sync": row["predicted_sync_s"],
+                               "Peak memory": row["predicted_peak_bytes"]} for row in rows])
+        seconds = ("Predicted", "Matmul", "Memory-bound", "Overhead", "Sync")
+        st.dataframe(frame.style.format({**dict.fromkeys(seconds, format_seconds), "Peak memory": format_bytes}),
+                     hide_index=True, key="bench_predicted_table")
+        st.plotly_chart(time_split_figure([row["label"] for row in rows],
+                                          [dict(zip(TERMS, (row["predicted_matmul_s"], row["predicted_memory_bound_s"],
+                                                            row["predicted_overhead_s"], row["predicted_sync_s"])))
+                                           for row in rows]), key="bench_predicted_split")
+        for note in sorted({row["notes"] for row in rows if row["notes"]}):
+            st.info(note, icon=":material/info:")
+        st.download_button("Predictions CSV", render(rows, "csv", export_metadata({"predicted_for": device})),
+                           file_name=f"predicted-{device}.csv", mime="text/csv", key="bench_predicted_csv",
+                           on_click="ignore", icon=":material/download:")
+
+
 def draw_bench(table: PlanTable, settings: Settings) -> None:
     st.markdown("Measure variants on this machine beside the planner's predictions: synchronised timing after "
-                "warm-up (median, p95), peak memory in a fresh subprocess, and a roofline calibrated by a short "
-                "probe of this device. Each run starts its own Python process (a few seconds to import torch). "
-                "Router width and capacity are the sidebar's.")
+                "warm-up (median, p95), peak memory in a fresh subprocess, and the op-level time model: every op "
+                "a step dispatches, priced on this machine's probed model (or a GPU preset, without running). "
+                "Each run starts its own Python process (a few seconds to import torch). Router width and capacity "
+                "are the sidebar's.")
     inputs = _draw_inputs(settings)
     _draw_busy()
     try:
@@ -277,6 +353,7 @@ def draw_bench(table: PlanTable, settings: Settings) -> None:
     except ValueError as error:
         st.error(str(error), icon=":material/error:")
         return
+    _draw_prediction(specs)
     run = st.button(f"Run {len(specs)} benchmark(s)", key="bench_run", type="primary", icon=":material/speed:")
     running = st.session_state.get("bench_running")
     if running and not run:  # the page reran (a setting changed) while this session's benchmark ran

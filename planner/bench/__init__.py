@@ -10,7 +10,8 @@ Public API (torch is imported only inside the benchmark's subprocess, so importi
     result.status                      # "ok" | "refused" | "timeout" | "cancelled" | "error"; result.message says why
     result.timing.median_s, result.timing.p95_s, result.timing.series_per_s, result.timing.tokens_per_s,
     result.timing.achieved_flops_per_s  # the planner's FLOPs / the median time
-    result.predicted_time_s, result.time_ratio          # calibrated roofline; measured / predicted
+    result.predicted (StepTime: matmul, memory-bound, overhead, sync seconds), result.predicted_time_s,
+    result.time_ratio, result.cpu_time_ratio             # measured / predicted
     result.peak_memory_bytes, result.predicted_peak_bytes, result.memory_ratio
     result.usage_counts, result.usage_entropy_nats, result.balance_loss   # forward and train modes, MoE only
     result.row()                                         # a flat dict for tables
@@ -25,41 +26,37 @@ Public API (torch is imported only inside the benchmark's subprocess, so importi
 - `request_cancel()` / `lock_holder()` (lock.py): cancel the running benchmark from any process; who runs now.
 - `compare_to_dense(results)`, `export_results(results, "csv" | "json")` (results.py): the MoE-to-dense
   time ratio beside the FLOP ratio; exports with device, versions and settings.
-- Predictions without running: `estimate_step_time_s(spec, roofline)` with `preset_roofline(name, dtype)`
-  (DEVICE_PRESETS: H100, A100 40/80 GB, L4, T4, RTX 4090, Apple M-series) or this device's cached probe
-  (`load_cached_roofline`); `estimate_peak_bytes(spec, device)` and `check_preflight(spec, device, available)`.
+- Predictions without running: `predict_row(spec, device, compiled=False, tf32=False)` (predict.py) for
+  `this-machine` (this CPU's probed op-level model) or a GPU preset (PREDICTION_DEVICES); the time model
+  itself is `planner.steptime`. `estimate_peak_bytes(spec, device)` and `check_preflight(spec, device, available)`.
 
 The CLI is `python -m planner bench` (planner/bench_cli.py).
 """
 
 from planner.bench.lock import lock_holder, request_cancel
-from planner.bench.phases import estimate_phases, estimate_step_time_s
+from planner.bench.predict import LOCAL_DEVICE, PREDICTION_DEVICES, predict_row
 from planner.bench.preflight import MEMORY_FRACTION, PreflightVerdict, check_preflight, estimate_peak_bytes
 from planner.bench.results import BenchResult, compare_to_dense, export_results
-from planner.bench.roofline import DEVICE_PRESETS, DeviceRoofline, load_cached_roofline, preset_roofline
 from planner.bench.runner import BenchProgress, run_benchmark
 from planner.bench.spec import DEVICES, DTYPES, MODES, BenchSpec
 
 __all__ = [
     "DEVICES",
-    "DEVICE_PRESETS",
+    "LOCAL_DEVICE",
+    "PREDICTION_DEVICES",
     "DTYPES",
     "MEMORY_FRACTION",
     "MODES",
     "BenchProgress",
     "BenchResult",
     "BenchSpec",
-    "DeviceRoofline",
     "PreflightVerdict",
     "check_preflight",
     "compare_to_dense",
     "estimate_peak_bytes",
-    "estimate_phases",
-    "estimate_step_time_s",
     "export_results",
-    "load_cached_roofline",
     "lock_holder",
-    "preset_roofline",
+    "predict_row",
     "request_cancel",
     "run_benchmark",
 ]

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
-
 import psutil
 import torch
 
@@ -79,16 +76,3 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
     elif device == "mps":
         torch.mps.synchronize()
-
-
-def busy_clock(device: str) -> Callable[[], float]:
-    """The clock the device probe and the calibration are timed with, in seconds.
-
-    GPU: wall time. CPU: the process's CPU time ÷ its threads, the wall time the work would take if no other
-    process shared the cores. On a shared machine the wall time is whatever the scheduler grants, and a
-    roofline calibrated on it would describe the neighbours as much as the device.
-    """
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        return lambda: time.process_time() / threads
-    return time.perf_counter

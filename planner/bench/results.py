@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from planner.bench.roofline import DeviceRoofline
 from planner.bench.spec import BenchSpec
 from planner.bench.timing import TimingSummary
 from planner.export import export_metadata, render
+from planner.steptime.predict import StepTime
 
+PREDICTION_KEYS = tuple(StepTime(0, 0, 0, 0, 0, 0, "").row())
 STATUSES = ("ok", "refused", "timeout", "cancelled", "error")
 EXPORT_FORMATS = ("csv", "json")
 MEASUREMENT_NOTES = {
@@ -24,8 +25,9 @@ MEASUREMENT_NOTES = {
     "attention": "eager (the only implementation T5 has)",
     "flops_source": "planner (analytic, per step); achieved FLOP/s = planner FLOPs / median time",
     "tokens": "forward/train: B x (context + 1 + prediction + 1) positions; forecast: B x N x prediction sampled",
-    "predicted_time": "roofline: sum over phases of max(FLOPs / matmul FLOP/s, bytes / bandwidth), divided by the "
-    "efficiency a reference forward (tiny, dense, batch 4) reached on this device",
+    "predicted_time": "op-level model: every ATen op the step dispatches (traced by shape-only execution), each "
+    "priced by this device's probed GEMM rate for its shape, memory-bound time for its bytes and class, and host "
+    "time per dispatched op; split into matmul, memory-bound, overhead and sync (planner.steptime)",
     "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
     "forecast: forecast; forward: one-path forecast)",
 }
@@ -36,7 +38,7 @@ class BenchResult:
     spec: BenchSpec
     status: str
     message: str = ""
-    wall_s: float = 0.0  # the whole subprocess: start-up, build, warm-up, repeats, calibration
+    wall_s: float = 0.0  # the whole subprocess: start-up, build, warm-up, repeats, prediction
     flops: int = 0  # the planner's FLOPs of one step
     device: Optional[str] = None
     device_name: Optional[str] = None
@@ -48,8 +50,9 @@ class BenchResult:
     available_memory_bytes: Optional[int] = None
     predicted_peak_bytes: Optional[int] = None
     trained_params: Optional[int] = None  # train mode: parameters AdamW holds moments for (routed experts only)
-    roofline: Optional[DeviceRoofline] = None
-    predicted_time_s: Optional[float] = None
+    predicted: Optional[StepTime] = None
+    device_model: Optional[dict[str, str]] = None  # name, source (probe / preset), measured_on
+    notes: tuple[str, ...] = ()  # what the user should know about the prediction (a refused cache, ...)
     usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
     usage_entropy_nats: Optional[float] = None
     balance_loss: Optional[float] = None  # summed over MoE layers, as the training loss adds it
@@ -62,6 +65,10 @@ class BenchResult:
         return self.status == "ok"
 
     @property
+    def predicted_time_s(self) -> Optional[float]:
+        return self.predicted.total_s if self.predicted else None
+
+    @property
     def time_ratio(self) -> Optional[float]:
         """Measured median time / predicted time."""
         if self.timing is None or not self.predicted_time_s:
@@ -70,8 +77,8 @@ class BenchResult:
 
     @property
     def cpu_time_ratio(self) -> Optional[float]:
-        """On CPU: (median CPU time ÷ threads) / predicted time: the run as if it had the cores to itself,
-        against a prediction calibrated the same way (see device.busy_clock). None on a GPU."""
+        """On CPU: (median CPU time ÷ threads) / predicted time. Neighbours sharing the cores inflate CPU time
+        less than wall time (and PyTorch's idle threads spin, so on a quiet machine the two agree). None on a GPU."""
         if self.timing is None or not self.predicted_time_s or self.device != "cpu" or not self.threads:
             return None
         return self.timing.cpu_median_s / self.threads / self.predicted_time_s
@@ -85,7 +92,7 @@ class BenchResult:
 
     def row(self) -> dict[str, Any]:
         """A flat row: the settings, then measured beside predicted (bytes, seconds, FLOPs)."""
-        timing, roofline = self.timing, self.roofline
+        timing, model = self.timing, self.device_model or {}
         return {
             "label": self.spec.label,
             **self.spec.to_dict(),
@@ -100,7 +107,7 @@ class BenchResult:
             "cpu_median_s": timing.cpu_median_s if timing else None,
             "times_s": list(timing.times_s) if timing else None,
             "cpu_times_s": list(timing.cpu_times_s) if timing else None,
-            "predicted_time_s": self.predicted_time_s,
+            **(self.predicted.row() if self.predicted else {key: None for key in PREDICTION_KEYS}),
             "time_ratio": self.time_ratio,
             "cpu_time_ratio": self.cpu_time_ratio,
             "series_per_s": timing.series_per_s if timing else None,
@@ -113,11 +120,10 @@ class BenchResult:
             "memory_method": self.memory_method,
             "trained_params": self.trained_params,
             "available_memory_bytes": self.available_memory_bytes,
-            "roofline_source": roofline.source if roofline else None,
-            "roofline_matmul_flops_per_s": roofline.matmul_flops_per_s if roofline else None,
-            "roofline_bandwidth_bytes_per_s": roofline.bandwidth_bytes_per_s if roofline else None,
-            "roofline_efficiency": roofline.efficiency if roofline else None,
-            "roofline_clock": roofline.clock if roofline else None,
+            "device_model": model.get("name"),
+            "device_model_source": model.get("source"),
+            "device_model_measured_on": model.get("measured_on"),
+            "notes": "; ".join(self.notes),
             "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
             "usage_entropy_nats": self.usage_entropy_nats,
             "balance_loss": self.balance_loss,

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from planner.bench.lock import BenchLock, cancel_requested, clear_cancel_request
-from planner.bench.phases import count_step_flops, count_step_tokens, estimate_step_time_s
+from planner.bench.work import count_step_flops, count_step_tokens
 from planner.bench.preflight import estimate_peak_bytes
 from planner.bench.results import BenchResult
-from planner.bench.roofline import DeviceRoofline
+from planner.steptime.predict import StepTime
 from planner.bench.spec import BenchSpec
 from planner.bench.timing import summarise_times
 
@@ -34,13 +34,13 @@ POLL_S = 0.1  # how often the time limit and a cancel are checked while the work
 
 # Share of the progress bar each stage ends at (the worker's steps fill warmup and measure in between).
 _STAGE_SPAN = {"waiting": (0.0, 0.0), "starting": (0.0, 0.02), "preflight": (0.02, 0.05), "build": (0.05, 0.1),
-               "warmup": (0.1, 0.3), "measure": (0.3, 0.95), "calibrate": (0.95, 1.0), "done": (1.0, 1.0)}
+               "warmup": (0.1, 0.3), "measure": (0.3, 0.9), "predict": (0.9, 1.0), "done": (1.0, 1.0)}
 
 
 @dataclass(frozen=True)
 class BenchProgress:
     """Where a run is: `stage` is one of waiting (for another run), starting, preflight, build, warmup,
-    measure, calibrate, done; `done`/`total` count the stage's steps; `fraction` is for a progress bar."""
+    measure, predict (trace the step and probe the device, when not cached), done; `done`/`total` count the stage's steps; `fraction` is for a progress bar."""
 
     stage: str
     done: int = 0
@@ -138,7 +138,6 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
     if outcome != "measured":
         message = final.get("message") or f"the benchmark process died without a result: {stderr_tail.strip()[-500:]}"
         return BenchResult(status="error", message=message, traceback=final.get("traceback", stderr_tail), **base)
-    roofline = DeviceRoofline.from_dict(final["roofline"])
     return BenchResult(
         status="ok",
         device=final["device"],
@@ -152,8 +151,9 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
         available_memory_bytes=final["available_memory_bytes"],
         predicted_peak_bytes=estimate_peak_bytes(spec, final["device"], final.get("trained_params")),
         trained_params=final.get("trained_params"),
-        roofline=roofline,
-        predicted_time_s=estimate_step_time_s(spec, roofline),
+        predicted=StepTime.from_dict(final["predicted"]) if final.get("predicted") else None,
+        device_model=final.get("device_model"),
+        notes=tuple(final.get("notes", ())),
         usage_counts=tuple(final["usage_counts"]) if "usage_counts" in final else None,
         usage_entropy_nats=final.get("usage_entropy_nats"),
         balance_loss=final.get("balance_loss"),

@@ -8,12 +8,11 @@ Everything else the libraries print goes to stderr, so stdout carries only the p
 Order matters: the device is resolved and the preflight passes before the model code is even imported
 (a refusal comes in seconds); the memory baseline is taken before the model is built; the peak is read
 after the warm-up steps (see memory_probe for why the allocator is set differently then and for timing);
-the device probe (when not cached) runs last, so its buffers are not counted.
+the prediction (a cached trace and device probe, or new ones) comes last, so their buffers are not counted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -52,9 +51,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from model.build import build_model_from_config
     from planner.bench.device import TORCH_DTYPES
     from planner.bench.memory_probe import PeakMemoryProbe, pin_allocator, settle_allocator
-    from planner.bench.calibration import calibrate_roofline
-    from planner.bench.roofline import load_cached_roofline, save_roofline
     from planner.bench.steps import library_versions, make_step, summarise_usage
+    from planner.steptime import predict_spec
     from planner.bench.timing import measure_step_times
 
     probe = PeakMemoryProbe(device)
@@ -87,16 +85,35 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     del model, step, last_output
 
     device_name = describe_device(device)
-    roofline = None if spec.recalibrate else load_cached_roofline(device_name, spec.dtype)
-    if roofline is None:
-        emit("progress", stage="calibrate", done=0, total=1)
-        roofline = calibrate_roofline(device, spec.dtype, device_name, lambda: synchronize(device))
-        save_roofline(roofline)
+    emit("progress", stage="predict", done=0, total=1)
+    device_model, notes = _device_model(device, device_name, spec)
+    predicted = predict_spec(spec, device_model) if device_model is not None else None
     emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
          versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
-         memory_method=probe.method,
-         available_memory_bytes=available, roofline=dataclasses.asdict(roofline), trained_params=trained_params,
-         **usage)
+         memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,
+         predicted=predicted.to_dict() if predicted else None, device_model=_describe_model(device_model),
+         notes=notes, **usage)
+
+
+def _device_model(device: str, device_name: str, spec: BenchSpec):
+    """This CPU's probed model (cached, or probed now: after the measurement, so its buffers are not
+    counted), or on a GPU the preset of its name. (model or None, notes for the user)."""
+    from planner.steptime.device_cache import measured_device
+    from planner.steptime.devices import gpu_preset, preset_for_device_name
+
+    if device == "cpu":
+        return measured_device(device_name, spec.dtype, spec.recalibrate)
+    preset = preset_for_device_name(device_name)
+    if preset is None:
+        return None, [f"no device preset matches {device_name}: no prediction"]
+    return gpu_preset(preset), [f"predicted with the {preset} preset (datasheet and published measurements)"]
+
+
+def _describe_model(device_model) -> dict[str, Any] | None:
+    if device_model is None:
+        return None
+    return {"name": device_model.name, "source": device_model.source,
+            "measured_on": getattr(device_model, "measured_on", "")}
 
 
 def main(stdin: TextIO = sys.stdin) -> None:
