@@ -9,6 +9,7 @@ results to stdout or --output. With --predict-for PRESET nothing runs: the predi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -109,7 +110,7 @@ def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
         device=args.device, dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
         time_limit_s=args.time_limit_s, recalibrate=args.recalibrate,
     )
-    specs = []
+    specs: list[BenchSpec] = []
     for size in [name.strip() for name in args.sizes.split(",") if name.strip()]:
         for mode in args.modes:
             if 0 in args.experts:
@@ -120,7 +121,8 @@ def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
                     for dispatch in args.dispatch:
                         specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
                                                dispatch=dispatch, expert_capacity=capacity, **common))
-    return specs
+    # --recalibrate probes the device once, in the first run; the others use that probe.
+    return [dataclasses.replace(spec, recalibrate=False) if index else spec for index, spec in enumerate(specs)]
 
 
 def _summary_row(result: BenchResult) -> dict[str, Any]:

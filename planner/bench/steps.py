@@ -56,9 +56,11 @@ def summarise_usage(output: Any, num_experts: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BenchStep:
-    """`run()` does one repetition; in train mode `optimizer` is the AdamW it steps."""
+    """`run()` does one repetition; in train mode `optimizer` is the AdamW it steps; `record()` runs one more
+    and returns the ops it dispatched (planner.steptime.trace), routing included, for the prediction."""
 
     run: Callable[[], Any]
+    record: Callable[[], Any]
     optimizer: Optional[torch.optim.Optimizer] = None
 
     def __call__(self) -> Any:
@@ -79,6 +81,14 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep
     series = synthetic_series(spec.batch_size, spec.context_length + spec.prediction_length, generator)
     batch = {name: tensor.to(device) for name, tensor in
              training_batch(model, series, spec.context_length, spec.prediction_length).items()}
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def record():
+        from planner.steptime.trace import record_step  # the tracer, only once the timing is done
+
+        return record_step(model, inputs, spec.workload(), spec.mode, spec.dtype,
+                           generator=torch.Generator(device=device).manual_seed(spec.seed))
+
     if spec.mode == "train":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
@@ -88,14 +98,14 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep
             with torch.autocast(device_type=device, dtype=TORCH_DTYPES[spec.dtype], enabled=autocast):
                 return train_step(model, optimizer, batch)
 
-        return BenchStep(train, optimizer)
+        return BenchStep(train, record, optimizer)
     model.eval()
     if spec.mode == "forward":
         def forward() -> MoEOutput:
             with torch.no_grad():
                 return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
 
-        return BenchStep(forward)
+        return BenchStep(forward, record)
     sampler = torch.Generator(device=device).manual_seed(spec.seed)
 
     def forecast() -> torch.Tensor:
@@ -103,4 +113,4 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep
             return model.sample_tokens(batch["input_ids"], batch["attention_mask"], spec.prediction_length,
                                        spec.num_samples, generator=sampler)
 
-    return BenchStep(forecast)
+    return BenchStep(forecast, record)

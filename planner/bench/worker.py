@@ -8,7 +8,8 @@ Everything else the libraries print goes to stderr, so stdout carries only the p
 Order matters: the device is resolved and the preflight passes before the model code is even imported
 (a refusal comes in seconds); the memory baseline is taken before the model is built; the peak is read
 after the warm-up steps (see memory_probe for why the allocator is set differently then and for timing);
-the prediction (a cached trace and device probe, or new ones) comes last, so their buffers are not counted.
+the prediction comes last (one more step with its ops recorded, then this device's cached probe, or a new
+one), so its buffers are not counted.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.device import TORCH_DTYPES
     from planner.bench.memory_probe import PeakMemoryProbe, pin_allocator, settle_allocator
     from planner.bench.steps import library_versions, make_step, summarise_usage
-    from planner.steptime import predict_spec
+    from planner.steptime import predict_step_time
     from planner.bench.timing import measure_step_times
 
     probe = PeakMemoryProbe(device)
@@ -77,17 +78,20 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     def after_warmup() -> None:  # the warm-up measured the memory; the timed steps run as a long run would
         peak.append(probe.peak_bytes())
         settle_allocator()
+        timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
+        synchronize(device)
 
     times = measure_step_times(timed_step, warmup=spec.memory_steps, repeats=spec.repeats,
                                synchronize=lambda: synchronize(device), on_step=on_step, after_warmup=after_warmup)
     usage = summarise_usage(last_output[0], spec.num_experts)
     trained_params = step.trained_params()
+    emit("progress", stage="predict", done=0, total=1)
+    trace = step.record()  # one more step, its ops recorded: the prediction sees this run's routing
     del model, step, last_output
 
     device_name = describe_device(device)
-    emit("progress", stage="predict", done=0, total=1)
     device_model, notes = _device_model(device, device_name, spec)
-    predicted = predict_spec(spec, device_model) if device_model is not None else None
+    predicted = predict_step_time(trace, device_model) if device_model is not None else None
     emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
          versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
          memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,

@@ -23,5 +23,6 @@ def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: boo
     """The predicted step of a BenchSpec on `device` (its trace is made once, then read from the cache)."""
     from planner.steptime.trace_cache import load_or_trace
 
-    trace = load_or_trace(spec.model_config(), spec.workload(), spec.mode, spec.dtype)
+    trace = load_or_trace(spec.model_config(), spec.workload(), spec.mode, spec.dtype,
+                          foreach_optimizer=device.overlaps_host)  # GPUs: PyTorch's foreach AdamW
     return predict_step_time(trace, device, compiled=compiled, tf32=tf32)

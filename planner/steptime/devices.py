@@ -28,14 +28,17 @@ from planner.steptime.ops import OpRecord
 # Memory-bound ops fall into classes whose CPU kernels run at very different speeds per byte; the probe
 # times one representative of each. Everything not named here is "elementwise" (binary ops, copies, cat,
 # masks, gathers).
-MEMORY_CLASSES = ("elementwise", "random", "softmax", "softmax_backward", "transcendental", "reduction")
+MEMORY_CLASSES = ("elementwise", "random", "sampling", "selection", "softmax", "softmax_backward", "transcendental",
+                  "reduction")
 _CLASS_OF_OP = {
-    **dict.fromkeys(("bernoulli_", "uniform_", "normal_", "multinomial", "rand", "randn"), "random"),
+    **dict.fromkeys(("bernoulli_", "uniform_", "normal_", "rand", "randn"), "random"),
+    "multinomial": "sampling",  # an exponential draw per element, a division and an argmax per row
+    **dict.fromkeys(("topk", "sort"), "selection"),
     **dict.fromkeys(("_softmax", "_log_softmax"), "softmax"),
     **dict.fromkeys(("_softmax_backward_data", "_log_softmax_backward_data"), "softmax_backward"),
     **dict.fromkeys(("exp", "log", "rsqrt", "sqrt", "tanh", "erf"),
                     "transcendental"),
-    **dict.fromkeys(("sum", "mean", "amax", "max", "min", "topk", "sort", "nll_loss_forward", "nll_loss_backward",
+    **dict.fromkeys(("sum", "mean", "amax", "max", "min", "nll_loss_forward", "nll_loss_backward",
                      "native_layer_norm", "native_layer_norm_backward"), "reduction"),
 }
 

@@ -40,6 +40,7 @@ BMM_AXES = ((1, 16, 64, 512), (16, 64, 512), (16, 64, 512))
 COLD_BYTES, COLD_COPIES_MAX = 64 * 2**20, 64  # twice a 32 MiB last-level cache
 SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 128 * 2**20)
 SOFTMAX_ROW = 512
+VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7  # a kernel time never reads as zero or negative after the call cost is taken off
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled).
@@ -130,7 +131,16 @@ def _memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callab
         x = _rows(n, dtype)
         return lambda: x.sum(-1)
 
-    return {"elementwise": (elementwise, 3 * e), "random": (random, 2 * e), "softmax": (softmax, 2 * e),
+    def sampling(n):  # one draw per row over a Chronos vocabulary, as sample_next_tokens does
+        probs = torch.softmax(torch.rand(max(n // VOCABULARY_ROW, 1), VOCABULARY_ROW), -1)
+        return lambda: torch.multinomial(probs, 1)
+
+    def selection(n):  # Chronos' top-50 over the vocabulary
+        scores = torch.rand(max(n // VOCABULARY_ROW, 1), VOCABULARY_ROW, dtype=dtype)
+        return lambda: torch.topk(scores, 50, dim=-1)
+
+    return {"elementwise": (elementwise, 3 * e), "random": (random, 2 * e), "sampling": (sampling, 4),
+            "selection": (selection, e), "softmax": (softmax, 2 * e),
             "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
             "reduction": (reduction, e)}
 

@@ -174,12 +174,14 @@ def _full_size_storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
-def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size]) -> None:
-    """One steady-state AdamW step (the second: the first also creates the moments) on meta tensors."""
+def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size], foreach: bool) -> None:
+    """One steady-state AdamW step (the second: the first also creates the moments) on meta tensors, in
+    PyTorch's default implementation for the device: a loop over the parameters on CPU, `foreach` (a few
+    multi-tensor kernels for all of them) on CUDA."""
     params = [torch.nn.Parameter(torch.empty(shape, device="meta")) for shape in trained_shapes]
     if not params:
         return
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
     for param in params:
         param.grad = torch.empty_like(param)
     optimizer.step()
@@ -189,8 +191,10 @@ def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size]) -> 
         optimizer.step()
 
 
-def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32", seed: int = 0) -> StepTrace:
-    """Trace one step of `mode` for `config` at `workload` by shape-only execution (see the module docstring)."""
+def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32", seed: int = 0,
+               foreach_optimizer: bool = False) -> StepTrace:
+    """Trace one step of `mode` for `config` at `workload` by shape-only execution (see the module docstring).
+    Random routing stands for a trained, balanced router. `foreach_optimizer`: AdamW as on a GPU."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if dtype not in TORCH_DTYPES:
@@ -200,7 +204,7 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
     batch = token_batch(config, workload, generator)
     with ShapeOnlyMatmuls():
-        return record_step(model, batch, workload, mode, dtype, generator)
+        return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer)
 
 
 def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: Optional[torch.Generator] = None,
@@ -212,7 +216,7 @@ def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: 
     train = mode == "train"
     autocast = contextlib.nullcontext()
     if train and dtype != "fp32":
-        autocast = torch.autocast("cpu", dtype=TORCH_DTYPES[dtype])
+        autocast = torch.autocast(next(model.parameters()).device.type, dtype=TORCH_DTYPES[dtype])
     if model.training != train:  # a walk over every module: with many experts it costs milliseconds
         model.train(train)
     with torch.no_grad() if not train else contextlib.nullcontext(), autocast:
@@ -227,7 +231,7 @@ def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: 
 
 
 def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
-                generator: Optional[torch.Generator] = None) -> StepTrace:
+                generator: Optional[torch.Generator] = None, foreach_optimizer: Optional[bool] = None) -> StepTrace:
     """Record the ops of one step of `mode` on `model` (shape-only or real; see `run_step`), the training
     step's AdamW step included (traced on meta tensors of the parameters that received a gradient)."""
     recorder = OpRecorder(_full_size_storages(model))
@@ -249,5 +253,7 @@ def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
         for handle in handles:
             handle.remove()
     if train:
-        _trace_optimizer(recorder, list(trained.values()))
+        if foreach_optimizer is None:
+            foreach_optimizer = next(model.parameters()).device.type == "cuda"
+        _trace_optimizer(recorder, list(trained.values()), foreach_optimizer)
     return StepTrace.from_counter(recorder.records)

@@ -23,9 +23,10 @@ from planner.workload import Workload
 TRACE_FORMAT = 1  # bump when what a trace records changes
 
 
-def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str) -> str:
+def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str, foreach_optimizer: bool) -> str:
     versions = {name: metadata.version(name) for name in ("torch", "transformers")}
     identity = {"format": TRACE_FORMAT, "config": dataclasses.asdict(config), "mode": mode, "dtype": dtype,
+                "foreach_optimizer": foreach_optimizer,
                 "workload": {field: getattr(workload, field) for field in
                              ("batch_size", "context_length", "prediction_length", "num_samples")},
                 "versions": versions}
@@ -45,15 +46,21 @@ def _load(path: Path) -> Optional[StepTrace]:
         return None
 
 
-def load_or_trace(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str = "fp32") -> StepTrace:
+def load_or_trace(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str = "fp32",
+                  foreach_optimizer: bool = False) -> StepTrace:
     """The cached trace of one step, or a new one (traced by shape-only execution, then saved)."""
-    path = _trace_file(trace_key(config, workload, mode, dtype))
-    trace = _load(path)
+    try:
+        path = _trace_file(trace_key(config, workload, mode, dtype, foreach_optimizer))
+    except OSError:  # no cache folder can be made: trace every time
+        path = None
+    trace = _load(path) if path else None
     if trace is not None:
         return trace
     from planner.steptime.trace import trace_step  # torch loads only when a trace must be made
 
-    trace = trace_step(config, workload, mode, dtype)
+    trace = trace_step(config, workload, mode, dtype, foreach_optimizer=foreach_optimizer)
+    if path is None:
+        return trace
     try:
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(trace.to_dict()))
