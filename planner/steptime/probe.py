@@ -5,18 +5,20 @@
   run's dtype: the time of each, less the cost of calling an op from Python (measured on a 1×1 product);
 - elementwise (`x + x`) and transcendental (softmax over rows of 512) kernel times at sizes from 4 KiB to
   128 MiB moved (caches, then memory);
-- the host's time per dispatched op, per phase: real steps of the debug model at small shapes (a no-grad
+- the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than back
+  to back: real steps of the debug model at small shapes (a no-grad
   forward, a forecast, a forward and backward, an AdamW step), each timed, less the kernel time the model
   above gives for its traced ops, divided by its op count. Views are timed alone.
 
-Every time is the best repeat on the wall clock: other processes can only slow a repeat down, and the model
-describes the machine, not its neighbours. Runs in the benchmark's worker, after its measurement (so the
+Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
+quiet machine: neighbours slow every repeat). Runs in the benchmark's worker, after its measurement (so the
 allocator is in the same state as the timed steps).
 """
 
 from __future__ import annotations
 
 import datetime
+import statistics
 import time
 from dataclasses import replace
 from typing import Callable
@@ -32,7 +34,8 @@ from planner.steptime.predict import predict_step_time
 from planner.steptime.trace import TORCH_DTYPES, record_step, run_step
 from planner.workload import Workload
 
-MIN_TIME_S = 0.02  # per point: enough repeats to find an undisturbed one
+MIN_TIME_S = 0.02  # per kernel point: enough repeats for a stable median
+CALIBRATION_TIME_S = 0.3  # per calibration step: milliseconds each, so dozens of repeats
 MIN_REPEATS, MAX_REPEATS = 3, 200
 MM_AXES = ((1, 4, 16, 64, 256, 1024), (64, 256, 1024, 4096), (64, 256, 1024, 4096))
 BMM_BATCH = 32
@@ -42,22 +45,28 @@ SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 128 * 2**20)
 SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
-KERNEL_FLOOR_S = 1e-7  # a kernel time never reads as zero or negative after the call cost is taken off
-# The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled).
+KERNEL_FLOOR_S = 1e-7
+GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe  # a kernel time never reads as zero or negative after the call cost is taken off
+# The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and a
+# forward whose small GEMMs dominate (tiny at a batch and context no benchmark grid uses): together they
+# separate the host's time per op from how much slower GEMMs run inside a model than back to back.
 CALIBRATION_WORKLOAD = Workload(batch_size=1, context_length=16, prediction_length=4, num_samples=2)
+GEMM_CALIBRATION = ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2))
 
 
-def best_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None) -> float:
-    """The shortest wall time of `run` after one untimed call (MIN_REPEATS at least, MIN_TIME_S in all)."""
+def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
+                   min_time_s: float = MIN_TIME_S) -> float:
+    """The median wall time of `run` after one untimed call (MIN_REPEATS at least, `min_time_s` in all): the
+    statistic a benchmark reports for its steps, so predictions are of the same quantity."""
     run()
     synchronize()
     times: list[float] = []
-    while len(times) < MIN_REPEATS or (sum(times) < MIN_TIME_S and len(times) < MAX_REPEATS):
+    while len(times) < MIN_REPEATS or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         run()
         synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -82,7 +91,7 @@ def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
                 else:
                     a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
                     run = lambda: torch.mm(a, weight())  # noqa: E731
-                seconds = max(best_time_s(run) - call_s, KERNEL_FLOOR_S)
+                seconds = max(typical_time_s(run) - call_s, KERNEL_FLOOR_S)
                 row.append(2 * batch * m * n * k / seconds)
             plane.append(tuple(row))
         rates.append(tuple(plane))
@@ -95,7 +104,7 @@ def _size_curve(make_run: Callable[[int], Callable[[], object]], bytes_per_eleme
     seconds = []
     for size in SIZES_BYTES:
         run = make_run(max(size // bytes_per_element, SOFTMAX_ROW))
-        seconds.append(max(best_time_s(run) - call_s, KERNEL_FLOOR_S))
+        seconds.append(max(typical_time_s(run) - call_s, KERNEL_FLOOR_S))
     return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(seconds))
 
 
@@ -149,7 +158,7 @@ def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> float:
     """T5's relative-position gradient: L·L rows of H values summed into a 32-bucket table, less its bytes."""
     rows, heads = 2**18, 4
     grad, indices = torch.rand(rows, heads), torch.randint(0, 32, (rows,))
-    seconds = best_time_s(lambda: torch.ops.aten.embedding_dense_backward(grad, indices, 32, -1, False)) - call_s
+    seconds = typical_time_s(lambda: torch.ops.aten.embedding_dense_backward(grad, indices, 32, -1, False)) - call_s
     moved = grad.numel() * 4 + rows * 8 + 32 * heads * 4
     return max(seconds - elementwise(moved), KERNEL_FLOOR_S) / rows
 
@@ -158,8 +167,8 @@ def _fresh_page_s_per_byte() -> float:
     """Writing a tensor above the mmap threshold (new pages) less writing one already mapped, per byte."""
     elements = FRESH_PROBE_BYTES // 4
     mapped = torch.empty(elements)
-    fresh_s = best_time_s(lambda: torch.empty(elements).fill_(1.0))
-    mapped_s = best_time_s(lambda: mapped.fill_(1.0))
+    fresh_s = typical_time_s(lambda: torch.empty(elements).fill_(1.0))
+    mapped_s = typical_time_s(lambda: mapped.fill_(1.0))
     return max(fresh_s - mapped_s, KERNEL_FLOOR_S) / FRESH_PROBE_BYTES
 
 
@@ -171,7 +180,7 @@ def _calibration_steps(dtype: str):
     batch = token_batch(config, CALIBRATION_WORKLOAD, torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     steps = []
-    for mode, phase in (("forward", "forward"), ("forecast", "forecast")):
+    for mode, phase in (("forecast", "forecast"),):
         def run(mode=mode):
             run_step(model, batch, CALIBRATION_WORKLOAD, mode, generator=torch.Generator().manual_seed(0))
         steps.append((phase, run, record_step(model, batch, CALIBRATION_WORKLOAD, mode,
@@ -192,6 +201,41 @@ def _calibration_steps(dtype: str):
     return steps
 
 
+def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -> float:
+    """What a step spent beyond its modelled kernels and views, per dispatched op."""
+    kernels = predict_step_time(ops, _with_host(device, 0.0, 0.0))
+    views = ops.count("view")
+    return max((spent_s - kernels.total_s - views * view_s) / max(ops.op_count - views, 1), KERNEL_FLOOR_S)
+
+
+def _forward_step(size: str, workload: Workload, dtype: str):
+    config = make_config(size)
+    torch.manual_seed(0)
+    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
+    batch = token_batch(config, workload, torch.Generator().manual_seed(0))
+    run = lambda: run_step(model, batch, workload, "forward")  # noqa: E731
+    run()
+    return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), record_step(model, batch, workload, "forward")
+
+
+def _fit_forward_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float) -> tuple[float, float]:
+    """Host seconds per forward op and the GEMM in-model factor, from two forwards: t = n·h + g·K + rest
+    (n non-view ops, K the GEMM kernel time at factor 1, rest the other kernels and the views)."""
+    rows = []
+    for size, workload in (("debug", CALIBRATION_WORKLOAD), GEMM_CALIBRATION):
+        spent_s, trace = _forward_step(size, workload, dtype)
+        kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
+        views = trace.count("view")
+        rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s))
+    (n1, k1, r1), (n2, k2, r2) = rows
+    determinant = n1 * k2 - n2 * k1
+    if determinant:
+        host_s, factor = (r1 * k2 - r2 * k1) / determinant, (n1 * r2 - n2 * r1) / determinant
+        if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
+            return host_s, factor
+    return max((r1 - k1) / n1, KERNEL_FLOOR_S), 1.0  # a fit outside reason (a disturbed probe): no factor
+
+
 def _phase_trace(trace, phases: tuple[str, ...]):
     from planner.steptime.ops import StepTrace
     return StepTrace(tuple((op, count) for op, count in trace.ops if op.phase in phases))
@@ -201,7 +245,7 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     """Measure this CPU's terms in `dtype` (see the module docstring)."""
     torch_dtype = TORCH_DTYPES[dtype]
     one = torch.ones(1, 1, dtype=torch_dtype)
-    call_s = best_time_s(lambda: torch.mm(one, one))
+    call_s = typical_time_s(lambda: torch.mm(one, one))
     mm = _gemm_grid(MM_AXES, torch_dtype, 1, call_s)
     bmm = _gemm_grid(BMM_AXES, torch_dtype, BMM_BATCH, call_s)
     settle_allocator()  # the timed steps' allocator: large outputs are fresh pages
@@ -214,27 +258,24 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
         settle_allocator()
     scatter_s_per_row = _scatter_s_per_row(memory["elementwise"], call_s)
     tensor = torch.ones(4, 4)
-    view_s = best_time_s(lambda: tensor.view(16))
+    view_s = typical_time_s(lambda: tensor.view(16))
     draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory, scatter_s_per_row,
-                           fresh_s_per_byte,
-                           SETTLED_MMAP_THRESHOLD_BYTES, {"forward": view_s}, view_s)
-    host: dict[str, float] = {}
-    measured = {}
+                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, 1.0, {"forward": view_s}, view_s)
+    host_s, gemm_factor = _fit_forward_host_and_gemm_factor(draft, dtype, view_s)
+    draft = replace(draft, gemm_in_model_factor=gemm_factor)
+    host: dict[str, float] = {"forward": host_s}
     for phase, run, trace in _calibration_steps(dtype):
         run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
-        measured[phase] = best_time_s(run)
+        spent_s = typical_time_s(run, min_time_s=CALIBRATION_TIME_S)
+        if phase == "forward":
+            continue  # fitted above, with the GEMM factor
         if phase == "backward":  # the forward and backward together: take the forward's part off
             forward_ops = _phase_trace(trace, ("forward",))
-            forward_s = predict_step_time(forward_ops, _with_host(draft, host["forward"], view_s)).total_s
+            spent_s -= predict_step_time(forward_ops, _with_host(draft, host["forward"], view_s)).total_s
             ops = _phase_trace(trace, ("backward",))
-            spent_s = measured[phase] - forward_s
         else:
             ops = _phase_trace(trace, ("optimizer",)) if phase == "optimizer" else trace
-            spent_s = measured[phase]
-        kernels = predict_step_time(ops, _with_host(draft, 0.0, 0.0))
-        views = ops.count("view")
-        host[phase] = max((spent_s - kernels.total_s - views * view_s) / max(ops.op_count - views, 1),
-                          KERNEL_FLOOR_S)
+        host[phase] = _host_s_per_op(spent_s, ops, draft, view_s)
     return replace(draft, host_s_per_op=host)
 
 
