@@ -171,6 +171,27 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     assert any("E = 0" in caption.value for caption in at.caption)  # no dense run: no ratio to dense
 
 
+def test_benchmark_predicts_without_running_on_a_gpu_preset():
+    at = run_app(sizes="tiny", tab="Benchmark", bench_experts="0, 4", bench_predict_device="a100-80gb")
+    at.button(key="bench_predict").click().run(timeout=180)  # traces in this process, once
+    assert not at.exception and not at.error
+    frame = at.dataframe[0].value
+    assert list(frame["Run"]) == ["debug dense forward", "debug MoE-4 (top-2, token_ffn, sparse) forward"]
+    assert set(frame["Device"]) == {"NVIDIA A100 80GB SXM"}
+    assert (frame["Predicted"] - frame[["Matmul", "Memory-bound", "Overhead", "Sync"]].sum(axis=1)).abs().max() < 1e-12
+    charts = {chart.proto.id.split("-")[-1] for chart in at.get("plotly_chart")}
+    assert "bench_predicted_split" in charts
+    assert any(button.proto.label == "Predictions CSV" for button in at.get("download_button"))
+
+
+def test_benchmark_prediction_refuses_a_dtype_the_gpu_lacks():
+    at = run_app(sizes="tiny", tab="Benchmark", bench_predict_device="t4", bench_dtype="bf16")
+    at.button(key="bench_predict").click().run(timeout=180)
+    assert not at.exception
+    (message,) = error_texts(at)
+    assert "bf16 is not supported natively by NVIDIA T4" in message
+
+
 def test_benchmark_says_when_another_benchmark_runs():
     with BenchLock("someone else's run") as lock:
         assert lock.acquired

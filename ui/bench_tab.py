@@ -316,7 +316,8 @@ def _draw_prediction(specs: Sequence[BenchSpec]) -> None:
         if not columns[3].button("Predict", key="bench_predict", icon=":material/online_prediction:"):
             return
         try:
-            with st.spinner("Tracing each step (once per variant and workload, then cached)…"):
+            with st.spinner("Tracing each step (once per variant and workload, then cached) and, the first time "
+                            "on this machine, probing it (about 10 s)…"):
                 rows = prediction_rows(specs, device, compiled, tf32)
         except ValueError as error:
             st.error(str(error), icon=":material/error:")

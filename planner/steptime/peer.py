@@ -45,7 +45,7 @@ def estimate_with_runtime_estimator(config: ChronosMoEConfig, workload: Workload
             batch = token_batch(config, workload)
             for patch in specs:
                 stack.enter_context(patch)
-            with estimator("operator-level-cost-model"), contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), estimator("operator-level-cost-model"):
                 run_step(model, batch, workload, mode, dtype)  # it prints its total; the caller reports it
     except Exception as error:  # noqa: BLE001 - its refusal is the answer: say it
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"

@@ -1,14 +1,15 @@
-"""Probing this machine for the device model's terms (a few seconds; cached by `device_cache`).
+"""Probing this machine for the device model's terms (about ten seconds; cached by `device_cache`).
 
-- GEMM kernel rates on a grid of shapes, plain (`mm`, a weight read from memory) and batched (`bmm`, as
-  attention runs them, operands in the cache), in the
-  run's dtype: the time of each, less the cost of calling an op from Python (measured on a 1×1 product);
-- elementwise (`x + x`) and transcendental (softmax over rows of 512) kernel times at sizes from 4 KiB to
-  128 MiB moved (caches, then memory);
+- GEMM kernel rates on a grid of shapes in the run's dtype: plain products with the weight read from memory
+  (`mm`), and batched ones as attention runs them, operands in the cache (`bmm`); each time less the cost
+  of calling an op from Python (a 1×1 product);
+- kernel time by bytes moved, 4 KiB to 128 MiB, for each class of memory-bound op (elementwise, random
+  draws, sampling, top-k, softmax, its backward, transcendental, reductions); the cost of fresh pages (an
+  output above glibc's mmap threshold) and a scatter-add's cost per row;
 - the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than back
-  to back: real steps of the debug model at small shapes (a no-grad
-  forward, a forecast, a forward and backward, an AdamW step), each timed, less the kernel time the model
-  above gives for its traced ops, divided by its op count. Views are timed alone.
+  to back: real steps (debug at small shapes: a forecast, a forward and backward, an AdamW step; and two
+  forwards, debug and tiny, that separate host time from GEMM time), each timed, less the kernel time the
+  terms above give for its traced ops, per op. Views are timed alone.
 
 Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
 quiet machine: neighbours slow every repeat). Runs in the benchmark's worker, after its measurement (so the
