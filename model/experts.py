@@ -43,7 +43,9 @@ class ExpertEncoder(nn.Module):
 
     def __init__(self, encoder_config: T5Config) -> None:
         super().__init__()
-        self.encoder = T5Stack(encoder_config, embed_tokens=None)
+        self.encoder = T5Stack(encoder_config)
+        # No token embedding of its own (it reads the shared one's output); transformers 5 gives every stack one.
+        self.encoder.embed_tokens = None
         self.lm_head = nn.Linear(encoder_config.d_model, encoder_config.vocab_size, bias=False)
 
     def encode(self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
