@@ -30,9 +30,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def test_cpu_prediction_hand_priced():
-    """1e10 FLOP/s, 1e10 B/s: the mm 0.2 s; add 0.03 s plus fresh pages for its 100 MB output (above
-    32 MiB); the softmax backward 0.03 s in place... no: out of place, fresh too; host 1e-5 s a forward op,
-    5e-6 a backward op, 1e-6 a view; a CPU adds host and kernel time."""
+    """1e10 FLOP/s and 1e10 B/s: each mm 0.2 s; each add and the softmax backward 0.03 s, plus fresh pages
+    for their 100 MB outputs (above 32 MiB); the sync reads 128 bytes; host 1e-5 s a forward op, 5e-6 s a
+    backward op, 1e-6 s a view; a CPU adds host and kernel time."""
     trace = StepTrace(((MM, 2), (ADD, 3), (SOFTMAX_BACKWARD, 1), (VIEW, 10), (SYNC, 1)))
     step = predict_step_time(trace, simple_measured_device())
     fresh = 10**8 * FRESH_S_PER_BYTE

@@ -3,10 +3,11 @@ host-sync latency (performance.md, "What the model contains").
 
 Two kinds of device model, one interface (`DeviceModel`):
 
-- `MeasuredDevice`: this machine, from `probe.probe_device` (cached with its date): GEMM kernel times on a
-  grid of shapes (interpolated between them), elementwise and transcendental (softmax-like) op times by
-  size, and the host's time per dispatched op, each phase apart (Python module code around the forward's
-  ops, the C++ autograd engine around the backward's, the optimizer's Python loop).
+- `MeasuredDevice`: this machine, from `probe.probe_device` (cached with its date): GEMM kernel rates on a
+  grid of shapes (interpolated between them) and how much slower they run inside a model step, kernel time
+  by bytes for each class of memory-bound op (MEMORY_CLASSES), fresh pages and scatter rows, and the host's
+  time per dispatched op, each phase apart (Python module code around the forward's ops, the C++ autograd
+  engine around the backward's, the optimizer's Python loop).
 - `GpuPreset`: a GPU one does not have, from its datasheet and published measurements (cited beside each
   number): the matmul rate is the datasheet peak × the measured achievable fraction (MAMF) × the share of
   the GPU a GEMM's 128×128 output tiles fill (wave quantisation); memory-bound ops run at the datasheet
