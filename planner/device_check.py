@@ -87,6 +87,7 @@ def check_variant(size: str, architecture: str, experts: int, mode: str, precisi
     import torch
 
     from model.build import build_model_from_config
+    from planner.bench.device import TORCH_DTYPES
     from planner.bench.preflight import estimate_peak_bytes
     from planner.bench.spec import BenchSpec
     from planner.bench.steps import make_step
@@ -104,8 +105,7 @@ def check_variant(size: str, architecture: str, experts: int, mode: str, precisi
     try:
         torch.manual_seed(0)
         model = build_model_from_config(spec.model_config(), device=device,
-                                        dtype=None if mode == "train" else {"fp32": torch.float32,
-                                                                             "bf16": torch.bfloat16}[dtype])
+                                        dtype=None if mode == "train" else TORCH_DTYPES[dtype])
         step = make_step(spec, model, device)
         for _ in range(WARMUP):
             step()

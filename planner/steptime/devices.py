@@ -258,7 +258,6 @@ class GpuPreset:
     matmul_peaks: dict[str, float]
     bandwidth_bytes_per_s: float
     sm_count: int
-    memory_gib: float
     mamf_fraction: float
     sources: dict[str, str]
     host_s_per_op: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_HOST_S_PER_OP))
@@ -300,51 +299,51 @@ class GpuPreset:
         return CUDA_SYNC_S
 
 
-def _nvidia(name: str, peaks: dict[str, float], bandwidth: float, sms: int, memory_gib: float, datasheet: str,
+def _nvidia(name: str, peaks: dict[str, float], bandwidth: float, sms: int, datasheet: str,
             mamf: Optional[tuple[float, str]] = None) -> GpuPreset:
     fraction, mamf_source = mamf or (MAMF_FRACTION_ASSUMED, "assumed 0.80 (not in the MAMF table)")
-    return GpuPreset(name, peaks, bandwidth, sms, memory_gib, fraction,
-                     {"peaks, bandwidth, SMs, memory": datasheet, "achievable matmul fraction": mamf_source})
+    return GpuPreset(name, peaks, bandwidth, sms, fraction,
+                     {"peaks, bandwidth, SMs": datasheet, "achievable matmul fraction": mamf_source})
 
 
 MAMF_TABLE = "Bekman, Machine Learning Engineering, MAMF comparison table (bf16)"
 GPU_PRESETS: dict[str, GpuPreset] = {
     "h100-sxm": _nvidia("NVIDIA H100 SXM", {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},
-                        3.35e12, 132, 80, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)", (0.803, MAMF_TABLE)),
+                        3.35e12, 132, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)", (0.803, MAMF_TABLE)),
     "h100-pcie": _nvidia("NVIDIA H100 PCIe", {"fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12, "fp16": 756e12},
-                         2.0e12, 114, 80, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
+                         2.0e12, 114, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
     "h200": _nvidia("NVIDIA H200 SXM", {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},
-                    4.8e12, 132, 141, "NVIDIA H200 Tensor Core GPU datasheet (SXM)",
+                    4.8e12, 132, "NVIDIA H200 Tensor Core GPU datasheet (SXM)",
                     (0.803, MAMF_TABLE + ": H100 SXM 80.3%, 'H200 is the same'")),
     "a100-40gb": _nvidia("NVIDIA A100 40GB SXM", {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
-                         1.555e12, 108, 40, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)", (0.869, MAMF_TABLE)),
+                         1.555e12, 108, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)", (0.869, MAMF_TABLE)),
     "a100-80gb": _nvidia("NVIDIA A100 80GB SXM", {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
-                         2.039e12, 108, 80, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)", (0.869, MAMF_TABLE)),
+                         2.039e12, 108, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)", (0.869, MAMF_TABLE)),
     "a10g": _nvidia("NVIDIA A10G", {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},
-                    600e9, 80, 24, "NVIDIA A10 datasheet (AWS A10G: same GA102 configuration)"),
+                    600e9, 80, "NVIDIA A10 datasheet (AWS A10G: same GA102 configuration)"),
     "l4": _nvidia("NVIDIA L4", {"fp32": 30.3e12, "tf32": 60e12, "bf16": 121e12, "fp16": 121e12},
-                  300e9, 58, 24, "NVIDIA L4 Tensor Core GPU datasheet"),
-    "t4": _nvidia("NVIDIA T4", {"fp32": 8.1e12, "fp16": 65e12}, 320e9, 40, 16,
+                  300e9, 58, "NVIDIA L4 Tensor Core GPU datasheet"),
+    "t4": _nvidia("NVIDIA T4", {"fp32": 8.1e12, "fp16": 65e12}, 320e9, 40,
                   "NVIDIA T4 Tensor Core GPU datasheet (no bf16 or TF32)"),
     "rtx-4090": _nvidia("NVIDIA GeForce RTX 4090", {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12,
                                                      "fp16": 165.2e12},
-                        1.008e12, 128, 24, "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090, FP32 accumulate)"),
+                        1.008e12, 128, "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090, FP32 accumulate)"),
 }
 
 
-def apple_preset(name: str, flops: float, bandwidth: float, cores: int, memory_gib: float, source: str) -> GpuPreset:
+def apple_preset(name: str, flops: float, bandwidth: float, cores: int, source: str) -> GpuPreset:
     """Apple GPUs (MPS) run fp16/bf16 at their fp32 rate and have no TF32; their GPU cores stand for SMs."""
-    return GpuPreset(name, {"fp32": flops, "bf16": flops, "fp16": flops}, bandwidth, cores, memory_gib,
+    return GpuPreset(name, {"fp32": flops, "bf16": flops, "fp16": flops}, bandwidth, cores,
                      MAMF_FRACTION_ASSUMED, {"peaks, bandwidth, cores": source,
                                              "achievable matmul fraction": "assumed 0.80"})
 
 
 GPU_PRESETS.update({
-    "apple-m1": apple_preset("Apple M1 (8-core GPU)", 2.6e12, 68.25e9, 8, 16, "Apple M1 product page"),
-    "apple-m1-max": apple_preset("Apple M1 Max (32-core GPU)", 10.4e12, 400e9, 32, 64, "Apple M1 Max announcement"),
-    "apple-m2": apple_preset("Apple M2 (10-core GPU)", 3.6e12, 100e9, 10, 24, "Apple M2 announcement"),
-    "apple-m2-max": apple_preset("Apple M2 Max (38-core GPU)", 13.6e12, 400e9, 38, 96, "Apple M2 Max announcement"),
-    "apple-m2-ultra": apple_preset("Apple M2 Ultra (76-core GPU)", 27.2e12, 800e9, 76, 192,
+    "apple-m1": apple_preset("Apple M1 (8-core GPU)", 2.6e12, 68.25e9, 8, "Apple M1 product page"),
+    "apple-m1-max": apple_preset("Apple M1 Max (32-core GPU)", 10.4e12, 400e9, 32, "Apple M1 Max announcement"),
+    "apple-m2": apple_preset("Apple M2 (10-core GPU)", 3.6e12, 100e9, 10, "Apple M2 announcement"),
+    "apple-m2-max": apple_preset("Apple M2 Max (38-core GPU)", 13.6e12, 400e9, 38, "Apple M2 Max announcement"),
+    "apple-m2-ultra": apple_preset("Apple M2 Ultra (76-core GPU)", 27.2e12, 800e9, 76,
                                    "Apple M2 Ultra announcement"),
 })
 

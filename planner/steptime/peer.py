@@ -15,10 +15,9 @@ from typing import Optional
 from unittest import mock
 
 from model.config import ChronosMoEConfig
-from planner.steptime.devices import GpuPreset
+from planner.steptime.devices import DTYPE_NAMES, GpuPreset
 from planner.workload import Workload
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def estimate_with_runtime_estimator(config: ChronosMoEConfig, workload: Workload, mode: str, preset: GpuPreset,
@@ -33,7 +32,7 @@ def estimate_with_runtime_estimator(config: ChronosMoEConfig, workload: Workload
     from planner.measure import token_batch
     from planner.steptime.trace import run_step
 
-    peaks = {getattr(torch, _DTYPES[key]): rate for key, rate in preset.matmul_peaks.items() if key in _DTYPES}
+    peaks = {getattr(torch, DTYPE_NAMES[key]): rate for key, rate in preset.matmul_peaks.items() if key in DTYPE_NAMES}
     specs = [mock.patch.object(estimation, "get_device_tflops", lambda d: peaks.get(d, peaks[torch.float32]) / 1e12),
              mock.patch.object(estimation, "get_gpu_dram_gbps", lambda: preset.bandwidth_bytes_per_s / 1e9),
              mock.patch("torch.cuda.is_available", lambda: True)]
@@ -41,7 +40,7 @@ def estimate_with_runtime_estimator(config: ChronosMoEConfig, workload: Workload
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), contextlib.ExitStack() as stack:
             model = build_model_from_config(config, dtype=None if dtype == "fp32" or mode == "train"
-                                            else getattr(torch, _DTYPES[dtype]))
+                                            else getattr(torch, DTYPE_NAMES[dtype]))
             batch = token_batch(config, workload)
             for patch in specs:
                 stack.enter_context(patch)

@@ -31,8 +31,10 @@ from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.measure import token_batch
 from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve
+from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
-from planner.steptime.trace import TORCH_DTYPES, record_step, run_step
+from planner.bench.device import TORCH_DTYPES
+from planner.steptime.trace import record_step, run_step
 from planner.workload import Workload
 
 MIN_TIME_S = 0.02  # per kernel point: enough repeats for a stable median
@@ -175,10 +177,7 @@ def _fresh_page_s_per_byte() -> float:
 
 def _calibration_steps(dtype: str):
     """(phase, run, trace) for each calibration step of the debug model."""
-    config = make_config("debug")
-    torch.manual_seed(0)
-    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
-    batch = token_batch(config, CALIBRATION_WORKLOAD, torch.Generator().manual_seed(0))
+    model, batch = _model_and_batch("debug", CALIBRATION_WORKLOAD, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     steps = []
     for mode, phase in (("forecast", "forecast"),):
@@ -210,10 +209,7 @@ def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -
 
 
 def _forward_step(size: str, workload: Workload, dtype: str):
-    config = make_config(size)
-    torch.manual_seed(0)
-    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
-    batch = token_batch(config, workload, torch.Generator().manual_seed(0))
+    model, batch = _model_and_batch(size, workload, dtype)
     run = lambda: run_step(model, batch, workload, "forward")  # noqa: E731
     run()
     return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), record_step(model, batch, workload, "forward")
@@ -237,8 +233,15 @@ def _fit_forward_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s
     return max((r1 - k1) / n1, KERNEL_FLOOR_S), 1.0  # a fit outside reason (a disturbed probe): no factor
 
 
-def _phase_trace(trace, phases: tuple[str, ...]):
-    from planner.steptime.ops import StepTrace
+def _model_and_batch(size: str, workload: Workload, dtype: str):
+    """A seeded model of `size` in `dtype` and a random token batch (ids, mask, labels) at `workload`."""
+    config = make_config(size)
+    torch.manual_seed(0)
+    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
+    return model, token_batch(config, workload, torch.Generator().manual_seed(0))
+
+
+def _phase_trace(trace, phases: tuple[str, ...]) -> StepTrace:
     return StepTrace(tuple((op, count) for op, count in trace.ops if op.phase in phases))
 
 

@@ -38,11 +38,11 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from model.config import ChronosMoEConfig
+from planner.bench.device import TORCH_DTYPES
 from planner.measure import ShapeOnlyMatmuls, build_shape_only, token_batch
 from planner.steptime.ops import OpRecord, StepTrace
 
 MODES = ("forward", "train", "forecast")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Ops that make the host wait for the device's values (data-dependent output shapes or a value to Python).
 SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "unique_consecutive", "_unique",
                       "_unique2", "unique_dim", "equal", "is_nonzero", "allclose"})
