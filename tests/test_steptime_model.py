@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -42,6 +43,15 @@ def test_cpu_prediction_hand_priced():
                                             + 10 * VIEW_S + HOST_S["forward"])
     assert step.sync_s == 0 and step.sync_count == 1 and step.op_count == 17 and step.bound == "matmul"
     assert step.total_s == pytest.approx(step.matmul_s + step.memory_s + step.overhead_s)
+
+
+def test_gemm_in_model_factor_is_per_phase():
+    """A forecast's GEMMs at factor 1.5 cost 1.5 × 0.2 s; a backward GEMM has no factor of its own and takes
+    the forward's (1.0)."""
+    device = replace(simple_measured_device(), gemm_in_model_factor={"forward": 1.0, "forecast": 1.5})
+    assert device.matmul_s(MM, "fp32") == pytest.approx(0.2)
+    assert device.matmul_s(replace(MM, phase="forecast"), "fp32") == pytest.approx(0.3)
+    assert device.matmul_s(replace(MM, phase="backward"), "fp32") == pytest.approx(0.2)
 
 
 def test_scatter_costs_its_rows():
@@ -103,6 +113,9 @@ def test_size_curve_log_log_inside_throughput_outside():
     lambda entry: {**entry, "scatter_s_per_row": -1.0},
     lambda entry: {**entry, "fresh_page_s_per_byte": float("nan")},
     lambda entry: {**entry, "memory": {**entry["memory"], "softmax": {"sizes": [1, 2], "seconds": [0.0, 1.0]}}},
+    lambda entry: {**entry, "gemm_in_model_factor": 1.2},  # a cache from before the factor was per phase
+    lambda entry: {**entry, "gemm_in_model_factor": {"forecast": 1.2}},
+    lambda entry: {**entry, "gemm_in_model_factor": {"forward": -1.0}},
 ])
 def test_damaged_probe_cache_is_refused_and_probed_again(damage, monkeypatch):
     good = simple_measured_device("Some CPU (2 threads)")

@@ -148,7 +148,7 @@ class MeasuredDevice:
     scatter_s_per_row: float  # a scatter-add's cost per index row, beyond its bytes
     fresh_page_s_per_byte: float  # first touch of newly mapped memory (the kernel zero-fills each page)
     fresh_above_bytes: int  # outputs larger than this are newly mapped (glibc's mmap threshold)
-    gemm_in_model_factor: float  # GEMMs inside a model step ÷ the same GEMMs back to back (fitted on real steps)
+    gemm_in_model_factor: dict[str, float]  # phase -> GEMMs inside a model step ÷ the same back to back (fitted)
     host_s_per_op: dict[str, float]  # phase -> seconds of host time per dispatched op
     host_s_per_view: float
     source: str = "probe"
@@ -159,11 +159,12 @@ class MeasuredDevice:
         return op.bytes_written * self.fresh_page_s_per_byte if fresh else 0.0
 
     def matmul_s(self, op: OpRecord, matmul_dtype: str) -> float:
+        factor = self.gemm_in_model_factor.get(op.phase, self.gemm_in_model_factor["forward"])
         if op.gemm is None:
-            return op.flops / self.mm.rate(4096, 4096, 4096) * self.gemm_in_model_factor
+            return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
         grid = self.bmm if batch > 1 else self.mm
-        return op.flops / grid.rate(m, n, k) * self.gemm_in_model_factor + self._fresh_pages_s(op)
+        return op.flops / grid.rate(m, n, k) * factor + self._fresh_pages_s(op)
 
     def memory_s(self, op: OpRecord) -> float:
         scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
@@ -203,19 +204,20 @@ class MeasuredDevice:
                     raise ValueError(f"memory.{key}: sizes and seconds must be two ascending lists of one length")
                 _check_positive(f"memory.{key}", sizes + seconds)
                 curves[key] = SizeCurve(sizes, seconds)
-            host = {str(phase): float(s) for phase, s in dict(values["host_s_per_op"]).items()}
-            if "forward" not in host:
-                raise ValueError("host_s_per_op: the forward phase is missing")
+            per_phase = {}
+            for key in ("host_s_per_op", "gemm_in_model_factor"):
+                per_phase[key] = {str(phase): float(v) for phase, v in dict(values[key]).items()}
+                if "forward" not in per_phase[key]:
+                    raise ValueError(f"{key}: the forward phase is missing")
+                _check_positive(key, list(per_phase[key].values()))
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
-                                                             "fresh_page_s_per_byte", "fresh_above_bytes",
-                                                             "gemm_in_model_factor")}
-            _check_positive("host_s_per_op", list(host.values()))
+                                                             "fresh_page_s_per_byte", "fresh_above_bytes")}
             for key, value in scalars.items():
                 _check_positive(key, [value])
             return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
-                       int(scalars["fresh_above_bytes"]), scalars["gemm_in_model_factor"],
-                       host, scalars["host_s_per_view"])
+                       int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
+                       per_phase["host_s_per_op"], scalars["host_s_per_view"])
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
 

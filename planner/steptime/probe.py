@@ -1,4 +1,4 @@
-"""Probing this machine for the device model's terms (about ten seconds; cached by `device_cache`).
+"""Probing this machine for the device model's terms (about half a minute; cached by `device_cache`).
 
 - GEMM kernel rates on a grid of shapes in the run's dtype: plain products with the weight read from memory
   (`mm`), and batched ones as attention runs them, operands in the cache (`bmm`); each time less the cost
@@ -7,18 +7,20 @@
   draws, sampling, top-k, softmax, its backward, transcendental, reductions); the cost of fresh pages (an
   output above glibc's mmap threshold) and a scatter-add's cost per row;
 - the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than back
-  to back: real steps (debug at small shapes: a forecast, a forward and backward, an AdamW step; and two
-  forwards, debug and tiny, that separate host time from GEMM time), each timed, less the kernel time the
-  terms above give for its traced ops, per op. Views are timed alone.
+  to back: real steps, each timed, less the kernel time the terms above give for its traced ops. Forwards
+  and forecasts of debug, tiny and small at small shapes fit the host time (debug) and the GEMM factor
+  (tiny and small) of each; a forward and backward and an AdamW step of debug give the backward's and the
+  optimizer's host time. Views are timed alone.
 
 Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
-quiet machine: neighbours slow every repeat). Runs in the benchmark's worker, after its measurement (so the
-allocator is in the same state as the timed steps).
+quiet machine: neighbours slow every repeat); each kernel point is the faster of two passes. Runs in the
+benchmark's worker, after its measurement (so the allocator is in the same state as the timed steps).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -49,12 +51,16 @@ SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7
-GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe  # a kernel time never reads as zero or negative after the call cost is taken off
-# The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and a
-# forward whose small GEMMs dominate (tiny at a batch and context no benchmark grid uses): together they
-# separate the host's time per op from how much slower GEMMs run inside a model than back to back.
+GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
+# The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
+# steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
+# they separate the host's time per op from how much slower GEMMs run inside a model than back to back, for
+# forwards and for forecasts (whose decoding steps multiply a few rows by every weight).
 CALIBRATION_WORKLOAD = Workload(batch_size=1, context_length=16, prediction_length=4, num_samples=2)
-GEMM_CALIBRATION = ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2))
+GEMM_CALIBRATIONS = (("debug", CALIBRATION_WORKLOAD),
+                     ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2)),
+                     ("small", Workload(batch_size=1, context_length=32, prediction_length=4, num_samples=2)))
+FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM factor; a mode is its phase's name
 
 
 def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
@@ -81,34 +87,40 @@ def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tens
     return lambda: weights[next(turn) % copies].t()
 
 
+def _least_disturbed_s(makers: list[Callable[[], Callable[[], object]]], call_s: float) -> list[float]:
+    """Kernel seconds of each run `makers[i]()` builds: the faster of two passes over all of them, the second
+    in reverse order, less the cost of calling an op. A neighbour's burst slows the points it lands on; a
+    second pass at another moment leaves each point's least disturbed time (the slowdown every step has in
+    common is the in-model GEMM factor's and the host's, fitted on real steps). Runs are built one at a time
+    and dropped: the cold weights of every point together would not fit in memory."""
+    seconds = [math.inf] * len(makers)
+    for order in (range(len(makers)), reversed(range(len(makers)))):
+        for i in order:
+            seconds[i] = min(seconds[i], typical_time_s(makers[i]()))
+    return [max(s - call_s, KERNEL_FLOOR_S) for s in seconds]
+
+
 def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
-    rates = []
-    for m in axes[0]:
-        plane = []
-        for n in axes[1]:
-            row = []
-            for k in axes[2]:
-                if batch > 1:  # attention's operands: activations just made, in the cache
-                    a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
-                    run = lambda: torch.bmm(a, b)  # noqa: E731
-                else:
-                    a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
-                    run = lambda: torch.mm(a, weight())  # noqa: E731
-                seconds = max(typical_time_s(run) - call_s, KERNEL_FLOOR_S)
-                row.append(2 * batch * m * n * k / seconds)
-            plane.append(tuple(row))
-        rates.append(tuple(plane))
-    return GemmGrid(*axes, tuple(rates))
+    shapes = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2]]
+
+    def make_run(m: int, n: int, k: int) -> Callable[[], object]:
+        if batch > 1:  # attention's operands: activations just made, in the cache
+            a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
+            return lambda: torch.bmm(a, b)
+        a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
+        return lambda: torch.mm(a, weight())
+
+    seconds = _least_disturbed_s([lambda shape=shape: make_run(*shape) for shape in shapes], call_s)
+    rate = {shape: 2 * batch * shape[0] * shape[1] * shape[2] / s for shape, s in zip(shapes, seconds)}
+    rates = tuple(tuple(tuple(rate[m, n, k] for k in axes[2]) for n in axes[1]) for m in axes[0])
+    return GemmGrid(*axes, rates)
 
 
 def _size_curve(make_run: Callable[[int], Callable[[], object]], bytes_per_element: int, call_s: float) -> SizeCurve:
     """Kernel seconds of `make_run(elements)` at each of SIZES_BYTES moved (`bytes_per_element` moved per
     element, read and written, as the trace counts them)."""
-    seconds = []
-    for size in SIZES_BYTES:
-        run = make_run(max(size // bytes_per_element, SOFTMAX_ROW))
-        seconds.append(max(typical_time_s(run) - call_s, KERNEL_FLOOR_S))
-    return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(seconds))
+    makers = [lambda size=size: make_run(max(size // bytes_per_element, SOFTMAX_ROW)) for size in SIZES_BYTES]
+    return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(_least_disturbed_s(makers, call_s)))
 
 
 def _rows(elements: int, dtype: torch.dtype) -> torch.Tensor:
@@ -176,15 +188,10 @@ def _fresh_page_s_per_byte() -> float:
 
 
 def _calibration_steps(dtype: str):
-    """(phase, run, trace) for each calibration step of the debug model."""
+    """(phase, run, trace) for the training step's calibration, on the debug model: its forward and backward,
+    and its AdamW step."""
     model, batch = _model_and_batch("debug", CALIBRATION_WORKLOAD, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    steps = []
-    for mode, phase in (("forecast", "forecast"),):
-        def run(mode=mode):
-            run_step(model, batch, CALIBRATION_WORKLOAD, mode, generator=torch.Generator().manual_seed(0))
-        steps.append((phase, run, record_step(model, batch, CALIBRATION_WORKLOAD, mode,
-                                              generator=torch.Generator().manual_seed(0))))
     train_trace = record_step(model, batch, CALIBRATION_WORKLOAD, "train")
 
     def forward_backward():
@@ -196,9 +203,7 @@ def _calibration_steps(dtype: str):
             run_step(model, batch, CALIBRATION_WORKLOAD, "train")
         optimizer.step()
 
-    steps.append(("backward", forward_backward, train_trace))
-    steps.append(("optimizer", optimizer_step, train_trace))
-    return steps
+    return [("backward", forward_backward, train_trace), ("optimizer", optimizer_step, train_trace)]
 
 
 def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -> float:
@@ -208,29 +213,37 @@ def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -
     return max((spent_s - kernels.total_s - views * view_s) / max(ops.op_count - views, 1), KERNEL_FLOOR_S)
 
 
-def _forward_step(size: str, workload: Workload, dtype: str):
+def _timed_step(size: str, workload: Workload, dtype: str, mode: str):
     model, batch = _model_and_batch(size, workload, dtype)
-    run = lambda: run_step(model, batch, workload, "forward")  # noqa: E731
+    run = lambda: run_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))  # noqa: E731
     run()
-    return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), record_step(model, batch, workload, "forward")
+    trace = record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
+    return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), trace
 
 
-def _fit_forward_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float) -> tuple[float, float]:
-    """Host seconds per forward op and the GEMM in-model factor, from two forwards: t = n·h + g·K + rest
-    (n non-view ops, K the GEMM kernel time at factor 1, rest the other kernels and the views)."""
+def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float, mode: str) -> tuple[float, float]:
+    """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
+    rest (n non-view ops, K the GEMM kernel time at factor 1, rest the other kernels and the views). The
+    first step (debug: mostly dispatch) is met exactly and sets h given g; the others (mostly GEMMs) set g by
+    least squares on relative errors. Fitting both freely lets the two trade off: a slow GEMM would read as a
+    slow host and price every small model's dispatch wrong."""
     rows = []
-    for size, workload in (("debug", CALIBRATION_WORKLOAD), GEMM_CALIBRATION):
-        spent_s, trace = _forward_step(size, workload, dtype)
+    for size, workload in GEMM_CALIBRATIONS:
+        spent_s, trace = _timed_step(size, workload, dtype, mode)
         kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
         views = trace.count("view")
-        rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s))
-    (n1, k1, r1), (n2, k2, r2) = rows
-    determinant = n1 * k2 - n2 * k1
-    if determinant:
-        host_s, factor = (r1 * k2 - r2 * k1) / determinant, (n1 * r2 - n2 * r1) / determinant
+        rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s,
+                     spent_s))
+    (n0, k0, r0, _), others = rows[0], rows[1:]
+    # With h = (r0 − K0·g) / n0, each other step reads g·(K − n·K0/n0) ≈ r − n·r0/n0.
+    slopes = [((k - n * k0 / n0) / t, (r - n * r0 / n0) / t) for n, k, r, t in others]
+    denominator = sum(a * a for a, _ in slopes)
+    if denominator > 0:
+        factor = sum(a * b for a, b in slopes) / denominator
+        host_s = (r0 - k0 * factor) / n0
         if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
             return host_s, factor
-    return max((r1 - k1) / n1, KERNEL_FLOOR_S), 1.0  # a fit outside reason (a disturbed probe): no factor
+    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0  # a fit outside reason (a disturbed probe): no factor
 
 
 def _model_and_batch(size: str, workload: Workload, dtype: str):
@@ -264,21 +277,21 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     tensor = torch.ones(4, 4)
     view_s = typical_time_s(lambda: tensor.view(16))
     draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory, scatter_s_per_row,
-                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, 1.0, {"forward": view_s}, view_s)
-    host_s, gemm_factor = _fit_forward_host_and_gemm_factor(draft, dtype, view_s)
+                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0}, {"forward": view_s}, view_s)
+    host: dict[str, float] = {}
+    gemm_factor: dict[str, float] = {}
+    for mode in FITTED_MODES:
+        host[mode], gemm_factor[mode] = _fit_host_and_gemm_factor(draft, dtype, view_s, mode)
     draft = replace(draft, gemm_in_model_factor=gemm_factor)
-    host: dict[str, float] = {"forward": host_s}
     for phase, run, trace in _calibration_steps(dtype):
         run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
         spent_s = typical_time_s(run, min_time_s=CALIBRATION_TIME_S)
-        if phase == "forward":
-            continue  # fitted above, with the GEMM factor
         if phase == "backward":  # the forward and backward together: take the forward's part off
             forward_ops = _phase_trace(trace, ("forward",))
             spent_s -= predict_step_time(forward_ops, _with_host(draft, host["forward"], view_s)).total_s
             ops = _phase_trace(trace, ("backward",))
         else:
-            ops = _phase_trace(trace, ("optimizer",)) if phase == "optimizer" else trace
+            ops = _phase_trace(trace, ("optimizer",))
         host[phase] = _host_s_per_op(spent_s, ops, draft, view_s)
     return replace(draft, host_s_per_op=host)
 
