@@ -190,3 +190,33 @@ def test_trace_is_cached_and_a_damaged_cache_is_traced_again(monkeypatch, tmp_pa
     monkeypatch.undo()
     monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
     assert trace_cache.load_or_trace(config, WORKLOAD, "forward") == first
+
+
+LARGE_WORKLOAD = Workload(batch_size=16, context_length=512, prediction_length=16, num_samples=4)
+
+
+@pytest.mark.parametrize("architecture, mode", [("dense", "train"), ("expert_only", "forward"),
+                                                ("token_ffn", "train"), ("shared_then_expert", "forecast")])
+def test_lean_trace_records_what_full_shape_only_execution_does(architecture, mode):
+    """Above 32 MiB (tiny's attention scores at batch 16, context 512: 16·4·513·513·4 bytes ≈ 67 MB) a trace
+    makes outputs instead of computing them. The ops it records are those full shape-only execution records:
+    identical for a dense model and expert_only (whose routing reads small tensors only); for token_ffn and
+    shared_then_expert the random routing draws differ (the products' random numbers are consumed
+    differently), so the same ops with the same FLOPs (count_flops') and counts."""
+    from planner.measure import ShapeOnlyMatmuls
+    from planner.steptime.trace import _shape_only_model
+
+    config = config_of(architecture, "tiny", experts=8)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = _shape_only_model(config, "fp32")
+    with ShapeOnlyMatmuls():
+        full = record_step(model, token_batch(config, LARGE_WORKLOAD, generator), LARGE_WORKLOAD, mode, "fp32",
+                           generator, False)
+    lean = trace_step(config, LARGE_WORKLOAD, mode)
+    flops = count_flops(config, LARGE_WORKLOAD)
+    assert lean.flops == full.flops == {"forward": flops.forward_flops, "train": flops.train_flops,
+                                        "forecast": flops.forecast_flops}[mode]
+    assert lean.op_count == full.op_count and lean.count("sync") == full.count("sync")
+    if architecture in ("dense", "expert_only"):
+        assert lean == full

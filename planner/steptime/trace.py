@@ -14,8 +14,8 @@ FlopCounterMode's own formulas), the bytes it reads and writes, its dtype and it
 - `collective`: torch.distributed's ops (none in one process).
 
 Execution is shape-only (`planner.measure.ShapeOnlyMatmuls`: products answered with random numbers of the
-right shape, parameters broadcast scalars), so large sizes trace in seconds and the trace does not depend on
-the device. Bytes are what a kernel addresses: a parameter counts in full (in a real model it is a full
+right shape, parameters broadcast scalars; `LeanShapeOnly`: outputs above 32 MiB made, not computed), so
+large sizes trace in seconds at any batch and the trace does not depend on the device. Bytes are what a kernel addresses: a parameter counts in full (in a real model it is a full
 tensor), an index op reads only the rows it gathers, a broadcast input only its distinct elements, an
 `empty` writes nothing.
 
@@ -34,12 +34,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from model.config import ChronosMoEConfig
 from planner.bench.device import TORCH_DTYPES
-from planner.measure import ShapeOnlyMatmuls, build_shape_only, token_batch
+from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
 from planner.steptime.ops import OpRecord, StepTrace
 
 MODES = ("forward", "train", "forecast")
@@ -170,6 +170,58 @@ def _shape_only_model(config: ChronosMoEConfig, dtype: str):
     return model
 
 
+# Outputs larger than this are made, not computed, in a trace: glibc's settled mmap threshold, so they are new
+# pages, which read as zeros and take no memory until written.
+LEAN_ABOVE_BYTES = 32 * 2**20
+
+
+def _tensor_bytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _untouched_like(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+
+
+class LeanShapeOnly(ShapeOnlyMatmuls):
+    """ShapeOnlyMatmuls that also leaves large work undone, so a trace of a large model at a large batch
+    takes seconds and little memory: an op whose largest output exceeds LEAN_ABOVE_BYTES gets new, untouched
+    tensors of the shapes its meta kernel gives (zeros when read), and an in-place op on such a tensor
+    returns it unchanged. Small tensors are computed: routing, sampling and every index come from them, so
+    the ops a step dispatches, their shapes and their counts are those of full shape-only execution. Zeros
+    are safe where large tensors feed decisions: a valid index, a uniform softmax, a finite loss."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.is_mutable:
+            written = [value for value, argument in zip(args, schema.arguments)
+                       if argument.alias_info is not None and argument.alias_info.is_write]
+            written += [kwargs[argument.name] for argument in schema.arguments
+                        if argument.name in kwargs and argument.alias_info is not None and argument.alias_info.is_write]
+            if len(written) == 1 and len(schema.returns) == 1 and _tensor_bytes(written[0]) > LEAN_ABOVE_BYTES:
+                return written[0]
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        if any(r.alias_info is not None for r in schema.returns):
+            return super().__torch_dispatch__(func, types, args, kwargs)  # views: no data
+        if func.overloadpacket in flop_registry:
+            shaped = func(*tree_map(_meta, args), **tree_map(_meta, kwargs))
+            if _tensor_bytes(shaped) <= LEAN_ABOVE_BYTES:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            self._count(func, args, kwargs, shaped)
+            return _untouched_like(shaped)
+        try:
+            shaped = func(*tree_map(_meta, args), **tree_map(_meta, kwargs))
+        except (NotImplementedError, RuntimeError):  # no meta kernel, or a data-dependent shape: run it
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        outputs, _ = tree_flatten(shaped)
+        if max((_tensor_bytes(o) for o in outputs), default=0) <= LEAN_ABOVE_BYTES:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        return tree_map(_untouched_like, shaped)
+
+
 def _full_size_storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -203,7 +255,7 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     generator = torch.Generator().manual_seed(seed)
     model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
     batch = token_batch(config, workload, generator)
-    with ShapeOnlyMatmuls():
+    with LeanShapeOnly():
         return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer)
 
 
