@@ -1,6 +1,6 @@
 """`python -m planner`: the analytic table, the per-component breakdown, verification against the modules,
 the benchmarks (planner/bench_cli.py), the budget solver and config import with multi-device plans
-(planner/budget_cli.py).
+(planner/budget_cli.py), training runs and forecasting services in hours and money (planner/cost_cli.py).
 
 Bad flags exit with status 2 and one line naming the flag and what it allows; `verify` exits 1 when any
 check fails. The table and Markdown formats show the summary columns below; CSV, JSON and XLSX carry
@@ -35,6 +35,11 @@ FIELD_FLAGS = {
     "num_samples": "--num-samples", "max_experts": "--max-experts", "max_top_k": "--max-top-k",
     "router_widths": "--router-widths", "token_block_patterns": "--token-blocks", "tolerance": "--tolerance",
     "num_devices": "--devices",
+    "global_batch": "--global-batch", "per_device_batch": "--per-device-batch", "gradient_accumulation": "--accumulation",
+    "steps": "--steps", "tokens": "--tokens", "epochs": "--epochs", "series": "--series",
+    "devices_per_node": "--devices-per-node", "price_per_device_hour": "--price-per-hour",
+    "data_series_per_s": "--data-series-per-s", "intra_link": "--intra-link", "inter_link": "--inter-link",
+    "deadline_hours": "--deadline-hours", "precision": "--precision", "dtype": "--dtype", "strategy": "--strategy",
 }
 
 
@@ -112,6 +117,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 def build_parser() -> OneLineParser:
     from planner.bench_cli import add_bench_subcommand
     from planner.budget_cli import add_plan_subcommand, add_solve_subcommand
+    from planner.cost_cli import add_run_subcommand, add_serve_subcommand
 
     parents = _parents()
     common = [parents["grid"], parents["workload"], parents["output"]]
@@ -129,6 +135,8 @@ def build_parser() -> OneLineParser:
     add_bench_subcommand(subparsers)
     add_solve_subcommand(subparsers, [parents["architectures"], parents["workload"], parents["output"]])
     add_plan_subcommand(subparsers, [parents["output"]])
+    add_run_subcommand(subparsers, [parents["output"]])
+    add_serve_subcommand(subparsers, [parents["output"]])
     return parser
 
 
@@ -213,7 +221,17 @@ def run_plan_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], di
     return rows, metadata, 0
 
 
-_RUNNERS = {"verify": run_verify, "solve": run_solve_command, "plan": run_plan_command}
+def run_cost_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    from planner.cost_cli import run_run, run_serve, summary
+
+    rows, metadata = (run_run if args.command == "run" else run_serve)(args)
+    if args.output_format in HUMAN_FORMATS:
+        rows = summary(rows, args.command)
+    return rows, metadata, 0
+
+
+_RUNNERS = {"verify": run_verify, "solve": run_solve_command, "plan": run_plan_command, "run": run_cost_command,
+            "serve": run_cost_command}
 
 
 def _write(data: bytes, output: Optional[Path]) -> None:
@@ -226,7 +244,7 @@ def _write(data: bytes, output: Optional[Path]) -> None:
 
 def _flag_for(message: str) -> str:
     """Config and workload errors name their field first: say which flag sets it."""
-    field = message.split(" ", 1)[0]
+    field = message.split(" ", 1)[0].rstrip(":")
     return f"argument {FIELD_FLAGS[field]}: {message}" if field in FIELD_FLAGS else message
 
 

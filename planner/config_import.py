@@ -31,8 +31,10 @@ _SIZING_KEYS = {
     "model_id", "model_type", "context_length", "prediction_length", "n_tokens", "use_moe", "num_experts",
     "num_active_experts", "router_hidden_dim", "load_balancing_weight", "expert_capacity", "shared_layers",
     "moe_architecture", "per_device_train_batch_size", "gradient_accumulation_steps", "num_samples",
-    "optim", "bf16", "fp16", "tf32", "torch_dtype",
+    "optim", "bf16", "fp16", "tf32", "torch_dtype", "max_steps", "torch_compile",
 }
+# 8-bit AdamW as the Hugging Face Trainer names it (bitsandbytes); other 8-bit optimizers are refused.
+_ADAMW_8BIT = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,14 @@ class ImportedConfig:
     gradient_accumulation_steps: int = 1
     ignored_keys: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
+    max_steps: Optional[int] = None  # a training run's optimizer steps
+    tf32: bool = False  # fp32 matmuls in TF32 (Chronos' training configs set it)
+    torch_compile: bool = False
+
+    @property
+    def run_precision(self) -> str:
+        """The training run's precision (planner.cost.training.PRECISIONS): autocast wins over TF32."""
+        return "tf32" if self.tf32 and self.workload.precision == "fp32" else self.workload.precision
 
 
 def size_for_model_id(model_id: str) -> str:
@@ -99,6 +109,11 @@ def _training_precision(settings: Mapping[str, Any]) -> str:
 
 def _optimizer(settings: Mapping[str, Any]) -> str:
     name = str(settings.get("optim", "adamw_torch")).lower()
+    if name in _ADAMW_8BIT:
+        return "adamw_8bit"
+    if "8bit" in name:
+        raise ValueError(f"optim {name!r}: of the 8-bit optimizers the planner sizes only AdamW "
+                         f"({', '.join(sorted(_ADAMW_8BIT))}); use one of those or a 32-bit optimizer")
     if name.startswith("adamw"):
         return "adamw"
     if name.startswith("adam"):
@@ -156,8 +171,18 @@ def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = 
     accumulation = _integer(settings, "gradient_accumulation_steps", 1)
     if accumulation < 1:
         raise ValueError(f"gradient_accumulation_steps must be ≥ 1, got {accumulation}")
+    max_steps = _integer(settings, "max_steps", None)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
+    flags = {}
+    for key in ("tf32", "torch_compile"):
+        value = settings.get(key, False)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        flags[key] = bool(value)
     ignored = tuple(sorted(str(key) for key in settings if key not in _SIZING_KEYS))
-    return ImportedConfig(size, config, workload, accumulation, ignored, source="training YAML")
+    return ImportedConfig(size, config, workload, accumulation, ignored, source="training YAML",
+                          max_steps=max_steps, **flags)
 
 
 def import_hf_config_json(source: Union[str, bytes, Path], **moe_settings: Any) -> ImportedConfig:

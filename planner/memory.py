@@ -5,7 +5,8 @@
   in from host memory), never the default.
 - Training, per parameter: fp32 4 weights + 4 gradients + optimizer moments; AMP keeps fp32 weights and
   gradients (only activations shrink); pure bf16 has bf16 weights and gradients with fp32 moments.
-  Adam/AdamW keep two fp32 moments (8 B), SGD with momentum one (4 B): 16 / 16 / 12 B with Adam, 12 B SGD fp32.
+  Adam/AdamW keep two fp32 moments (8 B), SGD with momentum one (4 B), 8-bit AdamW two 1-byte moments (2 B):
+  16 / 16 / 12 B with Adam, 12 B SGD fp32.
   Every parameter is counted with a gradient and moments: over a run every expert is trained.
   Activations are the bytes saved for backward (planner.activations), on CUDA unless told otherwise.
 - Forecast: weights + KV cache + the encoder output copied per sample path + the largest live activation.
@@ -30,7 +31,9 @@ from planner.workload import DTYPE_BYTES, Workload
 
 # Training bytes per parameter: (weights, gradients) by precision regime, optimizer moments by optimizer.
 WEIGHT_AND_GRADIENT_BYTES = {"fp32": (4, 4), "amp_bf16": (4, 4), "amp_fp16": (4, 4), "bf16": (2, 2)}
-OPTIMIZER_STATE_BYTES = {"adamw": 2 * 4, "adam": 2 * 4, "sgd_momentum": 4}  # fp32 moments in every regime
+# fp32 moments in every regime; 8-bit AdamW (bitsandbytes) keeps both moments in one byte each (its block-wise
+# quantisation statistics, one fp32 per 2048 values, are under 0.01 byte per parameter and left out).
+OPTIMIZER_STATE_BYTES = {"adamw": 2 * 4, "adam": 2 * 4, "sgd_momentum": 4, "adamw_8bit": 2 * 1}
 INT8_COMPUTE_BYTES = 2  # int8 weights are dequantised to fp16 to compute; the cache is kept in fp16
 
 

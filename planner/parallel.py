@@ -10,7 +10,9 @@ decides which of them each device keeps whole and which it keeps a 1/n shard of:
   parameters replicated; tokens travel to their experts, so with balanced routing each device processes as
   many expert slots as on one device, and its activations are those of its own batch.
 The workload's batch is per device. Activation checkpointing (per block) keeps only each block's input and
-recomputes one block at a time; routers, heads and the loss are kept as without it.
+recomputes one block at a time; routers, heads and the loss are kept as without it. Whether a plan fits a
+GPU is planner.headroom's rule: its bytes plus the CUDA context, the allocator's reserve and communication
+buffers.
 
 `mixed_fp16` is the regime DeepSpeed's estimators assume: fp16 weights and gradients, with an fp32 copy of
 the gradients, fp32 master weights and fp32 Adam moments (2 + 2 + 16 bytes per parameter). The tests check
@@ -26,6 +28,7 @@ from typing import Optional
 
 from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_breakdown, activation_widths
+from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
 from planner.params import ParamBreakdown, count_params
 from planner.workload import Workload
@@ -34,15 +37,21 @@ GIB = 2**30
 STRATEGIES = ("data_parallel", "zero1", "zero2", "zero3", "expert_parallel")
 _ZERO_STAGE = {"data_parallel": 0, "zero1": 1, "zero2": 2, "zero3": 3, "expert_parallel": 0}
 
-# Memory a program can allocate, as torch.cuda reports it (a little under the marketed size).
-GPU_MEMORY_BYTES = {
-    "H100 80GB": int(79.1 * GIB),
-    "A100 80GB": int(79.1 * GIB),
-    "A100 40GB": int(39.4 * GIB),
-    "L4 24GB": int(22.0 * GIB),
-    "T4 16GB": int(14.6 * GIB),
-    "RTX 4090 24GB": int(23.6 * GIB),
+# Memory a program can allocate, as torch.cuda reports it (a little under the marketed size), by the GPU
+# presets' keys (planner.steptime.devices) with the label the Devices tab and `plan --gpu` show. The H200's is
+# what the H200 of this project's GPU check reports (about 139 GiB).
+DEVICE_MEMORY: dict[str, tuple[str, int]] = {
+    "h100-sxm": ("H100 80GB", int(79.1 * GIB)),
+    "h100-pcie": ("H100 PCIe 80GB", int(79.1 * GIB)),
+    "h200": ("H200 141GB", int(139.0 * GIB)),
+    "a100-80gb": ("A100 80GB", int(79.1 * GIB)),
+    "a100-40gb": ("A100 40GB", int(39.4 * GIB)),
+    "a10g": ("A10G 24GB", int(22.0 * GIB)),
+    "l4": ("L4 24GB", int(22.0 * GIB)),
+    "t4": ("T4 16GB", int(14.6 * GIB)),
+    "rtx-4090": ("RTX 4090 24GB", int(23.6 * GIB)),
 }
+GPU_MEMORY_BYTES = {label: memory for label, memory in DEVICE_MEMORY.values()}  # by label
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,6 @@ class DevicePlan:
     @property
     def total_bytes(self) -> int:
         return self.model_states_bytes + self.activations_bytes
-
-    def fits(self, device_memory_bytes: int) -> bool:
-        return self.total_bytes <= device_memory_bytes
 
 
 def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
@@ -187,9 +193,20 @@ def plan_devices(
     )
 
 
+def device_plan_headroom(plan: DevicePlan, config: ChronosMoEConfig, workload: Workload, device_memory_bytes: int, *,
+                         precision: Optional[str] = None, params: Optional[ParamBreakdown] = None) -> Headroom:
+    """Whether `plan` fits a GPU of `device_memory_bytes`, by planner.headroom's rule (context, allocator
+    reserve and communication buffers beside the plan's bytes)."""
+    params = count_params(config) if params is None else params
+    buffers = communication_buffer_bytes(config, workload, plan.strategy, plan.num_devices,
+                                         precision or workload.precision, params, count_largest_layer_params(config))
+    return check_headroom(plan.total_bytes, device_memory_bytes, buffers)
+
+
 def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_devices: int, *,
                         device_memory_bytes: int, precision: Optional[str] = None) -> list[dict]:
-    """One row per strategy × activation checkpointing, with 'fits' on the given device memory."""
+    """One row per strategy × activation checkpointing, with whether it fits the given GPU memory
+    (planner.headroom: 'fits', 'tight' or 'does not fit', and the bytes beside the plan)."""
     params = count_params(config)
     rows = []
     for strategy in STRATEGIES:
@@ -198,6 +215,8 @@ def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_device
         for checkpointing in (False, True):
             plan = plan_devices(config, workload, strategy, num_devices, activation_checkpointing=checkpointing,
                                 precision=precision, params=params)
+            headroom = device_plan_headroom(plan, config, workload, device_memory_bytes, precision=precision,
+                                            params=params)
             rows.append({
                 "strategy": strategy,
                 "num_devices": num_devices,
@@ -208,6 +227,6 @@ def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_device
                 "gathered_layer_bytes": plan.gathered_layer_bytes,
                 "activations_bytes": plan.activations_bytes,
                 "total_bytes": plan.total_bytes,
-                "fits": plan.fits(device_memory_bytes),
+                **headroom.row(),
             })
     return rows

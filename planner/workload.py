@@ -16,7 +16,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 #   amp_bf16 / amp_fp16 - PyTorch autocast: fp32 master weights and gradients, half-precision activations;
 #   bf16     - pure bf16 weights and gradients, fp32 optimizer moments.
 PRECISION_REGIMES = ("fp32", "amp_bf16", "amp_fp16", "bf16")
-OPTIMIZERS = ("adamw", "adam", "sgd_momentum")
+OPTIMIZERS = ("adamw", "adam", "sgd_momentum", "adamw_8bit")
 
 # Far above any real Chronos workload; they stop a typo from asking for an absurd plan.
 WORKLOAD_LIMITS = {

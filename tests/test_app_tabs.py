@@ -22,7 +22,7 @@ from planner.solver import Budget, SearchSpace, solve
 from planner.workload import Workload
 from tests.test_app import APP, ARCHITECTURES, error_texts, run_app, shown_grid
 from ui.bench_tab import RESULT_COLUMNS, measured_figure, ratio_figure, results_frame, time_split_figure
-from ui.devices_tab import DOES_NOT_FIT, FITS
+from ui.devices_tab import FIT_LABELS
 from ui.format import format_seconds
 
 SMALL_SPACE = dict(budget_max_experts=8, budget_max_top_k=2)
@@ -131,8 +131,9 @@ def test_devices_totals_equal_plan_all_strategies():
     shown = at.dataframe[0].value
     assert list(shown["Total"]) == [row["total_bytes"] for row in expected]
     assert list(shown["Activations"]) == [row["activations_bytes"] for row in expected]
-    assert list(shown["Fits"]) == [FITS if row["fits"] else DOES_NOT_FIT for row in expected]
-    assert {FITS, DOES_NOT_FIT} <= set(shown["Fits"])  # this case has both
+    assert list(shown["Fits"]) == [FIT_LABELS[row["fit_status"]] for row in expected]
+    assert list(shown["Headroom"]) == [row["headroom_bytes"] for row in expected]
+    assert {FIT_LABELS["fits"], FIT_LABELS["does not fit"]} <= set(shown["Fits"])  # this case has both
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert [trace["name"] for trace in spec["data"]] == ["Weights", "Gradients", "Optimizer states",
                                                          "Gathered layer", "Activations"]

@@ -43,6 +43,7 @@ def test_weights_memory_hand_derived():
         ("bf16", "adamw", 2 + 2 + 8),  # fp32 moments
         ("fp32", "sgd_momentum", 4 + 4 + 4),
         ("bf16", "sgd_momentum", 2 + 2 + 4),
+        ("fp32", "adamw_8bit", 4 + 4 + 2),  # two one-byte moments
     ],
 )
 def test_training_state_bytes_per_parameter(precision, optimizer, bytes_per_param):

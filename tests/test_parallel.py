@@ -72,7 +72,9 @@ def test_checkpointing_keeps_less_and_fits_decides():
     assert blocks_tokens * d * 4 < checkpointed < full  # at least every block's input
     rows = plan_all_strategies(config, workload, 4, device_memory_bytes=GPU_MEMORY_BYTES["T4 16GB"])
     assert {r["fits"] for r in rows} == {True, False}
-    assert all(r["fits"] == (r["total_bytes"] <= GPU_MEMORY_BYTES["T4 16GB"]) for r in rows)
+    # Fitting leaves room beside the plan's bytes (planner.headroom; its rule is derived by hand in
+    # tests/test_headroom.py): nothing fits that only just holds its tensors.
+    assert all(r["fits"] == (r["headroom_bytes"] >= 0) and r["needed_bytes"] > r["total_bytes"] for r in rows)
 
 
 def test_bad_parallel_input_names_the_field():

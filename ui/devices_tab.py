@@ -37,7 +37,8 @@ PART_HELP = {
     "Activations": "Saved for backward at the sidebar's batch (per device); checkpointing keeps block inputs only",
 }
 PART_COLORS = ("#1f4e9c", "#3f7fd6", "#7b3fb0", "#9e9e9e", "#f08c00")
-FITS, DOES_NOT_FIT = "✓ fits", "✗ does not fit"
+FIT_LABELS = {"fits": "✓ fits", "tight": "⚠ tight", "does not fit": "✗ does not fit"}
+FIT_COLORS = {"✓ fits": "#1b6e3a", "⚠ tight": "#a05a00", "✗ does not fit": "#b00020"}
 LIMIT_OFF_CHART = 3  # a device limit this many times the tallest bar is written, not drawn (bars would vanish)
 
 
@@ -50,7 +51,8 @@ def devices_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{
         "Strategy": row["strategy"], "Checkpointing": row["activation_checkpointing"],
         **{name: row[key] for key, name in PARTS.items()}, "Total": row["total_bytes"],
-        "Fits": FITS if row["fits"] else DOES_NOT_FIT,
+        "Beside the plan": row["needed_bytes"] - row["total_bytes"], "Headroom": row["headroom_bytes"],
+        "Fits": FIT_LABELS[row["fit_status"]],
     } for row in rows])
 
 
@@ -120,21 +122,29 @@ def draw_devices(table: PlanTable, settings: Settings) -> None:
     fitting = [row for row in rows if row["fits"]]
     if fitting:
         best = min(fitting, key=lambda row: row["total_bytes"])
-        st.success(f"{len(fitting)} of {len(rows)} plans fit on {gpu} ({format_bytes(memory_bytes)}); the leanest is "
-                   f"{_row_label(best)} at {format_bytes(best['total_bytes'])} per device.")
+        tight = sum(row["tight"] for row in fitting)
+        st.success(f"{len(fitting)} of {len(rows)} plans fit on {gpu} ({format_bytes(memory_bytes)})"
+                   + (f", {tight} of them tight (under 10% left)" if tight else "") + f"; the leanest is "
+                   f"{_row_label(best)} at {format_bytes(best['total_bytes'])} per device, "
+                   f"{format_bytes(best['headroom_bytes'])} left with the CUDA context, the allocator's reserve "
+                   "and communication buffers beside it.")
     else:
         st.warning(f"None of the {len(rows)} plans fits on {gpu} ({format_bytes(memory_bytes)}): add devices, a "
                    "smaller batch, a half-precision regime or a larger GPU.")
     frame = devices_frame(rows)
     st.dataframe(
-        frame.style.format({name: format_bytes for name in [*PARTS.values(), "Total"]})
-        .map(lambda text: f"color: {'#1b6e3a' if text == FITS else '#b00020'}; font-weight: 600", subset=["Fits"]),
+        frame.style.format({name: format_bytes for name in [*PARTS.values(), "Total", "Beside the plan", "Headroom"]})
+        .map(lambda text: f"color: {FIT_COLORS[text]}; font-weight: 600", subset=["Fits"]),
         hide_index=True, key="devices_table", height=(len(frame) + 1) * 35 + 3,
         column_config={
             "Checkpointing": st.column_config.CheckboxColumn(help="Activation checkpointing per block"),
             **{name: st.column_config.NumberColumn(help=text) for name, text in PART_HELP.items()},
             "Total": st.column_config.NumberColumn(help="Everything one device holds; exact bytes in the export"),
-            "Fits": st.column_config.TextColumn(help=f"Total within {gpu}'s {format_bytes(memory_bytes)}"),
+            "Beside the plan": st.column_config.NumberColumn(
+                help="The CUDA context, the caching allocator's reserve and communication buffers (planner.headroom)"),
+            "Headroom": st.column_config.NumberColumn(help=f"What is left of {gpu}'s {format_bytes(memory_bytes)}"),
+            "Fits": st.column_config.TextColumn(help="Total and what stands beside it within the device; tight "
+                                                "when under 10% of it is left"),
         })
     st.plotly_chart(devices_figure(rows, memory_bytes, gpu), key="devices_chart")
     export = [{"variant": variant.label, "gpu": gpu, "device_memory_bytes": memory_bytes, "precision": precision,

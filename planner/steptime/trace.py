@@ -191,11 +191,17 @@ class LeanShapeOnly(ShapeOnlyMatmuls):
     tensors of the shapes its meta kernel gives (zeros when read), and an in-place op on such a tensor
     returns it unchanged. Small tensors are computed: routing, sampling and every index come from them, so
     the ops a step dispatches, their shapes and their counts are those of full shape-only execution. Zeros
-    are safe where large tensors feed decisions: a valid index, a uniform softmax, a finite loss."""
+    are safe where large tensors feed decisions: a valid index, a uniform softmax, a finite loss; where they
+    are not (multinomial refuses all-zero probabilities), tokens are drawn uniformly."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         schema = func._schema
+        if func is torch.ops.aten.multinomial.default and _tensor_bytes(args[0]) > LEAN_ABOVE_BYTES:
+            # Made probabilities are zeros, which multinomial refuses: draw the tokens uniformly instead.
+            probabilities, draws = args[0], args[1]
+            return torch.randint(0, probabilities.shape[-1], (*probabilities.shape[:-1], draws),
+                                 generator=kwargs.get("generator"))
         if schema.is_mutable:
             written = [value for value, argument in zip(args, schema.arguments)
                        if argument.alias_info is not None and argument.alias_info.is_write]
