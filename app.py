@@ -9,6 +9,7 @@ from ui.bench_tab import draw_bench
 from ui.budget_tab import draw_budget
 from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table
 from ui.conventions import CONVENTIONS_MARKDOWN
+from ui.cost_tab import draw_cost
 from ui.devices_tab import draw_devices
 from ui.exports import draw_downloads
 from ui.format import format_bytes, format_count
@@ -17,7 +18,7 @@ from ui.tables import (component_frame, flops_frame, grid_column_config, grid_di
                        styled)
 from ui.verify_tab import draw_verify
 
-TABS = ("Plan", "Breakdown", "Charts", "Verify", "Budget", "Devices", "Benchmark")
+TABS = ("Plan", "Breakdown", "Charts", "Verify", "Budget", "Devices", "Benchmark", "Cost")
 ROW_PX = 35  # st.dataframe's row height, to size tables to their rows
 
 
@@ -133,7 +134,7 @@ if not table.variants:
 
 tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
 for name, draw in zip(TABS, (draw_plan, draw_breakdown, draw_charts, draw_verify, draw_budget, draw_devices,
-                             draw_bench)):
+                             draw_bench, draw_cost)):
     with tabs[name]:
         if tabs[name].open:
             draw(table, settings)

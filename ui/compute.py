@@ -13,6 +13,9 @@ from typing import Any, Optional
 import streamlit as st
 
 from model.config import MAX_EXPERTS, ChronosMoEConfig, make_config
+from planner.cost.search import SearchSpace as CostSearchSpace, search_plans
+from planner.cost.service import ForecastService, plan_service
+from planner.cost.training import TrainingRun, price_training_run
 from planner.memory import MemoryBreakdown
 from planner.parallel import plan_all_strategies
 from planner.plan import Plan, breakdown_rows, plan, plan_row
@@ -167,3 +170,37 @@ def device_plans(config: ChronosMoEConfig, workload: Workload, num_devices: int,
         raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / 2**30:g} GiB")
     return plan_all_strategies(config, workload, num_devices, device_memory_bytes=device_memory_bytes,
                                precision=precision)
+
+
+@st.cache_data(max_entries=64, show_spinner="Tracing the step and pricing the run…")
+def training_run_row(run: TrainingRun) -> dict[str, Any]:
+    """planner.cost.training.price_training_run: one run's row (traces are cached on disk as well)."""
+    estimate = price_training_run(run)
+    collectives = [{"collective": c.kind, "what": c.purpose, "phase": c.phase, "buffer_bytes": c.buffer_bytes,
+                    "devices": c.group_size, "every_micro_step": c.per_micro_step, "seconds_per_step": seconds}
+                   for c, seconds in estimate.collectives]
+    return {**estimate.row(), "collectives": collectives}
+
+
+@st.cache_data(max_entries=16, show_spinner="Searching GPU × devices × strategy × micro-batch ± checkpointing…")
+def plan_search_rows(template: TrainingRun, global_batch: int, gpus: tuple[str, ...],
+                     device_counts: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """planner.cost.search.search_plans: (every fitting plan's row with its pick, the Pareto front's rows,
+    plans tried)."""
+    result = search_plans(template, global_batch, CostSearchSpace(gpus, device_counts))
+    front = {id(e) for e in result.pareto_front}
+    picks = {id(result.fastest): "fastest", id(result.cheapest): "cheapest"}
+    if result.fastest is result.cheapest and result.fastest is not None:
+        picks[id(result.fastest)] = "fastest and cheapest"
+    rows = [{"pick": picks.get(id(e), ""), "pareto": id(e) in front, **e.row()} for e in result.plans]
+    return rows, [row for row in rows if row["pareto"]], result.tried
+
+
+@st.cache_data(max_entries=32, show_spinner="Tracing forecasts and pricing the service…")
+def service_rows(service: ForecastService) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """planner.cost.service.plan_service: (the chosen batch's row, one row per batch tried)."""
+    estimate = plan_service(service)
+    options = [{"batch_size": o.batch_size, "latency_s": o.latency_s, "series_per_s_per_device": o.series_per_s,
+                "bound": o.step.bound, "fit_status": o.headroom.status, "headroom_bytes": o.headroom.headroom_bytes}
+               for o in estimate.options]
+    return estimate.row(), options
