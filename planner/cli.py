@@ -40,6 +40,7 @@ FIELD_FLAGS = {
     "devices_per_node": "--devices-per-node", "price_per_device_hour": "--price-per-hour",
     "data_series_per_s": "--data-series-per-s", "intra_link": "--intra-link", "inter_link": "--inter-link",
     "deadline_hours": "--deadline-hours", "precision": "--precision", "dtype": "--dtype", "strategy": "--strategy",
+    "max_batch": "--max-batch",
 }
 
 

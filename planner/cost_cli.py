@@ -230,6 +230,7 @@ def add_serve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
     parser.add_argument("--dtype", choices=SERVICE_DTYPES, default="bf16", help="weights and compute")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="series per batch (default: the throughput-maximising batch that fits)")
+    parser.add_argument("--max-batch", type=_positive_int, default=1024, help="the largest batch the search tries")
     parser.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32")
 
 
@@ -241,7 +242,8 @@ def run_serve(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
         service = ForecastService(config, gpu, series=args.series, deadline_hours=args.deadline_hours,
                                   num_samples=args.num_samples, context_length=args.context_length or 512,
                                   prediction_length=args.prediction_length or 64, dtype=args.dtype,
-                                  batch_size=args.batch_size, compiled=args.compile, tf32=args.tf32,
+                                  batch_size=args.batch_size, max_batch=args.max_batch, compiled=args.compile,
+                                  tf32=args.tf32,
                                   price_per_device_hour=args.price_per_hour)
         rows.append({"variant": label, **plan_service(service).row()})
     metadata = {"variant": label, "series": args.series, "deadline_hours": args.deadline_hours,

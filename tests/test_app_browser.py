@@ -116,3 +116,22 @@ def test_browser_address_bar_reopens_the_view(app_url, browser):
     expect(shared.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
     page.close()
     shared.close()
+
+
+def test_browser_cost_tab_prices_a_run(app_url, browser, tmp_path, monkeypatch):
+    """The Cost tab opened from a link: a tiny model's run on 2 H100s, its cost the planner's."""
+    from planner.cost.training import TrainingRun, price_training_run
+
+    page = browser.new_page(viewport={"width": 1600, "height": 1400})
+    page.set_default_timeout(120_000)  # the server traces the step on first use
+    page.goto(app_url + "?sizes=tiny&experts=0&tab=Cost&context_length=64&prediction_length=16&cost_gpu=h100-sxm"
+              "&cost_devices=2&cost_global_batch=16&cost_steps=10000")
+    expected = price_training_run(TrainingRun(make_config("tiny"), "h100-sxm", num_devices=2, per_device_batch=8,
+                                              steps=10_000, context_length=64, prediction_length=16))
+    expect(page.get_by_test_id("stMetric").filter(has_text="Cost")).to_contain_text(f"${expected.cost_usd:,.2f}",
+                                                                                   timeout=120_000)
+    expect(page.get_by_text("Where the step goes")).to_be_visible()
+    page.screenshot(path=tmp_path / "cost.png", full_page=True)
+    if os.environ.get("UPDATE_README_SCREENSHOT") == "1":
+        (ROOT / "docs" / "cost-tab.png").write_bytes((tmp_path / "cost.png").read_bytes())
+    page.close()

@@ -220,15 +220,17 @@ def test_forecasting_service_by_hand():
 
 
 def test_service_batch_search_stops_where_throughput_levels_off():
+    """Batches double from 1 while the throughput gains at least 3% (or up to max_batch); the best is chosen.
+    On an H100 a tiny model's forecast is dispatch-bound, so every doubling pays off up to the cap."""
     service = ForecastService(make_config("tiny"), "h100-sxm", num_samples=4, context_length=64,
-                              prediction_length=16)
+                              prediction_length=16, max_batch=32)
     estimate = plan_service(service)
     options = estimate.options
-    assert [o.batch_size for o in options] == [2**i for i in range(len(options))]
+    assert [o.batch_size for o in options] == [1, 2, 4, 8, 16, 32]
     assert estimate.chosen is max(options, key=lambda o: o.series_per_s)
     assert all(o.headroom.fits for o in options)
     gains = [b.series_per_s / a.series_per_s - 1 for a, b in zip(options, options[1:])]
-    assert all(g >= STOP_GAIN for g in gains[:-1])  # it went on while doubling paid off
+    assert all(g >= STOP_GAIN for g in gains)  # it went on while doubling paid off
 
 
 def test_steps_from_tokens_or_epochs_and_batch_split():

@@ -185,15 +185,15 @@ def training_run_row(run: TrainingRun) -> dict[str, Any]:
 @st.cache_data(max_entries=16, show_spinner="Searching GPU × devices × strategy × micro-batch ± checkpointing…")
 def plan_search_rows(template: TrainingRun, global_batch: int, gpus: tuple[str, ...],
                      device_counts: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """planner.cost.search.search_plans: (every fitting plan's row with its pick, the Pareto front's rows,
-    plans tried)."""
+    """planner.cost.search.search_plans: (every fitting plan's row with its pick, the Pareto front's rows by
+    hours, plans tried)."""
     result = search_plans(template, global_batch, CostSearchSpace(gpus, device_counts))
     front = {id(e) for e in result.pareto_front}
     picks = {id(result.fastest): "fastest", id(result.cheapest): "cheapest"}
     if result.fastest is result.cheapest and result.fastest is not None:
         picks[id(result.fastest)] = "fastest and cheapest"
-    rows = [{"pick": picks.get(id(e), ""), "pareto": id(e) in front, **e.row()} for e in result.plans]
-    return rows, [row for row in rows if row["pareto"]], result.tried
+    rows = {id(e): {"pick": picks.get(id(e), ""), "pareto": id(e) in front, **e.row()} for e in result.plans}
+    return list(rows.values()), [rows[id(e)] for e in result.pareto_front], result.tried
 
 
 @st.cache_data(max_entries=32, show_spinner="Tracing forecasts and pricing the service…")

@@ -34,7 +34,7 @@ STATUS_TEXT = {"fits": "✓ fits", "tight": "⚠ tight", "does not fit": "✗ do
 
 
 def gpu_label(key: str) -> str:
-    return f"{key} · {gpu_preset(key).name} · ${PRICES[key].usd_per_device_hour:.2f}/h"
+    return f"{gpu_preset(key).name}, {format_bytes(DEVICE_MEMORY[key][1])}, ${PRICES[key].usd_per_device_hour:.2f}/h"
 
 
 def format_hours(hours: float) -> str:
@@ -55,8 +55,9 @@ def _training_inputs(table: PlanTable, settings: Settings) -> tuple[Variant, Tra
     """The run the inputs describe; ValueError naming the field when they describe none."""
     columns = st.columns([3, 3, 1, 1])
     variant = _variant(table, "cost_variant", columns[0])
-    gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("a100-40gb"), format_func=gpu_label, key="cost_gpu",
-                               bind=BIND, help="A GPU preset: datasheet rates, memory, usual interconnect, price")
+    gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("a100-40gb"), key="cost_gpu", bind=BIND,
+                               help="A GPU preset: datasheet rates, memory, usual interconnect, price")
+    columns[1].caption(gpu_label(gpu))
     devices = columns[2].number_input("Devices", value=8, step=1, key="cost_devices", bind=BIND)
     per_node = columns[3].number_input("Per node", value=0, step=1, key="cost_per_node", bind=BIND,
                                        help="GPUs per node (0: 8, or all the devices when fewer); rings beyond a "
@@ -99,10 +100,10 @@ def _metrics(row: dict[str, Any]) -> None:
     figures = {
         "Step time": (f"{row['step_time_s'] * 1000:,.1f} ms", f"{row['step_time_s']:.6g} s per optimizer step"),
         "Hours": (format_hours(row["hours"]), f"{row['hours']:.6g} h"),
-        "Device-hours": (f"{row['device_hours']:,.0f}", f"{row['device_hours']:.6g}"),
+        "Device-hours": (f"{row['device_hours']:,.0f}" if row["device_hours"] >= 100 else
+                         f"{row['device_hours']:,.2g}", f"{row['device_hours']:.6g}"),
         "Cost": (format_usd(row["cost_usd"]), f"${row['cost_usd']:.6g} at ${row['price_per_device_hour']:.4g}/h"),
         "MFU": (f"{row['mfu']:.1%}", "model FLOPs ÷ (step × devices × datasheet peak)"),
-        "Bound by": (row["bound"], "the largest part of the step"),
         "Memory": (STATUS_TEXT[row["fit_status"]], f"{format_bytes(row['headroom_bytes'])} left of the device "
                    f"(peak {format_bytes(row['peak_bytes'])} + context, reserve, buffers)"),
     }
@@ -117,8 +118,10 @@ def step_split_figure(rows: list[dict[str, Any]], labels: list[str]):
     figure = go.Figure([go.Bar(y=labels, x=[row[f"bound_{name.replace(' ', '_')}_s"] * 1000 for row in rows],
                                name=name, orientation="h", marker_color=color)
                         for name, color in BOUND_COLORS.items()])
-    figure.update_layout(barmode="stack", title="Where the step goes", xaxis_title="milliseconds per step",
-                         height=160 + 40 * len(rows), legend_title_text="", margin=dict(t=60))
+    bound = f": bound by {rows[0]['bound']}" if len(rows) == 1 else ""
+    figure.update_layout(barmode="stack", title=f"Where the step goes{bound}", xaxis_title="milliseconds per step",
+                         height=230 + 40 * len(rows), legend_title_text="", margin=dict(t=60),
+                         legend=dict(orientation="h", yanchor="top", y=-0.45, x=0))
     return figure
 
 
@@ -170,17 +173,24 @@ def _sweep_rows(run: TrainingRun, table: PlanTable, variant: Variant, over: str)
         return sorted(rows, key=lambda r: (r["architecture"], r["num_experts"]))
     for count in DEVICE_COUNTS:
         per_device, remainder = divmod(run.global_batch, count * run.gradient_accumulation)
-        if remainder or per_device < 1 or (run.strategy == "expert_parallel" and not run.config.is_moe):
+        if remainder or per_device < 1:
             continue
-        rows.append({"devices": count, **training_run_row(dataclasses.replace(
-            run, num_devices=count, devices_per_node=min(run.node_size, count), per_device_batch=per_device))})
+        node = min(run.devices_per_node, count) if run.devices_per_node else None
+        try:
+            rows.append({"devices": count, **training_run_row(dataclasses.replace(
+                run, num_devices=count, devices_per_node=node, per_device_batch=per_device))})
+        except ValueError:
+            continue  # e.g. more devices than a node, on a GPU with no usual network between nodes
     return rows
 
 
 def _draw_comparisons(run: TrainingRun, table: PlanTable, variant: Variant, settings: Settings) -> None:
     left, right, search = st.columns(3)
     for column, over, label in ((left, "experts", "Hours and cost vs E"), (right, "devices", "vs device count")):
-        if column.button(label, key=f"cost_sweep_{over}", icon=":material/show_chart:"):
+        if column.button(label, key=f"cost_sweep_{over}", icon=":material/show_chart:",
+                         help="Device counts from 1 to 64 that divide the global batch; a count a GPU cannot "
+                         "reach (no network between its nodes) is left out" if over == "devices" else
+                         "Every variant of this size in the sidebar's grid, at these settings"):
             st.session_state[f"cost_sweep_{over}_result"] = (run, _sweep_rows(run, table, variant, over))
     for over, x, color, title in (("experts", "num_experts", "architecture", f"{variant.row['size']}: E experts"),
                                   ("devices", "devices", None, f"{variant.label}: devices at global batch "
@@ -236,8 +246,8 @@ def draw_training(table: PlanTable, settings: Settings) -> None:
 def _service_inputs(table: PlanTable, settings: Settings) -> tuple[Variant, ForecastService]:
     columns = st.columns([3, 3, 2, 2])
     variant = _variant(table, "serve_variant", columns[0])
-    gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("l4"), format_func=gpu_label, key="serve_gpu",
-                               bind=BIND)
+    gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("l4"), key="serve_gpu", bind=BIND)
+    columns[1].caption(gpu_label(gpu))
     series = columns[2].number_input("Series", value=1_000_000, step=100_000, key="serve_series", bind=BIND)
     deadline = columns[3].number_input("Within (hours)", value=24.0, step=1.0, key="serve_deadline", bind=BIND)
     columns = st.columns(4)

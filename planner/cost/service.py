@@ -7,7 +7,7 @@ preset). Then:
 - devices needed = ceil(series ÷ (series/s per device × deadline));
 - cost per million forecasts = price per device-hour ÷ (series/s per device × 3600) × 10⁶ (busy devices;
   idle time is not priced), and the whole job's cost = devices × the hours they run × price.
-The batch that maximises throughput is searched over powers of two (1 … MAX_BATCH) among those whose
+The batch that maximises throughput is searched over powers of two (1 … max_batch) among those whose
 forecast memory (planner.memory: weights, KV cache, encoder copies, the largest activation) fits the device
 with headroom (planner.headroom: CUDA context and allocator reserve); it stops once doubling the batch gains
 under STOP_GAIN (the throughput has levelled off: larger batches only add latency).
@@ -47,6 +47,7 @@ class ForecastService:
     prediction_length: int = 64
     dtype: str = "bf16"
     batch_size: Optional[int] = None  # None: the throughput-maximising batch that fits
+    max_batch: int = MAX_BATCH  # the largest batch the search tries
     compiled: bool = False
     tf32: bool = False
     price_per_device_hour: Optional[float] = None
@@ -72,6 +73,9 @@ class ForecastService:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
                                             or not 1 <= self.batch_size <= MAX_BATCH):
             raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {self.batch_size!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or \
+                not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be an integer from 1 to {MAX_BATCH}, got {self.max_batch!r}")
         self.workload(1)  # the lengths' and samples' own checks
 
     def workload(self, batch_size: int) -> Workload:
@@ -156,7 +160,7 @@ def plan_service(service: ForecastService) -> ServiceEstimate:
         return ServiceEstimate(service, option, (option,))
     options: list[BatchOption] = []
     batch = 1
-    while batch <= MAX_BATCH:
+    while batch <= service.max_batch:
         option = price_batch(service, batch)
         if not option.headroom.fits:
             break

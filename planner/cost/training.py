@@ -257,6 +257,7 @@ def _optimizer_share(step: StepTime, run: TrainingRun) -> StepTime:
 def price_training_run(run: TrainingRun, micro: Optional[MicroStep] = None) -> RunEstimate:
     """The run's step time, hours, cost, MFU, bound and headroom (see the module docstring). `micro` may be
     passed when the same micro-step prices many runs (the search)."""
+    link = run_link(run.gpu, run.num_devices, run.node_size, run.intra_link, run.inter_link)  # checked first
     micro = micro_step(run) if micro is None else micro
     a = run.gradient_accumulation
     recompute = micro.forward if run.activation_checkpointing else None
@@ -267,7 +268,6 @@ def price_training_run(run: TrainingRun, micro: Optional[MicroStep] = None) -> R
     optimizer = _optimizer_share(micro.optimizer, run)
     optimizer_s = optimizer.total_s
 
-    link = run_link(run.gpu, run.num_devices, run.node_size, run.intra_link, run.inter_link)
     collectives = step_collectives(run.config, run.micro_workload(), run.strategy, run.num_devices,
                                    MEMORY_REGIME[run.precision])
     timed = tuple((c, collective_time_s(c, link) * (a if c.per_micro_step else 1)) for c in collectives)
