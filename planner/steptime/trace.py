@@ -187,9 +187,9 @@ def _untouched_like(value: Any) -> Any:
 
 class LeanShapeOnly(ShapeOnlyMatmuls):
     """ShapeOnlyMatmuls that also leaves large work undone, so a trace of a large model at a large batch
-    takes seconds and little memory: an op whose largest output exceeds LEAN_ABOVE_BYTES gets new, untouched
-    tensors of the shapes its meta kernel gives (zeros when read), and an in-place op on such a tensor
-    returns it unchanged. Small tensors are computed: routing, sampling and every index come from them, so
+    takes seconds and little memory: an op whose largest output exceeds LEAN_ABOVE_BYTES — in the backward,
+    any op — gets new, untouched tensors of the shapes its meta kernel gives (zeros when read above the
+    threshold), and an in-place op on such a tensor returns it unchanged. Small tensors are computed: routing, sampling and every index come from them, so
     the ops a step dispatches, their shapes and their counts are those of full shape-only execution. Zeros
     are safe where large tensors feed decisions: a valid index, a uniform softmax, a finite loss; where they
     are not (multinomial refuses all-zero probabilities), tokens are drawn uniformly."""
@@ -202,19 +202,21 @@ class LeanShapeOnly(ShapeOnlyMatmuls):
             probabilities, draws = args[0], args[1]
             return torch.randint(0, probabilities.shape[-1], (*probabilities.shape[:-1], draws),
                                  generator=kwargs.get("generator"))
+        # In the backward nothing is decided by values (routing happened in the forward): make every output.
+        above = 0 if torch._C._current_autograd_node() is not None else LEAN_ABOVE_BYTES
         if schema.is_mutable:
             written = [value for value, argument in zip(args, schema.arguments)
                        if argument.alias_info is not None and argument.alias_info.is_write]
             written += [kwargs[argument.name] for argument in schema.arguments
                         if argument.name in kwargs and argument.alias_info is not None and argument.alias_info.is_write]
-            if len(written) == 1 and len(schema.returns) == 1 and _tensor_bytes(written[0]) > LEAN_ABOVE_BYTES:
+            if len(written) == 1 and len(schema.returns) == 1 and _tensor_bytes(written[0]) > above:
                 return written[0]
             return super().__torch_dispatch__(func, types, args, kwargs)
         if any(r.alias_info is not None for r in schema.returns):
             return super().__torch_dispatch__(func, types, args, kwargs)  # views: no data
         if func.overloadpacket in flop_registry:
             shaped = func(*tree_map(_meta, args), **tree_map(_meta, kwargs))
-            if _tensor_bytes(shaped) <= LEAN_ABOVE_BYTES:
+            if _tensor_bytes(shaped) <= above:
                 return super().__torch_dispatch__(func, types, args, kwargs)
             self._count(func, args, kwargs, shaped)
             return _untouched_like(shaped)
@@ -223,7 +225,7 @@ class LeanShapeOnly(ShapeOnlyMatmuls):
         except (NotImplementedError, RuntimeError):  # no meta kernel, or a data-dependent shape: run it
             return super().__torch_dispatch__(func, types, args, kwargs)
         outputs, _ = tree_flatten(shaped)
-        if max((_tensor_bytes(o) for o in outputs), default=0) <= LEAN_ABOVE_BYTES:
+        if max((_tensor_bytes(o) for o in outputs), default=0) <= above:
             return super().__torch_dispatch__(func, types, args, kwargs)
         return tree_map(_untouched_like, shaped)
 
