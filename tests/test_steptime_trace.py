@@ -12,6 +12,7 @@ from model.config import make_config
 from planner.flops import count_flops
 from planner.measure import token_batch
 from planner.steptime import trace_cache
+from planner.steptime.ops import StepTrace
 from planner.steptime.trace import record_step, run_step, trace_step
 from planner.workload import Workload
 
@@ -202,7 +203,10 @@ def test_lean_trace_records_what_full_shape_only_execution_does(architecture, mo
     makes outputs instead of computing them. The ops it records are those full shape-only execution records:
     identical for a dense model and expert_only (whose routing reads small tensors only); for token_ffn and
     shared_then_expert the random routing draws differ (the products' random numbers are consumed
-    differently), so the same ops with the same FLOPs (count_flops') and counts."""
+    differently), so the same ops with the same FLOPs (count_flops') and counts. One difference is the lean
+    trace's own: autograd detaches each saved tensor it hands back through saved_tensors_hooks (which keep
+    the saved activations as shapes only), so `detach` (a view: no kernel, a microsecond of dispatch) is
+    compared apart, its count within the number of saved tensors."""
     from planner.measure import ShapeOnlyMatmuls
     from planner.steptime.trace import _shape_only_model
 
@@ -217,6 +221,13 @@ def test_lean_trace_records_what_full_shape_only_execution_does(architecture, mo
     flops = count_flops(config, LARGE_WORKLOAD)
     assert lean.flops == full.flops == {"forward": flops.forward_flops, "train": flops.train_flops,
                                         "forecast": flops.forecast_flops}[mode]
-    assert lean.op_count == full.op_count and lean.count("sync") == full.count("sync")
+
+    def without_detach(trace):
+        return StepTrace(tuple((op, n) for op, n in trace.ops if op.name != "aten.detach.default"))
+
+    detaches = [sum(n for op, n in t.ops if op.name == "aten.detach.default") for t in (lean, full)]
+    assert (detaches[0] == detaches[1]) if mode != "train" else (0 <= detaches[0] - detaches[1] < lean.op_count / 5)
+    assert without_detach(lean).op_count == without_detach(full).op_count
+    assert lean.count("sync") == full.count("sync")
     if architecture in ("dense", "expert_only"):
-        assert lean == full
+        assert without_detach(lean) == without_detach(full)

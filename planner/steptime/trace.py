@@ -14,8 +14,9 @@ FlopCounterMode's own formulas), the bytes it reads and writes, its dtype and it
 - `collective`: torch.distributed's ops (none in one process).
 
 Execution is shape-only (`planner.measure.ShapeOnlyMatmuls`: products answered with random numbers of the
-right shape, parameters broadcast scalars; `LeanShapeOnly`: outputs above 32 MiB made, not computed), so
-large sizes trace in seconds at any batch and the trace does not depend on the device. Bytes are what a kernel addresses: a parameter counts in full (in a real model it is a full
+right shape, parameters broadcast scalars; `LeanShapeOnly`: outputs above 32 MiB, and every output of the
+backward, made, not computed; what the forward saves for the backward kept as shapes only), so large sizes
+trace in seconds and under a GB at any batch, and the trace does not depend on the device. Bytes are what a kernel addresses: a parameter counts in full (in a real model it is a full
 tensor), an index op reads only the rows it gathers, a broadcast input only its distinct elements, an
 `empty` writes nothing.
 
@@ -33,12 +34,13 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from model.config import ChronosMoEConfig
 from planner.bench.device import TORCH_DTYPES
+from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
 from planner.steptime.ops import OpRecord, StepTrace
 
@@ -263,8 +265,25 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     generator = torch.Generator().manual_seed(seed)
     model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
     batch = token_batch(config, workload, generator)
-    with LeanShapeOnly():
-        return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer)
+    parameters = _full_size_storages(model)
+
+    def forget_values(tensor: torch.Tensor) -> torch.Tensor:
+        """What the forward saves for the backward, kept as shapes only: the backward makes its outputs
+        without reading them (LeanShapeOnly), so a step's activations never take memory. Parameters (their
+        bytes are counted by storage) and integer tensors (indices) are kept."""
+        if not tensor.is_floating_point() or tensor.untyped_storage().data_ptr() in parameters:
+            return tensor
+        with _disable_current_modes():  # not an op of the step: the recorder must not see it
+            return _untouched_like(tensor)
+
+    # Every block from 128 KiB up is its own mapping while tracing: a made tensor then stays untouched pages,
+    # never a freed, resident block that a computed one would have reused.
+    pin_allocator()
+    try:
+        with LeanShapeOnly(), torch.autograd.graph.saved_tensors_hooks(forget_values, lambda tensor: tensor):
+            return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer)
+    finally:
+        settle_allocator()
 
 
 def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: Optional[torch.Generator] = None,

@@ -20,7 +20,7 @@ from planner.bench.cache import cache_dir
 from planner.steptime.ops import StepTrace
 from planner.workload import Workload
 
-TRACE_FORMAT = 2  # bump when what a trace records changes (2: large outputs made, not computed)
+TRACE_FORMAT = 3  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes)
 
 
 def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str, foreach_optimizer: bool) -> str:
