@@ -134,9 +134,14 @@ def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
     assert flag in message and "\n" not in message
 
 
-def test_run_and_plan_strategies_agree_on_fits(tmp_path, capsys):
-    """The same variant, per-device batch, devices, GPU and precision: `plan --strategies` (the Devices tab's
-    rows, tests/test_app_tabs.py) and `run` give every strategy × checkpointing the same status and headroom."""
+def test_devices_tab_plan_strategies_and_run_agree_on_fits(tmp_path, capsys):
+    """The same variant, per-device batch, devices, GPU and precision: the Devices tab, `plan --strategies`
+    and `run` give every strategy × checkpointing the same status and headroom."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+    from ui.devices_tab import FIT_LABELS
+
     path = tmp_path / "train.yaml"
     path.write_text(YAML.replace("per_device_train_batch_size: 4", "per_device_train_batch_size: 512")
                     .replace("context_length: 64", "context_length: 512").replace("tf32: true", "tf32: false"))
@@ -149,3 +154,12 @@ def test_run_and_plan_strategies_agree_on_fits(tmp_path, capsys):
         assert (row["fit_status"], row["headroom_bytes"]) == (plan["fit_status"], plan["headroom_bytes"])
         statuses.add(row["fit_status"])
     assert "does not fit" in statuses and len(statuses) > 1
+    at = AppTest.from_file(APP)
+    for key, value in dict(sizes="tiny", architectures="token_ffn", experts="4", batch_size="512",
+                           context_length="512", prediction_length="16", optimizer="adamw_8bit",
+                           tab="Devices", devices_count="4", devices_gpu="T4 16GB", devices_precision="fp32").items():
+        at.query_params[key] = value
+    at.run()
+    shown = at.dataframe[0].value
+    assert list(shown["Fits"]) == [FIT_LABELS[plan["fit_status"]] for plan in plans]
+    assert list(shown["Headroom"]) == [plan["headroom_bytes"] for plan in plans]
