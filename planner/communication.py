@@ -16,10 +16,14 @@ Per device and per step, each strategy (planner.parallel) runs these collectives
   decoder states out and logits back (expert_only); tokens out to the expert FFNs and back at every MoE block
   (token_ffn). With balanced routing a device keeps 1/n of what it routes and sends the rest.
 
-Time on a link (α-β model, ring algorithms as NCCL runs them over n devices, `bytes` the full buffer):
-- all-reduce: 2(n−1)/n · bytes / bandwidth + 2(n−1) · α;
-- reduce-scatter, all-gather: (n−1)/n · bytes / bandwidth + (n−1) · α;
-- all-to-all: (n−1)/n · bytes / bandwidth + (n−1) · α.
+Time on a link (α-β model, ring algorithms as NCCL runs them over n devices, `bytes` the full buffer, in
+`calls` separate calls):
+- all-reduce: 2(n−1)/n · bytes / bandwidth + calls · 2(n−1) · α;
+- reduce-scatter, all-gather: (n−1)/n · bytes / bandwidth + calls · (n−1) · α;
+- all-to-all: (n−1)/n · bytes / bandwidth + calls · (n−1) · α.
+Gradient reductions of data parallel, ZeRO-1 and expert parallel's shared part go in DDP's buckets
+(`bucket_cap_mb`, 25 MiB by default); ZeRO-2/3 (FSDP-style) communicate one unit at a time: each T5 block
+(every expert encoder's blocks for expert_only) and one unit for the rest (embedding, routers, heads).
 Bandwidth is the link's rate times its achievable share (NCCL's bus bandwidth). Inside one node the link is
 the node's GPU interconnect; a ring over several nodes is as fast as its slowest hop: the lesser of the
 GPU link and the node's network (every device's share of it summed, as NCCL spreads a ring's channels
@@ -42,6 +46,18 @@ GRADIENT_BYTES = {"fp32": 4, "tf32": 4, "amp_bf16": 4, "amp_fp16": 4, "bf16": 2,
 WEIGHT_BYTES = GRADIENT_BYTES
 # Bytes per routed activation element: autocast and half-precision regimes compute in 2 bytes.
 ACTIVATION_BYTES = {"fp32": 4, "tf32": 4, "amp_bf16": 2, "amp_fp16": 2, "bf16": 2, "mixed_fp16": 2}
+DDP_BUCKET_BYTES = 25 * 2**20  # torch.nn.parallel.DistributedDataParallel's bucket_cap_mb default
+
+
+def buckets(buffer_bytes: int) -> int:
+    return max(1, math.ceil(buffer_bytes / DDP_BUCKET_BYTES))
+
+
+def sharding_units(config: ChronosMoEConfig) -> int:
+    """FSDP-style units: every T5 block (each expert encoder's for expert_only) and one for the rest."""
+    dims = config.dims
+    encoders = config.num_experts if config.is_moe and config.architecture == "expert_only" else 1
+    return dims.num_layers * encoders + dims.num_decoder_layers + 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class Collective:
     buffer_bytes: int  # the full buffer: all-reduce/reduce-scatter input, all-gather output, all-to-all send
     group_size: int
     per_micro_step: bool  # runs every micro-step (else once per optimizer step)
+    calls: int = 1  # separate calls it is split into (buckets, units), each paying the ring's latency
 
     def bytes_sent(self) -> int:
         """Bytes each device sends, by the ring algorithm (all-to-all: what leaves the device)."""
@@ -78,7 +95,7 @@ def collective_time_s(collective: Collective, link: Link) -> float:
     """The α-β ring time of one call (see the module docstring)."""
     if collective.group_size <= 1:
         return 0.0
-    return collective.bytes_sent() / link.bytes_per_s + collective.ring_steps() * link.latency_s
+    return collective.bytes_sent() / link.bytes_per_s + collective.calls * collective.ring_steps() * link.latency_s
 
 
 def routed_bytes_per_micro_step(config: ChronosMoEConfig, workload: Workload, precision: str) -> list[tuple[str, int]]:
@@ -115,27 +132,29 @@ def step_collectives(config: ChronosMoEConfig, workload: Workload, strategy: str
     params = count_params(config) if params is None else params
     n, grad, weight = num_devices, GRADIENT_BYTES[precision], WEIGHT_BYTES[precision]
     total = params.total_params
+    units = sharding_units(config)
     if strategy == "data_parallel":
-        return [Collective("all_reduce", "gradients", "backward", total * grad, n, False)]
+        return [Collective("all_reduce", "gradients", "backward", total * grad, n, False, buckets(total * grad))]
     if strategy == "zero1":
-        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, False),
-                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False)]
+        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, False, buckets(total * grad)),
+                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False,
+                           buckets(total * weight))]
     if strategy == "zero2":
-        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, True),
-                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False)]
+        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, True, units),
+                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False, units)]
     if strategy == "zero3":
-        return [Collective("all_gather", "weights (forward)", "forward", total * weight, n, True),
-                Collective("all_gather", "weights (backward)", "backward", total * weight, n, True),
-                Collective("reduce_scatter", "gradients", "backward", total * grad, n, True)]
+        return [Collective("all_gather", "weights (forward)", "forward", total * weight, n, True, units),
+                Collective("all_gather", "weights (backward)", "backward", total * weight, n, True, units),
+                Collective("reduce_scatter", "gradients", "backward", total * grad, n, True, units)]
     if strategy == "expert_parallel":
         expert_params = params.num_experts * params.params_per_expert
-        collectives = [Collective("all_reduce", "shared gradients", "backward", (total - expert_params) * grad, n,
-                                  False)]
+        shared = (total - expert_params) * grad
+        collectives = [Collective("all_reduce", "shared gradients", "backward", shared, n, False, buckets(shared))]
         replicas = n // params.num_experts if n > params.num_experts else 1
         if replicas > 1:
             local = math.ceil(params.num_experts / n) * params.params_per_expert
             collectives.append(Collective("all_reduce", "expert gradients (replicas)", "backward", local * grad,
-                                          replicas, False))
+                                          replicas, False, buckets(local * grad)))
         for purpose, size in routed_bytes_per_micro_step(config, workload, precision):
             collectives.append(Collective("all_to_all", purpose, "forward", size, n, True))
             collectives.append(Collective("all_to_all", f"gradient of {purpose}", "backward", size, n, True))

@@ -8,7 +8,7 @@ import pytest
 
 from model.build import build_model
 from model.config import make_config
-from planner.communication import Collective, Link, collective_time_s, step_collectives
+from planner.communication import Collective, Link, collective_time_s, sharding_units, step_collectives
 from planner.cost.links import run_link
 from planner.cost.prices import PRICES
 from planner.cost.search import SearchSpace, micro_batches, search_plans
@@ -83,16 +83,20 @@ def test_collective_bytes_by_hand_for_each_strategy():
     workload = Workload(batch_size=2, context_length=64, prediction_length=16)
 
     def shape(strategy):
-        return [(c.kind, c.phase, c.buffer_bytes, c.per_micro_step) for c in
+        return [(c.kind, c.phase, c.buffer_bytes, c.per_micro_step, c.calls) for c in
                 step_collectives(config, workload, strategy, 4, "fp32")]
 
-    assert shape("data_parallel") == [("all_reduce", "backward", 4 * params, False)]
-    assert shape("zero1") == [("reduce_scatter", "backward", 4 * params, False),
-                              ("all_gather", "optimizer", 4 * params, False)]
-    assert shape("zero2") == [("reduce_scatter", "backward", 4 * params, True),
-                              ("all_gather", "optimizer", 4 * params, False)]
-    assert shape("zero3") == [("all_gather", "forward", 4 * params, True), ("all_gather", "backward", 4 * params, True),
-                              ("reduce_scatter", "backward", 4 * params, True)]
+    # DDP's 25 MiB buckets; ZeRO-2/3 one call per unit: tiny's 4 + 4 blocks and the rest.
+    ddp_buckets, units = math.ceil(4 * params / (25 * 2**20)), 4 + 4 + 1
+    assert shape("data_parallel") == [("all_reduce", "backward", 4 * params, False, ddp_buckets)]
+    assert shape("zero1") == [("reduce_scatter", "backward", 4 * params, False, ddp_buckets),
+                              ("all_gather", "optimizer", 4 * params, False, ddp_buckets)]
+    assert shape("zero2") == [("reduce_scatter", "backward", 4 * params, True, units),
+                              ("all_gather", "optimizer", 4 * params, False, units)]
+    assert shape("zero3") == [("all_gather", "forward", 4 * params, True, units),
+                              ("all_gather", "backward", 4 * params, True, units),
+                              ("reduce_scatter", "backward", 4 * params, True, units)]
+    assert sharding_units(make_config("tiny", architecture="expert_only", num_experts=4)) == 4 * 4 + 4 + 1
     (all_reduce,) = step_collectives(config, workload, "data_parallel", 4, "fp32")
     assert all_reduce.bytes_sent() == 2 * 3 * 4 * params // 4  # 2(n−1)/n of the buffer
 
@@ -128,21 +132,22 @@ def test_ring_time_on_a_link_by_hand():
     assert across.bytes_per_s == pytest.approx(30e9) and across.latency_s == pytest.approx(14e-6)
     gradients = Collective("all_reduce", "gradients", "backward", 10**9, 16, False)
     assert collective_time_s(gradients, across) == pytest.approx(2 * 15 / 16 * 1e9 / 30e9 + 30 * 14e-6)
-    gather = Collective("all_gather", "weights", "forward", 10**9, 8, True)
-    assert collective_time_s(gather, inside) == pytest.approx(7 / 8 * 1e9 / (300e9 * 0.77) + 7 * 3.4e-6)
+    gather = Collective("all_gather", "weights", "forward", 10**9, 8, True, calls=13)
+    assert collective_time_s(gather, inside) == pytest.approx(7 / 8 * 1e9 / (300e9 * 0.77) + 13 * 7 * 3.4e-6)
     assert collective_time_s(gradients, Link(1.0, 1.0)) > 0 and collective_time_s(
         Collective("all_reduce", "x", "backward", 10**9, 1, False), inside) == 0
 
 
 def test_overlap_hides_the_gradient_all_reduce_behind_the_backward():
     """16 A100s over two p4d nodes: the gradient all-reduce (2·15/16 of small's fp32 gradients at 30 GB/s,
-    30 ring steps of 14 µs) overlaps the backward; only what exceeds the backward shows."""
+    30 ring steps of 14 µs in each of DDP's 25 MiB buckets) overlaps the backward; only what exceeds the
+    backward shows."""
     config = make_config("small")
     params, _ = modules_params("small")
     common = dict(num_devices=16, per_device_batch=1, context_length=64, prediction_length=16, precision="tf32")
     overlapped = price_training_run(TrainingRun(config, "a100-40gb", **common))
     serial = price_training_run(TrainingRun(config, "a100-40gb", overlap_communication=False, **common))
-    all_reduce_s = 2 * 15 / 16 * 4 * params / 30e9 + 30 * 14e-6
+    all_reduce_s = 2 * 15 / 16 * 4 * params / 30e9 + math.ceil(4 * params / (25 * 2**20)) * 30 * 14e-6
     assert serial.communication_s == pytest.approx(all_reduce_s) == overlapped.communication_s
     assert serial.exposed_communication_s == pytest.approx(all_reduce_s)
     backward_s = phase_times(config, Workload(batch_size=1, context_length=64, prediction_length=16), "a100-40gb",

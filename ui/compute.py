@@ -177,7 +177,8 @@ def training_run_row(run: TrainingRun) -> dict[str, Any]:
     """planner.cost.training.price_training_run: one run's row (traces are cached on disk as well)."""
     estimate = price_training_run(run)
     collectives = [{"collective": c.kind, "what": c.purpose, "phase": c.phase, "buffer_bytes": c.buffer_bytes,
-                    "devices": c.group_size, "every_micro_step": c.per_micro_step, "seconds_per_step": seconds}
+                    "devices": c.group_size, "calls": c.calls, "every_micro_step": c.per_micro_step,
+                    "seconds_per_step": seconds}
                    for c, seconds in estimate.collectives]
     return {**estimate.row(), "collectives": collectives}
 
