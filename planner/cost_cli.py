@@ -8,38 +8,26 @@ import argparse
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from model.config import ARCHITECTURES, MAX_EXPERTS, make_config
 from model.presets import PRESETS
 from planner.budget_cli import parse_count
+from planner.cli import _name_list
 from planner.config_import import import_training_yaml
 from planner.cost.interconnects import INTERCONNECTS
-from planner.cost.prices import PRICES
 from planner.cost.search import SearchSpace, search_plans
 from planner.cost.service import SERVICE_DTYPES, ForecastService, plan_service
-from planner.cost.training import PRECISIONS, TrainingRun, global_batch_split, price_training_run, steps_for
-from planner.parallel import DEVICE_MEMORY, STRATEGIES
+from planner.cost.training import PRECISIONS, PRICED_GPUS, TrainingRun, global_batch_split, price_training_run, steps_for
+from planner.parallel import STRATEGIES
 from planner.workload import OPTIMIZERS
 
-GPUS = tuple(key for key in PRICES if key in DEVICE_MEMORY)
+GPUS = PRICED_GPUS
 RUN_SUMMARY = ("variant", "gpu", "devices", "strategy", "activation_checkpointing", "per_device_batch",
                "gradient_accumulation", "step_time_s", "hours", "device_hours", "cost_usd", "mfu", "bound",
                "fit_status", "headroom_bytes")
 SERVE_SUMMARY = ("variant", "gpu", "dtype", "batch_size", "latency_s", "series_per_s_per_device", "devices_needed",
                  "cost_per_million_usd", "bound", "fit_status")
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in allowed]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)} not allowed; choose "
-                                             f"comma-separated from {', '.join(allowed)}")
-        return names
-
-    return parse
 
 
 def _counts(text: str) -> list[int]:
@@ -93,7 +81,7 @@ def add_run_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) 
     _add_variant_flags(parser)
     parser.add_argument("--config", default=None, help="a Chronos training YAML: model, batch, accumulation, "
                         "max_steps, tf32/bf16/fp16, torch_compile, optim (flags override it)")
-    parser.add_argument("--gpu", type=_names(GPUS), default=None, help=f"comma-separated: {', '.join(GPUS)}")
+    parser.add_argument("--gpu", type=_name_list(GPUS), default=None, help=f"comma-separated: {', '.join(GPUS)}")
     parser.add_argument("--devices", type=_counts, default=None, help="device counts, comma-separated (default 1)")
     parser.add_argument("--devices-per-node", type=int, default=None, help="GPUs per node (default 8, or fewer)")
     parser.add_argument("--global-batch", type=_positive_int, default=None,
@@ -223,7 +211,7 @@ def add_serve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
         "series/s per device, devices needed, cost per million forecasts, at the batch that maximises "
         "throughput within memory (or --batch-size).")
     _add_variant_flags(parser)
-    parser.add_argument("--gpu", type=_names(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
+    parser.add_argument("--gpu", type=_name_list(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
     parser.add_argument("--series", type=_positive_int, default=1_000_000, help="series to forecast (e.g. 1M)")
     parser.add_argument("--deadline-hours", type=_positive_float, default=24.0, help="within this many hours")
     parser.add_argument("--num-samples", type=_positive_int, default=20, help="sample paths per series")

@@ -17,7 +17,7 @@ import streamlit as st
 
 from planner.cost.prices import PRICES
 from planner.cost.service import SERVICE_DTYPES, ForecastService
-from planner.cost.training import PRECISIONS, TrainingRun, global_batch_split
+from planner.cost.training import PRECISIONS, PRICED_GPUS, TrainingRun, global_batch_split
 from planner.parallel import DEVICE_MEMORY, STRATEGIES
 from planner.steptime import gpu_preset
 from ui.compute import PlanTable, Variant, plan_search_rows, service_rows, training_run_row
@@ -25,7 +25,7 @@ from ui.exports import draw_downloads
 from ui.format import format_bytes
 from ui.sidebar import BIND, Settings
 
-GPUS = tuple(key for key in PRICES if key in DEVICE_MEMORY)
+GPUS = PRICED_GPUS
 SECTIONS = ("Training run", "Forecasting service")
 DEVICE_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 BOUND_COLORS = {"compute": "#1f4e9c", "memory traffic": "#3f7fd6", "overhead": "#f08c00", "communication": "#7b3fb0",

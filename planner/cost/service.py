@@ -21,6 +21,7 @@ from typing import Optional
 
 from model.config import ChronosMoEConfig
 from planner.cost.prices import PRICES
+from planner.cost.training import check_count, check_gpu, check_positive
 from planner.headroom import Headroom, check_headroom
 from planner.memory import estimate_forecast_memory
 from planner.parallel import DEVICE_MEMORY
@@ -53,29 +54,20 @@ class ForecastService:
     price_per_device_hour: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.gpu not in PRICES or self.gpu not in DEVICE_MEMORY:
-            raise ValueError(f"gpu must be one of {', '.join(k for k in PRICES if k in DEVICE_MEMORY)}, "
-                             f"got {self.gpu!r}")
-        if isinstance(self.series, bool) or not isinstance(self.series, int) or not 1 <= self.series <= MAX_SERIES:
-            raise ValueError(f"series must be an integer from 1 to {MAX_SERIES:,}, got {self.series!r}")
-        for name in ("deadline_hours", "price_per_device_hour"):
-            value = getattr(self, name)
-            if value is None and name == "price_per_device_hour":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
-                raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+        check_gpu(self.gpu)
+        check_count("series", self.series, MAX_SERIES)
+        check_positive("deadline_hours", self.deadline_hours)
+        if self.price_per_device_hour is not None:
+            check_positive("price_per_device_hour", self.price_per_device_hour)
         if self.dtype not in SERVICE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(SERVICE_DTYPES)}, got {self.dtype!r}")
-        if self.dtype != "fp32" and self.dtype not in gpu_preset(self.gpu).matmul_peaks:
+        peaks = gpu_preset(self.gpu).matmul_peaks
+        if self.dtype != "fp32" and self.dtype not in peaks:
             raise ValueError(f"dtype {self.dtype}: {gpu_preset(self.gpu).name} has no {self.dtype} matmuls; "
-                             f"use one of {', '.join(d for d in SERVICE_DTYPES if d in gpu_preset(self.gpu).matmul_peaks)}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
-                                            or not 1 <= self.batch_size <= MAX_BATCH):
-            raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {self.batch_size!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or \
-                not 1 <= self.max_batch <= MAX_BATCH:
-            raise ValueError(f"max_batch must be an integer from 1 to {MAX_BATCH}, got {self.max_batch!r}")
+                             f"use one of {', '.join(d for d in SERVICE_DTYPES if d in peaks)}")
+        if self.batch_size is not None:
+            check_count("batch_size", self.batch_size, MAX_BATCH)
+        check_count("max_batch", self.max_batch, MAX_BATCH)
         self.workload(1)  # the lengths' and samples' own checks
 
     def workload(self, batch_size: int) -> Workload:

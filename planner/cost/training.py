@@ -48,6 +48,7 @@ MEMORY_REGIME = {"fp32": "fp32", "tf32": "fp32", "amp_bf16": "amp_bf16", "amp_fp
 MATMUL_PEAK = {"fp32": "fp32", "tf32": "tf32", "amp_bf16": "bf16", "amp_fp16": "fp16", "bf16": "bf16"}
 BOUNDS = ("compute", "memory traffic", "overhead", "communication", "data")
 MAX_STEPS = 10**12
+PRICED_GPUS = tuple(key for key in PRICES if key in DEVICE_MEMORY)  # the presets with a price and a memory size
 MAX_DEVICES = 100_000
 DEFAULT_NODE_SIZE = 8  # the usual GPU server (DGX/HGX, p4d/p5)
 
@@ -96,29 +97,33 @@ class TrainingRun:
         return PRICES[self.gpu].usd_per_device_hour if self.price_per_device_hour is None else self.price_per_device_hour
 
 
-def _check_count(name: str, value, limit: int) -> None:
+def check_count(name: str, value, limit: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         raise ValueError(f"{name} must be an integer from 1 to {limit:,}, got {value!r}")
 
 
-def _check_positive(name: str, value) -> None:
+def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
 
 
+def check_gpu(gpu: str) -> None:
+    if gpu not in PRICED_GPUS:
+        raise ValueError(f"gpu must be one of {', '.join(PRICED_GPUS)}, got {gpu!r}")
+
+
 def validate_run(run: TrainingRun) -> None:
     """ValueError naming the field and what it allows."""
-    if run.gpu not in PRICES or run.gpu not in DEVICE_MEMORY:
-        raise ValueError(f"gpu must be one of {', '.join(k for k in PRICES if k in DEVICE_MEMORY)}, got {run.gpu!r}")
-    _check_count("num_devices", run.num_devices, MAX_DEVICES)
+    check_gpu(run.gpu)
+    check_count("num_devices", run.num_devices, MAX_DEVICES)
     if run.devices_per_node is not None:
-        _check_count("devices_per_node", run.devices_per_node, 64)
+        check_count("devices_per_node", run.devices_per_node, 64)
         if run.devices_per_node > run.num_devices:
             raise ValueError(f"devices_per_node ({run.devices_per_node}) must not exceed num_devices "
                              f"({run.num_devices})")
-    _check_count("per_device_batch", run.per_device_batch, 1_000_000)
-    _check_count("gradient_accumulation", run.gradient_accumulation, 100_000)
-    _check_count("steps", run.steps, MAX_STEPS)
+    check_count("per_device_batch", run.per_device_batch, 1_000_000)
+    check_count("gradient_accumulation", run.gradient_accumulation, 100_000)
+    check_count("steps", run.steps, MAX_STEPS)
     if run.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {run.strategy!r}")
     if run.strategy == "expert_parallel" and not run.config.is_moe:
@@ -132,17 +137,17 @@ def validate_run(run: TrainingRun) -> None:
         raise ValueError(f"precision {run.precision} needs {MATMUL_PEAK[run.precision]} matmuls, which "
                          f"{preset.name} lacks; use one of {', '.join(p for p in PRECISIONS if MATMUL_PEAK[p] in preset.matmul_peaks)}")
     if run.data_series_per_s is not None:
-        _check_positive("data_series_per_s", run.data_series_per_s)
+        check_positive("data_series_per_s", run.data_series_per_s)
     if run.price_per_device_hour is not None:
-        _check_positive("price_per_device_hour", run.price_per_device_hour)
+        check_positive("price_per_device_hour", run.price_per_device_hour)
     run.micro_workload()  # the workload's own checks (lengths)
 
 
 def global_batch_split(global_batch: int, num_devices: int, gradient_accumulation: int = 1) -> int:
     """The per-device micro-batch of a global batch, or a ValueError when it does not divide."""
-    _check_count("global_batch", global_batch, 100_000_000)
-    _check_count("num_devices", num_devices, MAX_DEVICES)
-    _check_count("gradient_accumulation", gradient_accumulation, 100_000)
+    check_count("global_batch", global_batch, 100_000_000)
+    check_count("num_devices", num_devices, MAX_DEVICES)
+    check_count("gradient_accumulation", gradient_accumulation, 100_000)
     if global_batch % (num_devices * gradient_accumulation):
         raise ValueError(f"global_batch {global_batch} is not divisible by devices × accumulation "
                          f"({num_devices} × {gradient_accumulation} = {num_devices * gradient_accumulation})")
@@ -154,13 +159,13 @@ def steps_for(global_batch: int, *, tokens: Optional[float] = None, epochs: Opti
     """Optimizer steps to see `tokens` tokens (encoder + decoder tokens per series), or `epochs` passes over
     `series` series, at `global_batch` series per step (rounded up)."""
     if tokens is not None:
-        _check_positive("tokens", tokens)
+        check_positive("tokens", tokens)
         per_series = (context_length + 1) + (prediction_length + 1)
         return max(1, math.ceil(tokens / (global_batch * per_series)))
     if epochs is None or series is None:
         raise ValueError("steps: give steps, tokens, or epochs with series")
-    _check_positive("epochs", epochs)
-    _check_positive("series", series)
+    check_positive("epochs", epochs)
+    check_positive("series", series)
     return max(1, math.ceil(epochs * series / global_batch))
 
 
