@@ -8,6 +8,7 @@ HOST_S = {"forward": 1e-5, "forecast": 1e-5, "backward": 5e-6, "optimizer": 2e-6
 VIEW_S = 1e-6
 SCATTER_S_PER_ROW = 1e-8
 FRESH_S_PER_BYTE = 1e-10
+PARALLEL_SPEEDUP = 1.8
 
 
 def simple_measured_device(name: str = "test CPU", dtype: str = "fp32") -> MeasuredDevice:
@@ -15,4 +16,5 @@ def simple_measured_device(name: str = "test CPU", dtype: str = "fp32") -> Measu
     grid = GemmGrid((1, 1024), (64, 4096), (64, 4096), (flat, flat))
     curve = SizeCurve((1e3, 1e9), (1e3 / BYTES_PER_S, 1e9 / BYTES_PER_S))
     return MeasuredDevice(name, dtype, "2026-01-01", grid, grid, dict.fromkeys(MEMORY_CLASSES, curve),
-                          SCATTER_S_PER_ROW, FRESH_S_PER_BYTE, 32 * 2**20, {"forward": 1.0}, dict(HOST_S), VIEW_S)
+                          SCATTER_S_PER_ROW, FRESH_S_PER_BYTE, 32 * 2**20, {"forward": 1.0}, dict(HOST_S), VIEW_S,
+                          PARALLEL_SPEEDUP)

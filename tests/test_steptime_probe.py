@@ -23,6 +23,7 @@ def test_probe_measures_every_term_and_round_trips(monkeypatch):
     rates = [r for grid in (measured.mm, measured.bmm) for plane in grid.rates for row in plane for r in row]
     curves = [t for curve in measured.memory.values() for t in curve.seconds]
     scalars = [measured.scatter_s_per_row, measured.fresh_page_s_per_byte, measured.host_s_per_view,
+               measured.parallel_speedup,
                *measured.host_s_per_op.values()]
     assert all(math.isfinite(v) and v > 0 for v in rates + curves + scalars)
     assert set(measured.host_s_per_op) == {"forward", "forecast", "backward", "optimizer"}

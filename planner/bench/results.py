@@ -28,6 +28,9 @@ MEASUREMENT_NOTES = {
     "predicted_time": "op-level model: every ATen op the step dispatches (traced by shape-only execution), each "
     "priced by this device's probed GEMM rate for its shape, memory-bound time for its bytes and class, and host "
     "time per dispatched op; split into matmul, memory-bound, overhead and sync (planner.steptime)",
+    "parallel_speedup": "CPU: a reference GEMM on every thread ÷ on one thread, just before the timed steps, beside "
+    "the same when the device was probed; a virtual machine whose host shares its cores changes it, and every "
+    "multi-threaded step with it (planner.steptime.host_state)",
     "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
     "forecast: forecast; forward: one-path forecast)",
 }
@@ -53,6 +56,8 @@ class BenchResult:
     predicted: Optional[StepTime] = None
     device_model: Optional[dict[str, str]] = None  # name, source (probe / preset), measured_on
     notes: tuple[str, ...] = ()  # what the user should know about the prediction (a refused cache, ...)
+    parallel_speedup: Optional[float] = None  # CPU: the threads' speedup before the timed steps (host_state)
+    probe_parallel_speedup: Optional[float] = None  # ... and when the device model was probed
     usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
     usage_entropy_nats: Optional[float] = None
     balance_loss: Optional[float] = None  # summed over MoE layers, as the training loss adds it
@@ -123,6 +128,8 @@ class BenchResult:
             "device_model": model.get("name"),
             "device_model_source": model.get("source"),
             "device_model_measured_on": model.get("measured_on"),
+            "parallel_speedup": self.parallel_speedup,
+            "probe_parallel_speedup": self.probe_parallel_speedup,
             "notes": "; ".join(self.notes),
             "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
             "usage_entropy_nats": self.usage_entropy_nats,

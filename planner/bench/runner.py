@@ -154,6 +154,8 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
         predicted=StepTime.from_dict(final["predicted"]) if final.get("predicted") else None,
         device_model=final.get("device_model"),
         notes=tuple(final.get("notes", ())),
+        parallel_speedup=final.get("parallel_speedup"),
+        probe_parallel_speedup=final.get("probe_parallel_speedup"),
         usage_counts=tuple(final["usage_counts"]) if "usage_counts" in final else None,
         usage_entropy_nats=final.get("usage_entropy_nats"),
         balance_loss=final.get("balance_loss"),

@@ -55,6 +55,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.steps import library_versions, make_step, summarise_usage
     from planner.steptime import predict_step_time
     from planner.bench.timing import measure_step_times
+    from planner.steptime.host_state import parallel_speedup, state_note
 
     probe = PeakMemoryProbe(device)
     pin_allocator()
@@ -74,9 +75,12 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         emit("progress", stage=stage, done=done, total=total)
 
     peak: list[int] = []
+    speedups: list[float] = []
 
     def after_warmup() -> None:  # the warm-up measured the memory; the timed steps run as a long run would
         peak.append(probe.peak_bytes())
+        if device == "cpu":  # the machine's state for the timed steps (host_state)
+            speedups.append(parallel_speedup())
         settle_allocator()
         timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
         synchronize(device)
@@ -92,11 +96,14 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     device_name = describe_device(device)
     device_model, notes = _device_model(device, device_name, spec)
     predicted = predict_step_time(trace, device_model) if device_model is not None else None
+    speedup, probe_speedup = (speedups or [None])[0], getattr(device_model, "parallel_speedup", None)
+    if speedup is not None and probe_speedup is not None:
+        notes += [note] if (note := state_note(speedup, probe_speedup)) else []
     emit("measured", device=device, device_name=device_name, threads=torch.get_num_threads(),
          versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
          memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,
          predicted=predicted.to_dict() if predicted else None, device_model=_describe_model(device_model),
-         notes=notes, **usage)
+         notes=notes, parallel_speedup=speedup, probe_parallel_speedup=probe_speedup, **usage)
 
 
 def _device_model(device: str, device_name: str, spec: BenchSpec):

@@ -151,6 +151,7 @@ class MeasuredDevice:
     gemm_in_model_factor: dict[str, float]  # phase -> GEMMs inside a model step ÷ the same back to back (fitted)
     host_s_per_op: dict[str, float]  # phase -> seconds of host time per dispatched op
     host_s_per_view: float
+    parallel_speedup: float  # every thread ÷ one thread on a reference GEMM, when probed (host_state)
     source: str = "probe"
     overlaps_host: bool = False  # a CPU computes what it dispatches: host and kernel time add up
 
@@ -211,13 +212,14 @@ class MeasuredDevice:
                     raise ValueError(f"{key}: the forward phase is missing")
                 _check_positive(key, list(per_phase[key].values()))
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
-                                                             "fresh_page_s_per_byte", "fresh_above_bytes")}
+                                                             "fresh_page_s_per_byte", "fresh_above_bytes",
+                                                             "parallel_speedup")}
             for key, value in scalars.items():
                 _check_positive(key, [value])
             return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
-                       per_phase["host_s_per_op"], scalars["host_s_per_view"])
+                       per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"])
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
 

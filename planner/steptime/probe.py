@@ -12,7 +12,8 @@
   (tiny and small) of each; a forward and backward and an AdamW step of debug give the backward's and the
   optimizer's host time. Views are timed alone.
 
-Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
+The threads' speedup on a reference GEMM is taken at both ends (host_state: the machine's state, which a
+benchmark run compares with its own). Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
 quiet machine: neighbours slow every repeat); each kernel point is the faster of two passes. Runs in the
 benchmark's worker, after its measurement (so the allocator is in the same state as the timed steps).
 """
@@ -33,6 +34,7 @@ from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.measure import token_batch
 from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve
+from planner.steptime.host_state import parallel_speedup
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
 from planner.bench.device import TORCH_DTYPES
@@ -261,6 +263,7 @@ def _phase_trace(trace, phases: tuple[str, ...]) -> StepTrace:
 def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     """Measure this CPU's terms in `dtype` (see the module docstring)."""
     torch_dtype = TORCH_DTYPES[dtype]
+    speedup_before = parallel_speedup()
     one = torch.ones(1, 1, dtype=torch_dtype)
     call_s = typical_time_s(lambda: torch.mm(one, one))
     mm = _gemm_grid(MM_AXES, torch_dtype, 1, call_s)
@@ -277,7 +280,8 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     tensor = torch.ones(4, 4)
     view_s = typical_time_s(lambda: tensor.view(16))
     draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory, scatter_s_per_row,
-                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0}, {"forward": view_s}, view_s)
+                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0}, {"forward": view_s}, view_s,
+                           speedup_before)
     host: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
     for mode in FITTED_MODES:
@@ -293,7 +297,8 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
         else:
             ops = _phase_trace(trace, ("optimizer",))
         host[phase] = _host_s_per_op(spent_s, ops, draft, view_s)
-    return replace(draft, host_s_per_op=host)
+    # The machine's state over the probe: the mean of its two ends (a state change midway shows in neither)
+    return replace(draft, host_s_per_op=host, parallel_speedup=(speedup_before + parallel_speedup()) / 2)
 
 
 def _with_host(device: MeasuredDevice, per_op_s: float, per_view_s: float) -> MeasuredDevice:

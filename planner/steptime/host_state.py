@@ -1,0 +1,45 @@
+"""How much the machine's threads add together right now: the state a probe and a measurement must share.
+
+A virtual machine's cores can be hyperthreads of one physical core whose sibling the host lends to a
+neighbour. Then one thread runs as fast as ever, but all threads together run slower: on the 2-core CI
+machine a fixed GEMM on two threads ran 1.9× its one-thread rate for a minute, then 1.5× the next, with no
+load, steal time or frequency change visible inside the guest, and every step that keeps both threads busy
+(PyTorch's idle threads spin) slowed by the same 1.2–1.3×. A probe taken in one state prices the other wrong
+by that much. The speedup is cheap to measure (a fifth of a second), so the probe records it and every
+benchmark run measures it before its timed steps: a run whose state differs from its probe's says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REFERENCE_GEMM = (256, 1024, 1024)  # (m, n, k): large enough that every thread gets work, small enough to be quick
+SPEEDUP_TIME_S = 0.08  # per thread count
+SPEEDUP_TOLERANCE = 0.10  # a run's speedup this far from its probe's is a different machine state
+
+
+def parallel_speedup() -> float:
+    """Rate of the reference GEMM on every thread PyTorch uses ÷ its rate on one thread (1.0 with one)."""
+    from planner.steptime.probe import typical_time_s  # the probe's timing statistic
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1.0
+    m, n, k = REFERENCE_GEMM
+    a, b = torch.ones(m, k), torch.ones(k, n)
+    all_threads_s = typical_time_s(lambda: torch.mm(a, b), min_time_s=SPEEDUP_TIME_S)
+    torch.set_num_threads(1)
+    try:
+        one_thread_s = typical_time_s(lambda: torch.mm(a, b), min_time_s=SPEEDUP_TIME_S)
+    finally:
+        torch.set_num_threads(threads)
+    return one_thread_s / all_threads_s
+
+
+def state_note(run_speedup: float, probe_speedup: float) -> str | None:
+    """A one-line note when a run's speedup differs from its probe's by more than SPEEDUP_TOLERANCE."""
+    if abs(run_speedup / probe_speedup - 1) <= SPEEDUP_TOLERANCE:
+        return None
+    return (f"the threads ran {run_speedup:.2f}× one thread's rate together during this run and "
+            f"{probe_speedup:.2f}× when this device was probed (the host shares its cores): measured ÷ "
+            f"predicted includes that difference; run again, or with --recalibrate")

@@ -1,0 +1,46 @@
+"""The machine's state a probe and a benchmark run share: the threads' speedup on a reference GEMM."""
+
+import pytest
+import torch
+
+from planner.steptime.host_state import SPEEDUP_TOLERANCE, parallel_speedup, state_note
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_thread_has_no_speedup_to_measure(one_thread):
+    assert parallel_speedup() == 1.0
+
+
+def test_speedup_is_measured_and_leaves_the_thread_count_alone():
+    threads = torch.get_num_threads()
+    speedup = parallel_speedup()
+    assert torch.get_num_threads() == threads
+    # Hyperthreads and a busy host can make many threads slower than one, never faster than their number.
+    assert 0.2 < speedup <= threads * 1.2
+
+
+def test_a_run_in_the_probes_state_has_no_note_and_another_state_is_named():
+    assert state_note(1.9, 1.9) is None and state_note(1.9 * (1 + SPEEDUP_TOLERANCE * 0.9), 1.9) is None
+    note = state_note(1.5, 1.9)
+    assert note is not None and "1.50×" in note and "1.90×" in note and "\n" not in note
+
+
+def test_a_cached_probe_without_the_speedup_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from planner.steptime.device_cache import DEVICE_MODEL_FILE, load_measured_device
+    from tests.steptime_fixtures import simple_measured_device
+
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+    entry = simple_measured_device("old CPU").to_dict()
+    del entry["parallel_speedup"]  # a probe cached before the speedup was recorded
+    (tmp_path / DEVICE_MODEL_FILE).write_text(json.dumps({"old CPU": {"fp32": entry}}))
+    device, problem = load_measured_device("old CPU", "fp32")
+    assert device is None and "parallel_speedup" in problem and "probing again" in problem
