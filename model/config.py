@@ -16,6 +16,9 @@ ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
 DISPATCH_MODES = ("sparse", "dense")
 MAX_EXPERTS = 1_024
 MAX_ROUTER_HIDDEN_DIM = 65_536
+# A capacity factor of E already lets every routed row through (capacity = factor × rows × K / E ≥ rows × K),
+# so larger ones mean the same; the bound keeps capacity arithmetic finite.
+MAX_CAPACITY_FACTOR = float(MAX_EXPERTS)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -72,8 +75,9 @@ class ChronosMoEConfig:
             raise ValueError(f"load_balancing_weight must be a finite number ≥ 0, got {lbw!r}")
         if self.expert_capacity is not None:
             cap = self.expert_capacity
-            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
-                raise ValueError(f"expert_capacity must be a capacity factor > 0 (or None for no limit), got {cap!r}")
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= MAX_CAPACITY_FACTOR:
+                raise ValueError(f"expert_capacity must be a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g} "
+                                 f"(or None for no limit), got {str(cap)[:40]}")
             if self.architecture != "token_ffn":
                 raise ValueError("expert_capacity applies only to architecture token_ffn (sample-level routing drops nothing)")
         for name, blocks, count in (
@@ -88,6 +92,10 @@ class ChronosMoEConfig:
                 raise ValueError(f"{name} must hold distinct block indices from 0 to {count - 1}, got {blocks!r}")
             if self.architecture != "token_ffn":
                 raise ValueError(f"{name} applies only to architecture token_ffn")
+        if self.is_moe and self.architecture == "token_ffn" and not (self.token_moe_encoder_blocks
+                                                                       or self.token_moe_decoder_blocks):
+            raise ValueError("encoder_moe_blocks and decoder_moe_blocks leave no block with experts; name at least "
+                             "one block, or set num_experts to 0 for a dense model")
 
     @property
     def is_moe(self) -> bool:
@@ -124,6 +132,15 @@ class ChronosMoEConfig:
         return f"MoE-{self.num_experts} (top-{self.top_k}, {self.architecture})"
 
 
+def _block_tuple(name: str, blocks: object) -> Optional[tuple[int, ...]]:
+    if blocks is None:
+        return None
+    try:
+        return tuple(blocks)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of block indices, got {str(blocks)[:40]}") from None
+
+
 def make_config(
     size: str,
     *,
@@ -151,7 +168,7 @@ def make_config(
         load_balancing_weight=load_balancing_weight,
         expert_capacity=expert_capacity,
         dispatch=dispatch,
-        encoder_moe_blocks=tuple(encoder_moe_blocks) if encoder_moe_blocks is not None else None,
-        decoder_moe_blocks=tuple(decoder_moe_blocks) if decoder_moe_blocks is not None else None,
+        encoder_moe_blocks=_block_tuple("encoder_moe_blocks", encoder_moe_blocks),
+        decoder_moe_blocks=_block_tuple("decoder_moe_blocks", decoder_moe_blocks),
         shared_layers=shared_layers,
     )

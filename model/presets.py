@@ -108,9 +108,10 @@ def dims_from_hf_config(config: Mapping[str, Any] | str | Path) -> BackboneDims:
             raise ValueError(f"config.json is not valid JSON: {error.msg} (line {error.lineno})") from None
     if not isinstance(config, Mapping):
         raise ValueError("config.json must hold a JSON object of T5 settings")
-    missing = [f for f in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers") if f not in config]
+    missing = [f for f in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers") if config.get(f) is None]
     if missing:
-        raise ValueError(f"config.json lacks {', '.join(missing)} (a T5 config.json has them)")
-    dims = {f: config[f] for f in _DIMENSION_FIELDS if f in config and config[f] is not None}
-    dims.setdefault("num_decoder_layers", dims["num_layers"])
-    return BackboneDims(**dims, vocab_size=config.get("vocab_size", CHRONOS_VOCAB_SIZE))
+        raise ValueError(f"config.json lacks {', '.join(missing)} (a T5 config.json has them, each a number)")
+    dims = {f: config[f] for f in _DIMENSION_FIELDS if config.get(f) is not None}
+    dims.setdefault("num_decoder_layers", dims["num_layers"])  # null or absent: as many as the encoder, as T5Config
+    vocab_size = config.get("vocab_size")
+    return BackboneDims(**dims, vocab_size=CHRONOS_VOCAB_SIZE if vocab_size is None else vocab_size)

@@ -29,6 +29,7 @@ from planner.bench import (
     run_benchmark,
 )
 from planner.export import export_metadata, render
+from planner.output_path import check_output_path
 
 GIB = 2**30
 OUTPUT_FORMATS = ("table", "md", "csv", "json")
@@ -149,13 +150,6 @@ def _prediction_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
              "predicted_peak_gib": row["predicted_peak_bytes"] / GIB} for row in rows]
 
 
-def _write(text: bytes, output: Optional[Path]) -> None:
-    if output is None:
-        sys.stdout.write(text.decode("utf-8"))
-    else:
-        output.write_bytes(text)
-
-
 def _print_progress(index: int, count: int, spec: BenchSpec):
     def report(update: BenchProgress) -> None:
         detail = update.message or f"{update.stage} {update.done}/{update.total}"
@@ -163,19 +157,37 @@ def _print_progress(index: int, count: int, spec: BenchSpec):
     return report
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
+def _write(text: bytes, output: Optional[Path]) -> bool:
+    """Write the report; when `output` cannot take it after all (a full disk), print it to stdout instead
+    so measured results are never lost, and say why. True when it went where it was asked to."""
+    from planner.cli import write_report
+
     try:
+        write_report(text, output)
+        return True
+    except OSError as error:
+        print(f"error: argument --output: could not write {str(output)!r} ({error.strerror or error}); "
+              f"the report follows on stdout", file=sys.stderr)
+        write_report(text, None)
+        return False
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from planner.cli import flag_for
+
+    try:
+        check_output_path(args.output)
         specs = bench_specs(args)
         if args.predict_for:
             rows = _prediction_rows(specs, args)
             shown = rows if args.output_format in ("csv", "json") else _prediction_table(rows)
-            _write(render(shown, args.output_format, export_metadata({"predicted_for": args.predict_for})),
-                   args.output)
-            return 0
+            written = _write(render(shown, args.output_format, export_metadata({"predicted_for": args.predict_for})),
+                             args.output)
+            return 0 if written else 1
         if args.compiled or args.tf32:
             raise ValueError("--compiled and --tf32 are what-ifs for --predict-for; measured runs are eager fp32")
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {flag_for(str(error))}", file=sys.stderr)
         return 2
     results = []
     for index, spec in enumerate(specs, start=1):
@@ -185,7 +197,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
     if args.output_format in ("csv", "json"):
-        _write(export_results(results, args.output_format), args.output)
+        written = _write(export_results(results, args.output_format), args.output)
     else:
         finished = next((r for r in results if r.device_name), None)
         device = {"device": f"{finished.device_name}, {finished.spec.dtype}"} if finished else {}
@@ -193,8 +205,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         comparison = compare_to_dense(results)
         if comparison:
             text += b"\n" + render(comparison, args.output_format, {})
-        _write(text, args.output)
-    return 0 if all(r.ok for r in results) else 1
+        written = _write(text, args.output)
+    return 0 if written and all(r.ok for r in results) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,6 +4,8 @@ multi-device plans on the command line. Each `add_*` registers a subcommand; eac
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from typing import Any
 
 from model.config import make_config
@@ -25,15 +27,52 @@ def parse_count(text: str) -> float:
         value = float(number) * multiplier
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number like 200M, 5e10 or 1.5G, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {str(text)[:40]!r}")
     return value
+
+
+def _integer_list(text: str) -> tuple[int, ...]:
+    """'64,128' -> (64, 128); an argparse error naming what was wrong otherwise."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and len(part) <= 9 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 64,128, "
+                                         f"got {text[:40]!r}")
+    return tuple(int(part) for part in parts)
+
+
+def _count(text: str) -> int:
+    if not (text.strip().isdigit() and len(text.strip()) <= 9 and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text[:40]!r}")
+    return int(text)
+
+
+MAX_DEVICE_MEMORY_GIB = 1 << 20  # a mebibyte of GiB: no device is larger
+
+
+def _device_memory_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_DEVICE_MEMORY_GIB):
+        raise argparse.ArgumentTypeError(f"expected GiB > 0 and ≤ {MAX_DEVICE_MEMORY_GIB:,}, got {text[:40]!r}")
+    return value
+
+
+def read_config(path: str):
+    """import_config_file, its errors naming the file (`--config`): the keys they name are the file's, not
+    this command's flags."""
+    try:
+        return import_config_file(path)
+    except ValueError as error:
+        raise ValueError(f"argument --config: {str(path)[:200]}: {error}") from None
 
 
 def _gpu_memory_bytes(args: argparse.Namespace) -> int:
     if args.device_memory_gib is not None:
         return int(args.device_memory_gib * GIB)
-    return GPU_MEMORY_BYTES[args.gpu]
+    return GPU_MEMORY_BYTES[args.gpu or "A100 80GB"]
 
 
 def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -47,22 +86,27 @@ def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
                         help="; ".join(f"{k}: {v}" for k, v in BUDGET_KINDS.items()))
     parser.add_argument("--limit", type=parse_count, required=True, dest="budget_limit",
                         help="the budget's limit: 50M active params, 2.5 (ratio), 5e10 FLOPs, or bytes (e.g. 16G)")
-    parser.add_argument("--max-experts", type=int, default=128)
-    parser.add_argument("--max-top-k", type=int, default=16)
-    parser.add_argument("--router-widths", default="64,128,256,512", help="comma-separated router hidden widths")
+    parser.add_argument("--max-experts", type=_count, default=128)
+    parser.add_argument("--max-top-k", type=_count, default=16)
+    parser.add_argument("--router-widths", type=_integer_list, default=(64, 128, 256, 512),
+                        help="comma-separated router hidden widths")
     parser.add_argument("--token-blocks", default=",".join(TOKEN_BLOCK_PATTERNS),
                         help=f"token_ffn MoE block patterns: {', '.join(TOKEN_BLOCK_PATTERNS)}")
     parser.add_argument("--tolerance", type=float, default=None, help="keep totals within target × (1 ± this)")
-    parser.add_argument("--top", type=int, default=20, help="how many ranked solutions to print")
+    parser.add_argument("--top", type=_count, default=20, help="how many ranked solutions to print")
     parser.add_argument("--pareto", action="store_true", help="print the Pareto front instead of the ranking")
 
 
 def run_solve(args: argparse.Namespace, workload: Workload, architectures: list[str]) -> list[dict[str, Any]]:
-    widths = tuple(int(w) for w in args.router_widths.split(",") if w.strip())
+    widths = args.router_widths
     space = SearchSpace(args.max_experts, args.max_top_k, widths, tuple(p.strip() for p in args.token_blocks.split(",")))
     base = make_config(args.size, router_hidden_dim=widths[0] if len(widths) == 1 else 256)
     result = solve(base, int(args.target_total), Budget(args.budget, args.budget_limit), architectures=architectures,
                    workload=workload, space=space, tolerance=args.tolerance, limit=args.top)
+    if not result.complete:
+        print(f"note: the search stopped at its time limit after {result.evaluated:,} shapes (E up to "
+              f"{max((c.config.num_experts for c in result.feasible), default=0)} among the feasible); narrow "
+              f"--max-experts, --max-top-k or --router-widths for a complete search", file=sys.stderr)
     chosen = result.pareto_front if args.pareto else result.candidates
     return [{
         "rank": rank,
@@ -84,23 +128,29 @@ def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser])
         description="Read a Chronos training YAML or a Hugging Face T5 config.json and print its plan; with "
         "--devices, per-device training memory under data parallel, ZeRO-1/2/3 and expert parallelism.")
     parser.add_argument("--config", required=True, help="a Chronos training .yaml/.yml or a T5 config.json")
-    parser.add_argument("--devices", type=int, default=1, help="number of devices (the batch is per device)")
-    parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default="A100 80GB", help="device to fit on")
-    parser.add_argument("--device-memory-gib", type=float, default=None, help="a custom device's memory in GiB")
+    parser.add_argument("--devices", type=_count, default=None,
+                        help="with --strategies: number of devices (the batch is per device); default 1")
+    parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default=None,
+                        help="with --strategies: device to fit on; default A100 80GB")
+    parser.add_argument("--device-memory-gib", type=_device_memory_gib, default=None,
+                        help="with --strategies: a custom device's memory in GiB")
     parser.add_argument("--strategies", action="store_true",
                         help=f"print per-device memory for {', '.join(STRATEGIES)} instead of the plan row")
 
 
 def run_plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and extra metadata (what was read, what was ignored)."""
-    if args.device_memory_gib is not None and not args.device_memory_gib > 0:
-        raise ValueError(f"--device-memory-gib must be > 0, got {args.device_memory_gib}")
-    imported = import_config_file(args.config)
+    if not args.strategies:
+        given = [flag for flag, value in (("--devices", args.devices), ("--gpu", args.gpu),
+                                          ("--device-memory-gib", args.device_memory_gib)) if value is not None]
+        if given:
+            raise ValueError(f"argument {given[0]}: applies only with --strategies (per-device plans)")
+    imported = read_config(args.config)
     metadata = {"config_file": args.config, "read_as": imported.source, "size": imported.size,
                 "ignored_keys": ", ".join(imported.ignored_keys) or "none",
                 "gradient_accumulation_steps": imported.gradient_accumulation_steps}
     if args.strategies:
-        rows = plan_all_strategies(imported.config, imported.workload, args.devices,
+        rows = plan_all_strategies(imported.config, imported.workload, args.devices or 1,
                                    device_memory_bytes=_gpu_memory_bytes(args))
         metadata["device_memory_bytes"] = _gpu_memory_bytes(args)
         return rows, metadata

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
 from model.presets import PRESETS
 from planner.export import FORMATS, export_metadata, render
+from planner.output_path import check_output_path, write_output
 from planner.plan import breakdown_rows, plan_grid, plan_row
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES, Workload
 
@@ -235,15 +236,22 @@ _RUNNERS = {"verify": run_verify, "solve": run_solve_command, "plan": run_plan_c
             "serve": run_cost_command}
 
 
-def _write(data: bytes, output: Optional[Path]) -> None:
+def write_report(data: bytes, output: Optional[Path]) -> None:
+    """The report to stdout, or whole to `output` (OSError if it cannot be written: the caller says so)."""
     if output is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        output.write_bytes(data)
+        write_output(data, output)
 
 
-def _flag_for(message: str) -> str:
+def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files a command reads, by flag: its report must not be written over them."""
+    config = getattr(args, "config", None)
+    return [("--config", Path(config))] if config else []
+
+
+def flag_for(message: str) -> str:
     """Config and workload errors name their field first: say which flag sets it."""
     field = message.split(" ", 1)[0].rstrip(":")
     return f"argument {FIELD_FLAGS[field]}: {message}" if field in FIELD_FLAGS else message
@@ -259,8 +267,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output_format == "xlsx" and args.output is None:
         parser.error("argument --output: the xlsx format is binary; give --output PATH.xlsx")
     try:
+        check_output_path(args.output, input_files(args))
         rows, metadata, status = _RUNNERS.get(args.command, run_table)(args)
     except ValueError as error:
-        parser.error(_flag_for(str(error)))
-    _write(render(rows, args.output_format, export_metadata(metadata)), args.output)
+        parser.error(flag_for(str(error)))
+    try:
+        write_report(render(rows, args.output_format, export_metadata(metadata)), args.output)
+    except OSError as error:
+        print(f"{parser.prog}: error: argument --output: could not write {str(args.output)!r}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 1
     return status

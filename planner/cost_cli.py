@@ -142,8 +142,15 @@ def _batches(args: argparse.Namespace, num_devices: int, imported) -> tuple[int,
     return global_batch_split(args.global_batch, num_devices, accumulation), accumulation
 
 
+def _read_yaml(path: str):
+    try:
+        return import_training_yaml(Path(path))
+    except ValueError as error:  # the keys it names are the file's, not this command's flags
+        raise ValueError(f"argument --config: {str(path)[:200]}: {error}") from None
+
+
 def _template(args: argparse.Namespace) -> tuple[str, TrainingRun, Any]:
-    imported = import_training_yaml(Path(args.config)) if args.config else None
+    imported = _read_yaml(args.config) if args.config else None
     size, config = _variant(args, imported)
     gpus = args.gpu or ["a100-40gb"]
     devices = (args.devices or [1])[0]

@@ -198,8 +198,13 @@ def estimate_forecast_memory(config: ChronosMoEConfig, workload: Workload, param
 
 def estimate_memory(config: ChronosMoEConfig, workload: Workload = Workload(),
                     params: Optional[ParamBreakdown] = None, *, device: str = "cuda") -> MemoryBreakdown:
-    """Weights in every format, a training step and a forecast. `params` saves recounting when known."""
-    params = count_params(config) if params is None else params
+    """Weights in every format, a training step and a forecast. `params`, when given, must be this config's
+    counts (count_params(config)); another config's would size the wrong model."""
+    counted = count_params(config)  # analytic: microseconds
+    if params is not None and params != counted:
+        raise ValueError(f"params: these parameter counts ({params.total_params:,} in all) are not this config's "
+                         f"({counted.total_params:,}); pass count_params(config) or leave params out")
+    params = counted
     return MemoryBreakdown(
         weights=estimate_weights_memory(params.total_params),
         training=estimate_training_memory(config, workload, params.total_params, device=device),

@@ -12,10 +12,11 @@ solution is exactly what `plan` would say of it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from model.config import ARCHITECTURES, MAX_EXPERTS, ChronosMoEConfig
+from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig
 from planner.flops import count_flops
 from planner.params import count_params
 from planner.workload import Workload
@@ -35,6 +36,11 @@ TOKEN_BLOCK_PATTERNS: dict[str, Callable[[int], tuple[int, ...]]] = {
     "every_fourth": lambda n: tuple(range(3, n, 4)) or (n - 1,),
 }
 DEFAULT_ROUTER_WIDTHS = (64, 128, 256, 512)
+# Bounds that keep a search interactive (the defaults evaluate 1,536 shapes in about a second): a larger space
+# is refused up front, naming what to narrow; a search still running at its time limit stops and says so.
+MAX_SHAPES = 4_096
+MAX_FEASIBLE_KEPT = 20_000  # (shape, K) points kept for charts; past it, each shape's smallest and largest K
+DEFAULT_TIME_LIMIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,14 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or not 1 <= self.max_experts <= MAX_EXPERTS:
             raise ValueError(f"max_experts must be an integer from 1 to {MAX_EXPERTS}, got {self.max_experts!r}")
-        if isinstance(self.max_top_k, bool) or not isinstance(self.max_top_k, int) or self.max_top_k < 1:
-            raise ValueError(f"max_top_k must be an integer ≥ 1, got {self.max_top_k!r}")
-        if not self.router_widths or any(not isinstance(w, int) or w < 1 for w in self.router_widths):
-            raise ValueError(f"router_widths must be positive integers, got {self.router_widths!r}")
+        if isinstance(self.max_top_k, bool) or not isinstance(self.max_top_k, int) or not 1 <= self.max_top_k <= MAX_EXPERTS:
+            raise ValueError(f"max_top_k must be an integer from 1 to {MAX_EXPERTS}, got {str(self.max_top_k)[:40]}")
+        if not self.router_widths or any(isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_ROUTER_HIDDEN_DIM
+                                         for w in self.router_widths):
+            raise ValueError(f"router_widths must be integers from 1 to {MAX_ROUTER_HIDDEN_DIM:,}, "
+                             f"got {str(self.router_widths)[:60]}")
+        if len(set(self.router_widths)) != len(self.router_widths):
+            raise ValueError(f"router_widths must be distinct, got {str(self.router_widths)[:60]}")
         unknown = [p for p in self.token_block_patterns if p not in TOKEN_BLOCK_PATTERNS]
         if unknown or not self.token_block_patterns:
             raise ValueError(f"token_block_patterns must be from {', '.join(TOKEN_BLOCK_PATTERNS)}, got {self.token_block_patterns!r}")
@@ -89,8 +99,9 @@ class Candidate:
 class SolverResult:
     candidates: tuple[Candidate, ...]  # best first; one per shape, at the largest K that fits the budget
     pareto_front: tuple[Candidate, ...]  # feasible, by total ascending: no other has more total for ≤ active
-    feasible: tuple[Candidate, ...]  # every (shape, K) within the budget, for charts
+    feasible: tuple[Candidate, ...]  # every (shape, K) within the budget, for charts (see MAX_FEASIBLE_KEPT)
     evaluated: int  # shapes (architecture, E, router width or MoE blocks) whose budget was computed
+    complete: bool = True  # False: stopped at its time limit, after `evaluated` shapes in E order
 
 
 def _budget_value(candidate_config: ChronosMoEConfig, budget: Budget, workload: Workload,
@@ -109,24 +120,40 @@ def _budget_value(candidate_config: ChronosMoEConfig, budget: Budget, workload: 
 
 
 def _budget_values(config_with: Callable[[int], ChronosMoEConfig], max_top_k: int, budget: Budget,
-                   workload: Workload, dense_forward_flops: int) -> list[float]:
-    """The budget quantity for K = 1 … max_top_k of one shape.
+                   workload: Workload, dense_forward_flops: int) -> list[tuple[int, float]]:
+    """(K, budget quantity) of one shape for the K within the budget (at most max_top_k): every K from 1 to the
+    largest, or a spread of them when there are very many (_reported_top_ks); empty when K = 1 exceeds it.
 
     Active parameters and forward FLOPs are exactly affine in K under sparse dispatch (each series or token
-    runs K identical experts), so two evaluations give them all; memory is evaluated for each K.
+    runs K identical experts), so two evaluations give them all. Memory grows with K too, so the largest K
+    within the budget is found by bisection (log2 of max_top_k evaluations, not one per K).
     """
-    if budget.kind == "active_params" or budget.kind in ("forward_flops", "flop_ratio"):
-        first = _budget_value(config_with(1), budget, workload, dense_forward_flops)
-        if max_top_k == 1:
-            return [first]
-        step = _budget_value(config_with(2), budget, workload, dense_forward_flops) - first
-        return [first + (k - 1) * step for k in range(1, max_top_k + 1)]
-    values = []
-    for top_k in range(1, max_top_k + 1):
-        values.append(_budget_value(config_with(top_k), budget, workload, dense_forward_flops))
-        if values[-1] > budget.limit:
-            break
-    return values
+    value: dict[int, float] = {}
+
+    def evaluate(top_k: int) -> float:
+        if top_k not in value:
+            value[top_k] = _budget_value(config_with(top_k), budget, workload, dense_forward_flops)
+        return value[top_k]
+
+    if evaluate(1) > budget.limit:
+        return []
+    affine = budget.kind in ("active_params", "forward_flops", "flop_ratio")
+    if affine and max_top_k > 1:
+        step = evaluate(2) - value[1]
+        for top_k in range(3, max_top_k + 1):
+            value[top_k] = value[1] + (top_k - 1) * step
+    low, high = 1, max_top_k  # evaluate(low) is within the budget; find the largest such K
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if evaluate(middle) <= budget.limit else (low, middle - 1)
+    return [(top_k, evaluate(top_k)) for top_k in _reported_top_ks(low)]
+
+
+def _reported_top_ks(largest: int) -> list[int]:
+    """The K a shape reports: all of 1 … largest, or with very many, a spread that keeps 1 and the largest."""
+    if largest <= 64:
+        return list(range(1, largest + 1))
+    return sorted({1, largest, *range(1, largest + 1, max(1, largest // 32))})
 
 
 def _shapes(base: ChronosMoEConfig, architectures: Sequence[str], space: SearchSpace):
@@ -173,24 +200,42 @@ def solve(
     space: SearchSpace = SearchSpace(),
     tolerance: Optional[float] = None,
     limit: int = 20,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    cancelled: Optional[Callable[[], bool]] = None,
 ) -> SolverResult:
     """Feasible shapes, each at its largest K within the budget, ranked by |total − target| (then by budget
     use, highest first, then fewer experts). `tolerance` (a fraction) keeps only totals within
-    target × (1 ± tolerance)."""
+    target × (1 ± tolerance). A space of more than MAX_SHAPES shapes is refused (ValueError); the search
+    stops at `time_limit_s` or when `cancelled()` is true, and says so (`complete` False)."""
     if isinstance(target_total_params, bool) or not isinstance(target_total_params, int) or target_total_params < 1:
         raise ValueError(f"target total parameters must be a positive integer, got {target_total_params!r}")
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a fraction ≥ 0, got {tolerance!r}")
+    if target_total_params > 10**15:
+        raise ValueError(f"target total parameters must be at most 10^15 (a quadrillion), got {target_total_params:.3g}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
+                                      and 0 <= tolerance <= 1e6):
+        raise ValueError(f"tolerance must be a fraction from 0 to 1e6, got {str(tolerance)[:40]}")
+    if not (isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= 100_000):
+        raise ValueError(f"limit must be an integer from 1 to 100,000 (solutions listed), got {str(limit)[:40]}")
     unknown = [a for a in architectures if a not in ARCHITECTURES]
     if unknown or not architectures:
         raise ValueError(f"architectures must be from {', '.join(ARCHITECTURES)}, got {list(architectures)!r}")
     dense = dataclasses.replace(base, num_experts=0, expert_capacity=None, encoder_moe_blocks=None, decoder_moe_blocks=None)
     dense_forward = count_flops(dense, workload).forward_flops
 
+    shapes = _shape_count(architectures, space)
+    if shapes > MAX_SHAPES:
+        raise ValueError(f"max_experts: the search would evaluate {shapes:,} shapes (E × router widths or block "
+                         f"patterns, per architecture); at most {MAX_SHAPES:,}: lower max_experts, or search fewer "
+                         f"router widths, block patterns or architectures")
+    deadline = time.monotonic() + time_limit_s
     feasible: list[Candidate] = []
     best_per_shape: list[Candidate] = []
     evaluated = 0
+    complete = True
     for architecture, experts, width, pattern in _shapes(base, architectures, space):
+        if time.monotonic() > deadline or (cancelled is not None and cancelled()):
+            complete = False
+            break
         def config_with(top_k: int) -> ChronosMoEConfig:
             return _config_for(base, architecture, experts, top_k, width, pattern)
 
@@ -201,12 +246,11 @@ def solve(
         values = _budget_values(config_with, max_top_k, budget, workload, dense_forward)
         evaluated += 1
         shape_feasible = []
-        for top_k, value in enumerate(values, start=1):
-            if value > budget.limit:
-                break  # every budget quantity grows with K
+        for top_k, value in values:
             active = breakdown.total_params - (experts - top_k) * breakdown.params_per_expert
             shape_feasible.append(Candidate(config_with(top_k), breakdown.total_params, active, value, pattern))
-        feasible.extend(shape_feasible)
+        feasible.extend(shape_feasible if len(feasible) < MAX_FEASIBLE_KEPT else
+                        {c.config.top_k: c for c in shape_feasible[:1] + shape_feasible[-1:]}.values())
         if shape_feasible:
             # A shape's smaller K have the same total and use less of the budget: rank only its largest.
             best_per_shape.append(shape_feasible[-1])
@@ -215,4 +259,9 @@ def solve(
         best_per_shape,
         key=lambda c: (abs(c.total_params - target_total_params), -c.budget_value, c.config.num_experts),
     )
-    return SolverResult(tuple(ranked[:limit]), pareto_front(feasible), tuple(feasible), evaluated)
+    return SolverResult(tuple(ranked[:limit]), pareto_front(feasible), tuple(feasible), evaluated, complete)
+
+
+def _shape_count(architectures: Sequence[str], space: SearchSpace) -> int:
+    per_expert_count = {"token_ffn": len(space.token_block_patterns)}
+    return sum(space.max_experts * per_expert_count.get(a, len(space.router_widths)) for a in architectures)

@@ -20,7 +20,7 @@ import streamlit as st
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from model.presets import PRESETS
 from planner.bench import (DEVICES, DTYPES, MODES, PREDICTION_DEVICES, BenchProgress, BenchResult, BenchSpec,
-                           compare_to_dense, export_results, lock_holder, predict_row, request_cancel, run_benchmark)
+                           compare_to_dense, export_results, lock_holder, predict_row, run_benchmark)
 from planner.export import export_metadata, render
 from planner.steptime import TERMS
 from planner.bench_cli import add_bench_subcommand, bench_specs
@@ -162,11 +162,10 @@ def _draw_busy() -> None:
     if holder is None:
         return
     since = time.time() - holder.get("since", time.time())
-    left, right = st.columns([4, 1], vertical_alignment="center")
-    left.info(f"Another benchmark is running ({holder.get('label', 'unknown')}, for {since:.0f} s): one runs at a "
-              "time on this machine, so a run started here waits for it.", icon=":material/hourglass_top:")
-    right.button("Cancel that benchmark", key="bench_cancel_other", on_click=request_cancel,
-                 help="Stops the benchmark running now, whoever started it")
+    # No button to stop it: it belongs to another session or shell, and only its owner may cancel it.
+    st.info(f"Another benchmark is running ({holder.get('label', 'unknown')}, for {since:.0f} s): one runs at a "
+            "time on this machine, so a run started here waits for it (at most its time limit).",
+            icon=":material/hourglass_top:")
 
 
 def results_frame(results: Sequence[BenchResult]) -> pd.DataFrame:

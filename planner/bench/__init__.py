@@ -23,7 +23,7 @@ Public API (torch is imported only inside the benchmark's subprocess, so importi
 - `run_benchmark(spec, progress, cancel_event)` (runner.py): waits for any other benchmark (one at a time
   across processes and browser sessions), runs one subprocess with the time limit, reports
   `BenchProgress(stage, done, total, message, .fraction)` to `progress`, stops when `cancel_event` is set.
-- `request_cancel()` / `lock_holder()` (lock.py): cancel the running benchmark from any process; who runs now.
+- `request_cancel(pid)` / `lock_holder()` (lock.py): cancel the benchmark process `pid` runs (only that one); who runs now.
 - `compare_to_dense(results)`, `export_results(results, "csv" | "json")` (results.py): the MoE-to-dense
   time ratio beside the FLOP ratio; exports with device, versions and settings.
 - Predictions without running: `predict_row(spec, device, compiled=False, tf32=False)` (predict.py) for

@@ -76,14 +76,21 @@ def _read_events(stream, events: "queue.Queue[Optional[dict]]") -> None:
     events.put(None)
 
 
-def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optional[threading.Event]) -> tuple[str, dict, str]:
-    """(outcome, final event, stderr tail): outcome is the final event's name, or timeout / cancelled / crashed."""
+def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optional[threading.Event],
+                lock_fd: int, deadline: float) -> tuple[str, dict, str]:
+    """(outcome, final event, stderr tail): outcome is the final event's name, or timeout / cancelled / crashed.
+    The worker inherits the locked file (`lock_fd`), so the lock lasts as long as it does, and dies with this
+    process (worker.PARENT_PID_ENV)."""
+    from planner.bench.worker import PARENT_PID_ENV
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env[PARENT_PID_ENV] = str(os.getpid())
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "planner.bench.worker"], cwd=PROJECT_ROOT, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+            pass_fds=(lock_fd,),
         )
         events: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_events, args=(process.stdout, events), daemon=True)
@@ -94,7 +101,7 @@ def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optio
                 process.stdin.close()
             except BrokenPipeError:  # the worker died at once; its stderr will say why
                 pass
-            outcome, final = _follow(spec, process, events, progress, cancel_event)
+            outcome, final = _follow(process, events, progress, cancel_event, deadline)
         finally:
             _kill(process)  # also when the caller's progress callback raised (an app rerun, Ctrl-C)
             reader.join(timeout=5)  # the pipe reaches its end once the process group is gone
@@ -103,8 +110,7 @@ def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optio
         return outcome, final, stderr.read()[-STDERR_TAIL_CHARS:]
 
 
-def _follow(spec, process, events, progress, cancel_event) -> tuple[str, dict]:
-    deadline = time.monotonic() + spec.time_limit_s
+def _follow(process, events, progress, cancel_event, deadline: float) -> tuple[str, dict]:
     final: dict = {}
     while True:
         if time.monotonic() >= deadline:
@@ -117,7 +123,7 @@ def _follow(spec, process, events, progress, cancel_event) -> tuple[str, dict]:
             continue
         if event is None:  # the worker closed stdout: it finished or died
             process.wait()
-            return (final["event"], final) if final else ("crashed", final)
+            return (final["event"], final) if final else ("crashed", {"returncode": process.returncode})
         if event["event"] == "progress":
             progress(BenchProgress(event["stage"], event["done"], event["total"]))
         else:
@@ -136,7 +142,7 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
                            available_memory_bytes=final.get("available_memory_bytes"), device=final.get("device"),
                            **base)
     if outcome != "measured":
-        message = final.get("message") or f"the benchmark process died without a result: {stderr_tail.strip()[-500:]}"
+        message = final.get("message") or _crash_message(final.get("returncode"), stderr_tail)
         return BenchResult(status="error", message=message, traceback=final.get("traceback", stderr_tail), **base)
     return BenchResult(
         status="ok",
@@ -165,6 +171,21 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
     )
 
 
+def _crash_message(returncode: Optional[int], stderr_tail: str) -> str:
+    """Why a worker ended without a result: the signal that killed it, or its exit status, and its last words."""
+    if returncode is not None and returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-returncode}"
+        if -returncode == signal.SIGKILL:
+            how += " (out of memory, or killed from outside)"
+    else:
+        how = f"exited with status {returncode}"
+    tail = stderr_tail.strip()[-500:]
+    return f"the benchmark process {how} before reporting a result" + (f": {tail}" if tail else "")
+
+
 def run_benchmark(
     spec: BenchSpec,
     progress: Optional[ProgressCallback] = None,
@@ -181,14 +202,21 @@ def run_benchmark(
     def on_wait(holder: dict) -> None:
         report(BenchProgress("waiting", message=f"waiting for another benchmark: {holder.get('label', '?')}"))
 
-    with BenchLock(spec.label, cancel_event, on_wait) as lock:
+    deadline = time.monotonic() + spec.time_limit_s  # the wait for another run counts against the time limit
+    with BenchLock(spec.label, cancel_event, on_wait, max_wait_s=spec.time_limit_s) as lock:
+        if lock.timed_out:
+            holder = lock.holder
+            return BenchResult(spec=spec, status="timeout", flops=count_step_flops(spec),
+                               message=f"waited its time limit of {spec.time_limit_s:g} s for another benchmark "
+                               f"({holder.get('label', 'unknown')}, pid {holder.get('pid', '?')}) that has not "
+                               f"finished; nothing was measured")
         if not lock.acquired:
             return BenchResult(spec=spec, status="cancelled", message="cancelled while waiting for another benchmark",
                                flops=count_step_flops(spec))
         clear_cancel_request()
         report(BenchProgress("starting"))
         start = time.monotonic()
-        outcome, final, stderr_tail = _run_worker(spec, report, cancel_event)
+        outcome, final, stderr_tail = _run_worker(spec, report, cancel_event, lock.fileno(), deadline)
         result = _result(spec, outcome, final, stderr_tail, time.monotonic() - start)
         report(BenchProgress("done", message=result.status))  # still holding the lock: the run's last word
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Callable, TextIO
@@ -23,6 +24,22 @@ from typing import Any, Callable, TextIO
 from planner.bench.spec import BenchSpec
 
 Emit = Callable[..., None]
+PARENT_PID_ENV = "CHRONOS_MOE_BENCH_PARENT_PID"  # the runner's pid: the worker must not outlive it
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the runner that started it dies (Linux), and exit now if it
+    is already gone: an orphaned worker would hold the benchmark lock and measure beside the next run."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if str(os.getppid()) != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def run(spec: BenchSpec, emit: Emit) -> None:
@@ -128,6 +145,7 @@ def _describe_model(device_model) -> dict[str, Any] | None:
 
 
 def main(stdin: TextIO = sys.stdin) -> None:
+    die_with_parent()
     # The protocol gets its own copy of stdout; fd 1 then points at stderr, so whatever torch, transformers
     # or C extensions print cannot corrupt it.
     protocol = os.fdopen(os.dup(1), "w")
