@@ -13,6 +13,7 @@ from ui.cost_tab import draw_cost
 from ui.devices_tab import draw_devices
 from ui.exports import draw_downloads
 from ui.format import format_bytes, format_count
+from ui.share_link import check_share_link, draw_share_link_problems, one_of
 from ui.sidebar import BIND, Settings, draw_sidebar
 from ui.tables import (component_frame, flops_frame, grid_column_config, grid_display, grid_frame, memory_frame,
                        styled)
@@ -118,6 +119,8 @@ st.set_page_config(page_title="Chronos-MoE capacity planner", page_icon="📐", 
 st.title("Chronos-MoE capacity planner")
 st.caption("Parameters, FLOPs and memory of Mixture-of-Experts variants of Chronos-T5, counted from the real "
            "modules' shapes and checked against them in the Verify tab.")
+check_share_link({"tab": one_of(TABS)})
+draw_share_link_problems()
 settings = draw_sidebar()
 with st.expander("Conventions: what each number counts"):
     st.markdown(CONVENTIONS_MARKDOWN)

@@ -64,6 +64,12 @@ def _integers(text: str) -> list[int]:
     return values
 
 
+def _capacity_factor(text: str) -> float:
+    from planner.cli import capacity_factor
+
+    return capacity_factor(text)
+
+
 def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench", help="measure variants on this device beside the planner's predictions",
@@ -80,7 +86,7 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dispatch", type=_names(DISPATCH_MODES), default=["sparse"],
                         help="comma-separated: sparse (only the chosen experts run), dense (all run, masked)")
     parser.add_argument("--router-hidden-dim", type=int, default=256)
-    parser.add_argument("--expert-capacity", type=float, default=None, help="token_ffn capacity factor")
+    parser.add_argument("--expert-capacity", type=_capacity_factor, default=None, help="token_ffn capacity factor")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context-length", type=int, default=512)
     parser.add_argument("--prediction-length", type=int, default=64)
@@ -111,14 +117,17 @@ def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
         device=args.device, dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
         time_limit_s=args.time_limit_s, recalibrate=args.recalibrate,
     )
+    sizes = list(dict.fromkeys(name.strip() for name in args.sizes.split(",") if name.strip()))
+    if not sizes:
+        raise ValueError(f"argument --sizes: give comma-separated size presets, got {args.sizes[:40]!r}")
     specs: list[BenchSpec] = []
-    for size in [name.strip() for name in args.sizes.split(",") if name.strip()]:
+    for size in sizes:
         for mode in args.modes:
             if 0 in args.experts:
                 specs.append(BenchSpec(size=size, mode=mode, **common))
             for architecture in args.architectures:
                 capacity = args.expert_capacity if architecture == "token_ffn" else None
-                for num_experts in (e for e in args.experts if e != 0):
+                for num_experts in (e for e in dict.fromkeys(args.experts) if e != 0):
                     for dispatch in args.dispatch:
                         specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
                                                dispatch=dispatch, expert_capacity=capacity, **common))

@@ -10,12 +10,13 @@ every row key (planner/README_rows.md).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
+from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR, MAX_EXPERTS
 from model.presets import PRESETS
 from planner.export import FORMATS, export_metadata, render
 from planner.output_path import check_output_path, write_output
@@ -41,7 +42,7 @@ FIELD_FLAGS = {
     "devices_per_node": "--devices-per-node", "price_per_device_hour": "--price-per-hour",
     "data_series_per_s": "--data-series-per-s", "intra_link": "--intra-link", "inter_link": "--inter-link",
     "deadline_hours": "--deadline-hours", "precision": "--precision", "dtype": "--dtype", "strategy": "--strategy",
-    "max_batch": "--max-batch",
+    "max_batch": "--max-batch", "workers": "--workers",
 }
 
 
@@ -58,21 +59,32 @@ def _name_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         unknown = [name for name in names if name not in allowed]
         if not names or unknown:
             raise argparse.ArgumentTypeError(
-                f"{', '.join(unknown) or repr(text)} not allowed; choose comma-separated from {', '.join(allowed)}")
-        return names
+                f"{', '.join(unknown)[:80] or repr(text[:40])} not allowed; choose comma-separated from "
+                f"{', '.join(allowed)}")
+        return list(dict.fromkeys(names))  # each once, in the order given
 
     return parse
 
 
 def _expert_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        counts = []
-    if not counts or any(not 0 <= count <= MAX_EXPERTS for count in counts):
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    counts = [int(part) for part in parts if part.isdigit() and len(part) <= 5]
+    if not parts or len(counts) != len(parts) or any(not 0 <= count <= MAX_EXPERTS for count in counts):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers from 0 (dense) to {MAX_EXPERTS}, got {text!r}")
-    return counts
+            f"expected comma-separated integers from 0 (dense) to {MAX_EXPERTS}, got {text[:40]!r}")
+    return list(dict.fromkeys(counts))  # each once, in the order given
+
+
+def capacity_factor(text: str) -> float:
+    """--expert-capacity: checked even when no token_ffn row will use it (a typo must not pass unseen)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_CAPACITY_FACTOR:
+        raise argparse.ArgumentTypeError(f"expected a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g}, "
+                                         f"got {text[:40]!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -97,7 +109,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     grid.add_argument("--vocab-size", type=int, default=4096)
     grid.add_argument("--dispatch", choices=DISPATCH_MODES, default="sparse",
                       help="sparse: only chosen experts run; dense: every expert runs (reference)")
-    grid.add_argument("--expert-capacity", type=float, default=None,
+    grid.add_argument("--expert-capacity", type=capacity_factor, default=None,
                       help="capacity factor for token_ffn rows (others drop nothing); default: no limit")
     workload = OneLineParser(add_help=False)
     workload.add_argument("--context-length", type=int, default=512, help="context values (S = this + 1)")

@@ -4,7 +4,10 @@ Where the metadata goes (workload, versions, conventions):
 - table, md: `key: value` lines above the table;
 - csv: `# key: value` comment lines above the header (read back with `pandas.read_csv(path, comment="#")`);
 - xlsx: a second sheet "metadata" (key, value) beside the sheet "rows";
-- json: a list of rows, as the issue asks; every row carries the same `metadata` object.
+- json: a list of rows; every row carries the same `metadata` object.
+Metadata comes partly from users (a config's keys, a file name, a share link), so each line is kept one line
+(control characters shown as spaces) and no spreadsheet cell is ever a formula: text starting with `=`
+stays text. Integers beyond 2^53, which a spreadsheet would round to a double, are stored as their digits.
 Computation and formatting stay apart: these functions never count anything.
 """
 
@@ -14,6 +17,7 @@ import csv
 import io
 import json
 import platform
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 FORMATS = ("table", "csv", "md", "json", "xlsx")
@@ -27,6 +31,13 @@ CONVENTIONS = {
 }
 
 Row = Mapping[str, Any]
+EXACT_FLOAT_INTEGER = 2**53  # larger integers lose digits as a spreadsheet's doubles
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def one_line(value: Any) -> str:
+    """`value` as text on one line: newlines, tabs and other control characters become spaces."""
+    return _CONTROL.sub(" ", str(value))
 
 
 def export_metadata(extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
@@ -53,7 +64,7 @@ def format_table(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
     columns = list(rows[0]) if rows else []
     cells = [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
-    lines = [f"{key}: {value}" for key, value in metadata.items()] + [""]
+    lines = [f"{one_line(key)}: {one_line(value)}" for key, value in metadata.items()] + [""]
     lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]
     return "\n".join(lines) + "\n"
@@ -61,7 +72,7 @@ def format_table(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
 
 def format_markdown(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
     columns = list(rows[0]) if rows else []
-    lines = [f"- **{key}**: {value}" for key, value in metadata.items()] + [""]
+    lines = [f"- **{one_line(key)}**: {one_line(value)}" for key, value in metadata.items()] + [""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
@@ -71,7 +82,7 @@ def format_markdown(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
 def format_csv(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     for key, value in metadata.items():
-        buffer.write(f"# {key}: {value}\n")
+        buffer.write(f"# {one_line(key)}: {one_line(value)}\n")
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -82,14 +93,30 @@ def format_json(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
     return json.dumps([{**row, "metadata": dict(metadata)} for row in rows], indent=2) + "\n"
 
 
-def xlsx_bytes(rows: Sequence[Row], metadata: Mapping[str, Any]) -> bytes:
-    import pandas as pd  # only this format needs pandas (and openpyxl)
+def _write_sheet(sheet, table: Sequence[Sequence[Any]]) -> None:
+    for row_index, values in enumerate(table, start=1):
+        for column_index, value in enumerate(values, start=1):
+            if isinstance(value, (list, tuple, dict)):
+                value = json.dumps(value)
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > EXACT_FLOAT_INTEGER:
+                value = str(value)  # the exact digits, as text
+            cell = sheet.cell(row=row_index, column=column_index, value=value)
+            if isinstance(value, str):
+                cell.data_type = "s"  # text, never a formula (openpyxl makes "=..." one)
 
+
+def xlsx_bytes(rows: Sequence[Row], metadata: Mapping[str, Any]) -> bytes:
+    from openpyxl import Workbook  # only this format needs it
+
+    workbook = Workbook()
+    sheet = workbook.active
+    sheet.title = "rows"
+    columns = list(rows[0]) if rows else []
+    _write_sheet(sheet, [columns, *([row.get(c) for c in columns] for row in rows)])
+    _write_sheet(workbook.create_sheet("metadata"),
+                 [["key", "value"], *([one_line(key), one_line(value)] for key, value in metadata.items())])
     buffer = io.BytesIO()
-    with pd.ExcelWriter(buffer, engine="openpyxl") as writer:
-        pd.DataFrame(list(rows)).to_excel(writer, sheet_name="rows", index=False)
-        meta = pd.DataFrame({"key": list(metadata), "value": [str(v) for v in metadata.values()]})
-        meta.to_excel(writer, sheet_name="metadata", index=False)
+    workbook.save(buffer)
     return buffer.getvalue()
 
 

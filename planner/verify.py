@@ -182,6 +182,25 @@ def _verify_item(item: tuple[str, ChronosMoEConfig, Workload, dict]) -> list[Che
     return verify_variant(size, config, workload, **options)
 
 
+VERIFY_MEMORY_SHARE = 0.8  # of the available memory a verification may plan to use
+
+
+def check_verify_fits(configs, workload: Workload) -> None:
+    """Refuse (ValueError naming the flags) a grid whose largest variant would not fit in this machine's
+    memory: verification holds the fp32 weights and measures the activations a training step saves, so
+    their planned sizes are what it needs."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    needed = max((4 * count_params(config).total_params + estimate_activation_bytes(config, workload, device="cpu")
+                  for config in configs), default=0)
+    if needed > VERIFY_MEMORY_SHARE * available:
+        raise ValueError(f"argument --context-length/--batch-size: verifying this grid needs about "
+                         f"{needed / 2**30:,.1f} GiB (the largest variant's weights and saved activations) and this machine has "
+                         f"{available / 2**30:,.1f} GiB available; lower --context-length or --batch-size, or "
+                         f"verify smaller --sizes")
+
+
 def verify_grid(
     sizes: Iterable[str],
     architectures: Iterable[str],
@@ -201,6 +220,9 @@ def verify_grid(
     """
     items = [(size, config, workload, options or {})
              for size, config in grid_configs(sizes, architectures, experts, **settings)]
+    check_verify_fits([item[1] for item in items], workload)
+    if workers is not None and not 1 <= workers <= (os.cpu_count() or 1):
+        raise ValueError(f"workers must be from 1 to this machine's {os.cpu_count() or 1} cores, got {workers}")
     order = sorted(range(len(items)), key=lambda i: -_estimated_cost(items[i][:3]))
     workers = workers or os.cpu_count() or 1
     results: dict[int, list[Check]] = {}

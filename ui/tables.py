@@ -44,11 +44,27 @@ def grid_frame(variants: Sequence[Variant]) -> pd.DataFrame:
     return pd.DataFrame([{name: v.row[key] for name, key in columns.items()} for v in variants])
 
 
+INT64_MAX = 2**63 - 1  # Arrow, which draws every table, holds no larger integer
+
+
+def arrow_safe(frame: pd.DataFrame, exact: bool = False) -> pd.DataFrame:
+    """`frame` with every column holding integers beyond int64 (absurd workloads reach them: bytes of a
+    10,000-series batch at context 100,000) as floats, or with `exact` as digit strings, so it can be drawn."""
+    huge = [name for name in frame.columns if frame[name].dtype == object
+            and any(isinstance(v, int) and abs(v) > INT64_MAX for v in frame[name])]
+    if not huge:
+        return frame
+    frame = frame.copy()
+    for name in huge:
+        frame[name] = [f"{v:,}" if exact else float(v) for v in frame[name]]
+    return frame
+
+
 def grid_display(frame: pd.DataFrame, exact: bool):
     """The frame as drawn: readable units (a Styler) or, with `exact`, the integers themselves."""
     if exact:
-        return frame
-    return frame.style.format({name: fmt for name, (_, _, fmt) in GRID_COLUMNS.items()})
+        return arrow_safe(frame, exact=True)
+    return arrow_safe(frame).style.format({name: fmt for name, (_, _, fmt) in GRID_COLUMNS.items()})
 
 
 def grid_column_config(exact: bool) -> dict[str, object]:
@@ -93,4 +109,4 @@ def memory_frame(variant: Variant) -> pd.DataFrame:
 
 
 def styled(frame: pd.DataFrame, formats: dict[str, Callable[[float], str]]):
-    return frame.style.format(formats)
+    return arrow_safe(frame).style.format(formats)

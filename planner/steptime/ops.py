@@ -76,7 +76,9 @@ class StepTrace:
             for *fields, count in values["ops"]:
                 name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows = fields
                 if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
-                    raise ValueError(f"bad op record {fields!r}")
+                    raise ValueError(f"bad op record {str(fields)[:200]}")
+                if min(int(flops), int(read), int(written), int(index_rows)) < 0:
+                    raise ValueError(f"negative FLOPs or bytes in {str(fields)[:200]}")
                 ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
                                      tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
                                      int(index_rows)),
