@@ -64,6 +64,9 @@ def _integers(text: str) -> list[int]:
     return values
 
 
+PROG = "python -m planner bench"
+
+
 def _capacity_factor(text: str) -> float:
     from planner.cli import capacity_factor
 
@@ -175,7 +178,7 @@ def _write(text: bytes, output: Optional[Path]) -> bool:
         write_report(text, output)
         return True
     except OSError as error:
-        print(f"error: argument --output: could not write {str(output)!r} ({error.strerror or error}); "
+        print(f"{PROG}: error: argument --output: could not write {str(output)!r} ({error.strerror or error}); "
               f"the report follows on stdout", file=sys.stderr)
         write_report(text, None)
         return False
@@ -196,7 +199,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if args.compiled or args.tf32:
             raise ValueError("--compiled and --tf32 are what-ifs for --predict-for; measured runs are eager fp32")
     except ValueError as error:
-        print(f"error: {flag_for(str(error))}", file=sys.stderr)
+        message = str(error)
+        message = f"argument --sizes: {message}" if message.startswith("size ") else flag_for(message)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     results = []
     for index, spec in enumerate(specs, start=1):

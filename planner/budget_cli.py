@@ -100,7 +100,10 @@ def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
 def run_solve(args: argparse.Namespace, workload: Workload, architectures: list[str]) -> list[dict[str, Any]]:
     widths = args.router_widths
     space = SearchSpace(args.max_experts, args.max_top_k, widths, tuple(p.strip() for p in args.token_blocks.split(",")))
-    base = make_config(args.size, router_hidden_dim=widths[0] if len(widths) == 1 else 256)
+    try:
+        base = make_config(args.size, router_hidden_dim=widths[0] if len(widths) == 1 else 256)
+    except ValueError as error:
+        raise ValueError(f"argument --size: {error}") from None
     result = solve(base, int(args.target_total), Budget(args.budget, args.budget_limit), architectures=architectures,
                    workload=workload, space=space, tolerance=args.tolerance, limit=args.top)
     if not result.complete:

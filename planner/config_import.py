@@ -23,10 +23,14 @@ MAX_SHOWN_CHARS = 60  # of a value echoed in an error message
 MAX_NUMBER_DIGITS = 30  # no setting needs more; Python refuses to convert past 4,300
 
 
+def shown_text(text: str) -> str:
+    """`text` cut to MAX_SHOWN_CHARS (a parser's message can quote a whole hostile line)."""
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "…"
+
+
 def shown(value: Any) -> str:
     """`value` as an error message quotes it: its repr, cut short (a hostile file's value can be huge)."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "…"
+    return shown_text(repr(value))
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -185,7 +189,8 @@ def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = 
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"training YAML could not be parsed{where}: {getattr(error, 'problem', error)}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line
+        raise ValueError(f"training YAML could not be parsed{where}: {shown_text(problem)}") from None
     if not isinstance(settings, Mapping):
         raise ValueError("training YAML must be a mapping of keys to values (key: value lines)")
     if "model_id" not in settings:

@@ -224,9 +224,9 @@ def solve(
 
     shapes = _shape_count(architectures, space)
     if shapes > MAX_SHAPES:
-        raise ValueError(f"max_experts: the search would evaluate {shapes:,} shapes (E × router widths or block "
-                         f"patterns, per architecture); at most {MAX_SHAPES:,}: lower max_experts, or search fewer "
-                         f"router widths, block patterns or architectures")
+        raise ValueError(f"max_experts is too large for this search: it would evaluate {shapes:,} shapes (E × "
+                         f"router widths or block patterns, per architecture), at most {MAX_SHAPES:,}; lower it, "
+                         f"or search fewer router widths, block patterns or architectures")
     deadline = time.monotonic() + time_limit_s
     feasible: list[Candidate] = []
     best_per_shape: list[Candidate] = []

@@ -18,7 +18,7 @@ from model.config import ARCHITECTURES, MAX_EXPERTS, ChronosMoEConfig
 from model.presets import PRESETS
 from planner.solver import BUDGET_KINDS, DEFAULT_ROUTER_WIDTHS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, SolverResult
 from planner.workload import Workload
-from ui.compute import CUSTOM, PlanTable, dense_config, solve_budget, workload_of
+from ui.compute import APP_SOLVE_TIME_LIMIT_S, CUSTOM, PlanTable, dense_config, solve_budget, workload_of
 from ui.format import GIB, format_bytes, format_count, format_ratio, to_millions
 from ui.sidebar import BIND, Settings, fill_sidebar
 from ui.uploads import moe_values
@@ -223,6 +223,10 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
     if last_key != (problem, workload):
         st.info("Inputs changed since the last solve: press Solve again.")
         return
+    if not result.complete:
+        st.warning(f"The search stopped at its time limit ({APP_SOLVE_TIME_LIMIT_S:g} s) after {result.evaluated:,} "
+                   "shapes, in order of E: lower Max experts or Max top-k, or search fewer widths or "
+                   "architectures, for a complete answer.", icon=":material/timer:")
     if not result.candidates:
         st.warning(f"None of the {result.evaluated:,} shapes searched fits: raise the limit, widen the tolerance "
                    "or the search space.")

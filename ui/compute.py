@@ -152,13 +152,16 @@ def memory_parts(memory: MemoryBreakdown) -> dict[str, dict[str, int]]:
 
 
 
+APP_SOLVE_TIME_LIMIT_S = 10.0  # a page waits no longer for the solver
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def solve_budget(base: ChronosMoEConfig, target_total_params: int, budget: Budget, architectures: tuple[str, ...],
                  workload: Workload, space: SearchSpace, tolerance: Optional[float]) -> SolverResult:
-    """planner.solver.solve: the ranking, the Pareto front and every feasible point. About a second: behind
-    a button."""
+    """planner.solver.solve: the ranking, the Pareto front and every feasible point. About a second at the
+    defaults, behind a button; never longer than APP_SOLVE_TIME_LIMIT_S (the result says if it stopped)."""
     return solve(base, target_total_params, budget, architectures=architectures, workload=workload, space=space,
-                 tolerance=tolerance)
+                 tolerance=tolerance, time_limit_s=APP_SOLVE_TIME_LIMIT_S)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -46,9 +46,30 @@ def _load(path: Path) -> Optional[StepTrace]:
         return None
 
 
+def largest_tensor_bytes(config: ChronosMoEConfig, workload: Workload) -> int:
+    """The largest tensor a step makes, in fp32: the encoder's attention scores (B·H·S²), its FFN's hidden
+    activations (B·S·d_ff) or the decoder's logits (B·T·V), whichever is largest."""
+    dims, batch = config.dims, workload.batch_size
+    positions, targets = workload.context_length + 1, workload.prediction_length + 1
+    return 4 * batch * max(dims.num_heads * positions**2, positions * dims.d_ff, targets * dims.vocab_size)
+
+
+def check_traceable(config: ChronosMoEConfig, workload: Workload) -> None:
+    """ValueError naming the workload's fields when one tensor of the step is larger than this machine's
+    memory: tracing makes each output (its pages untouched), and no allocator maps more than there is."""
+    import psutil
+
+    largest, total = largest_tensor_bytes(config, workload), psutil.virtual_memory().total
+    if largest > total:
+        raise ValueError(f"this step is too large to time: one of its tensors would hold {largest / 2**30:,.0f} GiB, "
+                         f"more than this machine's {total / 2**30:,.0f} GiB, so its ops cannot be traced; lower the "
+                         f"batch per device or the context length")
+
+
 def load_or_trace(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str = "fp32",
                   foreach_optimizer: bool = False) -> StepTrace:
-    """The cached trace of one step, or a new one (traced by shape-only execution, then saved)."""
+    """The cached trace of one step, or a new one (traced by shape-only execution, then saved); ValueError
+    for a step too large to trace here (check_traceable)."""
     try:
         path = _trace_file(trace_key(config, workload, mode, dtype, foreach_optimizer))
     except OSError:  # no cache folder can be made: trace every time
@@ -56,6 +77,7 @@ def load_or_trace(config: ChronosMoEConfig, workload: Workload, mode: str, dtype
     trace = _load(path) if path else None
     if trace is not None:
         return trace
+    check_traceable(config, workload)
     from planner.steptime.trace import trace_step  # torch loads only when a trace must be made
 
     trace = trace_step(config, workload, mode, dtype, foreach_optimizer=foreach_optimizer)
