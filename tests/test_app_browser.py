@@ -118,6 +118,21 @@ def test_browser_address_bar_reopens_the_view(app_url, browser):
     shared.close()
 
 
+def test_browser_bad_share_link_is_named_and_dropped(app_url, browser):
+    """Values Streamlit would crash on or silently replace: one warning each, gone from the address, the
+    page drawn from the defaults and the good values kept."""
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(app_url + "?sizes=tiny&top_k=inf&batch_size=-3&experts=0,8")
+    alerts = page.get_by_test_id("stAlert")
+    expect(alerts.filter(has_text="top_k=inf is not allowed")).to_have_count(1)
+    expect(alerts.filter(has_text="batch_size=-3 is not allowed")).to_have_count(1)
+    expected = count_params(make_config("tiny", architecture="token_ffn", num_experts=8)).total_params
+    expect(page.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
+    assert "top_k" not in page.url and "batch_size" not in page.url and "sizes=tiny" in page.url
+    page.close()
+
+
 def test_browser_cost_tab_prices_a_run(app_url, browser, tmp_path, monkeypatch):
     """The Cost tab opened from a link: a tiny model's run on 2 H100s, its cost the planner's."""
     from planner.cost.training import TrainingRun, price_training_run
