@@ -1,4 +1,4 @@
-"""Shared fixtures: small deterministic batches for the model tests."""
+"""Shared fixtures: small deterministic batches for the model tests; one PyTorch thread."""
 
 import pytest
 import torch
@@ -9,6 +9,15 @@ ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread for the test, its thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def token_batch(batch: int, encoder_tokens: int, decoder_tokens: int, vocab: int = 4096):

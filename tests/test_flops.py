@@ -97,14 +97,6 @@ SHAPES = {"debug": Workload(), "tiny": Workload(), "mini": Workload(), "small": 
 FORECAST_EXPERTS = {"debug": (0, 4), "tiny": (0, 4), "mini": (0, 4), "small": (0, 4, 8, 16)}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("size", list(SHAPES))
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_flops_equal_counters(size, architecture, one_thread):

@@ -1,17 +1,8 @@
 """The machine's state a probe and a benchmark run share: the threads' speedup on a reference GEMM."""
 
-import pytest
 import torch
 
 from planner.steptime.host_state import SPEEDUP_TOLERANCE, parallel_speedup, state_note
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_one_thread_has_no_speedup_to_measure(one_thread):
