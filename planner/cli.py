@@ -46,8 +46,32 @@ FIELD_FLAGS = {
 }
 
 
+_DEFAULT_ONLY = "\x00"  # the help of an option that has only its default to show
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default (argparse's own formatter skips options without help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = "" if action.help == _DEFAULT_ONLY else (action.help or "").strip()
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or not action.option_strings:
+            return text
+        default = action.default
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
+    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if "help" not in kwargs and kwargs.get("default") not in (None, False):
+            kwargs["help"] = _DEFAULT_ONLY  # argparse skips an option without help; this one shows its default
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
