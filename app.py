@@ -12,7 +12,7 @@ from ui.conventions import CONVENTIONS_MARKDOWN
 from ui.cost_tab import draw_cost
 from ui.devices_tab import draw_devices
 from ui.exports import draw_downloads
-from ui.format import format_bytes, format_count
+from planner.units import format_bytes, format_count
 from ui.share_link import check_share_link, draw_share_link_problems, one_of
 from ui.sidebar import BIND, Settings, draw_sidebar
 from ui.tables import (component_frame, flops_frame, grid_column_config, grid_display, grid_frame, memory_frame,

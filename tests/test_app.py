@@ -19,7 +19,7 @@ from planner.memory import estimate_memory
 from planner.params import count_params
 from planner.plan import Plan, plan, plan_grid
 from planner.workload import Workload
-from ui.format import format_bytes, format_count, format_ratio, format_signed_count
+from planner.units import byte_unit, format_bytes, format_count, format_ratio, format_signed_count
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 DEFAULT_SIZES = ["tiny", "mini", "small", "base", "large"]
@@ -45,14 +45,15 @@ def expected_row(p: Plan) -> dict:
     }
 
 
-def expected_text(row: dict) -> dict:
-    """The same row as the screen shows it (ui.format's units, tested in test_ui_format)."""
+def expected_text(row: dict, units: dict) -> dict:
+    """The same row as the screen shows it (planner.units, tested in test_units); `units` holds each memory
+    column's unit: its largest value's."""
     counts = ("Total params", "Active params", "Fwd FLOPs", "Train FLOPs", "Fcst FLOPs")
     ratios = ("Fwd ×dense", "Train ×dense", "Fcst ×dense")
     memory = ("Weights fp32", "Weights fp16", "Train memory", "Fcst memory")
     return {
         **{c: format_count(row[c]) for c in counts}, **{c: format_ratio(row[c]) for c in ratios},
-        **{c: format_bytes(row[c]) for c in memory}, "+ vs dense": format_signed_count(row["+ vs dense"]),
+        **{c: format_bytes(row[c], units[c]) for c in memory}, "+ vs dense": format_signed_count(row["+ vs dense"]),
     }
 
 
@@ -66,11 +67,13 @@ def shown_grid(at: AppTest) -> tuple[pd.DataFrame, pd.DataFrame]:
 def assert_grid_matches(at: AppTest, plans: list[Plan]) -> None:
     values, display = shown_grid(at)
     assert len(values) == len(plans)
-    for i, p in enumerate(plans):
-        expected = expected_row(p)
+    rows = [expected_row(p) for p in plans]
+    units = {c: byte_unit(max(row[c] for row in rows))
+             for c in ("Weights fp32", "Weights fp16", "Train memory", "Fcst memory")}
+    for i, expected in enumerate(rows):
         for column, value in expected.items():
             assert values[column][i] == pytest.approx(value, rel=1e-12), (i, column)
-        for column, text in expected_text(expected).items():
+        for column, text in expected_text(expected, units).items():
             assert display[column][i] == text, (i, column)
 
 

@@ -23,7 +23,7 @@ from planner.workload import Workload
 from tests.test_app import APP, ARCHITECTURES, error_texts, run_app, shown_grid
 from ui.bench_tab import RESULT_COLUMNS, measured_figure, ratio_figure, results_frame, time_split_figure
 from ui.devices_tab import FIT_LABELS
-from ui.format import format_seconds
+from planner.units import format_seconds
 
 SMALL_SPACE = dict(budget_max_experts=8, budget_max_top_k=2)
 
@@ -159,7 +159,9 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     for key, value in dict(bench_context_length=16, bench_prediction_length=4, bench_repeats=2).items():
         at.number_input(key=key).set_value(value)
     at.button(key="bench_run").click().run(timeout=180)  # a subprocess that imports torch
-    assert not at.exception and not at.error and not at.warning
+    assert not at.exception and not at.error
+    # The only warning a quiet run may carry: the host's cores in another state than the cached probe's
+    assert all("the threads ran" in warning.value for warning in at.warning)
     (row,) = at.dataframe[0].value.to_dict("records")
     assert row["Run"] == "debug MoE-4 (top-2, token_ffn, sparse) forward"
     assert all(row[column] is not None and row[column] == row[column] for column in RESULT_COLUMNS), row

@@ -25,7 +25,7 @@ from planner.export import export_metadata, render
 from planner.steptime import TERMS
 from planner.bench_cli import add_bench_subcommand, bench_specs
 from ui.compute import PlanTable, parse_expert_counts
-from ui.format import format_bytes, format_count, format_ratio, format_seconds
+from planner.units import format_bytes, format_count, format_ratio, format_seconds
 from ui.sidebar import BIND, Settings
 
 STOP_WAIT_S = 10.0  # a stopped run kills its subprocess within the runner's 0.1 s poll; this is a ceiling

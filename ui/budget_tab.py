@@ -19,7 +19,7 @@ from model.presets import PRESETS
 from planner.solver import BUDGET_KINDS, DEFAULT_ROUTER_WIDTHS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, SolverResult
 from planner.workload import Workload
 from ui.compute import APP_SOLVE_TIME_LIMIT_S, CUSTOM, PlanTable, dense_config, solve_budget, workload_of
-from ui.format import GIB, format_bytes, format_count, format_ratio, to_millions
+from planner.units import GIB, format_bytes, format_count, format_ratio, to_millions
 from ui.sidebar import BIND, Settings, fill_sidebar
 from ui.uploads import moe_values
 

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ui.compute import Variant
-from ui.format import to_gib, to_millions
+from planner.units import to_gib, to_millions
 
 PANEL_COLUMNS = 3
 # Component -> colour: one hue per part of the model (grey embedding, blue encoder, green decoder,

@@ -22,7 +22,7 @@ from planner.parallel import DEVICE_MEMORY, STRATEGIES
 from planner.steptime import gpu_preset
 from ui.compute import PlanTable, Variant, plan_search_rows, service_rows, training_run_row
 from ui.exports import draw_downloads
-from ui.format import format_bytes
+from planner.units import format_bytes
 from ui.sidebar import BIND, Settings
 
 GPUS = PRICED_GPUS

@@ -15,7 +15,7 @@ from planner.parallel import GPU_MEMORY_BYTES
 from planner.workload import PRECISION_REGIMES
 from ui.compute import PlanTable, device_plans, workload_of
 from ui.exports import draw_downloads
-from ui.format import GIB, format_bytes
+from planner.units import GIB, format_bytes
 from ui.sidebar import BIND, Settings
 
 CUSTOM_GPU = "custom"

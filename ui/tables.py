@@ -9,31 +9,32 @@ import pandas as pd
 import streamlit as st
 
 from ui.compute import Variant, memory_parts
-from ui.format import format_bytes, format_count, format_ratio, format_signed_count
+from planner.units import column_format
 
-# Grid column -> (plan row key, header help, formatter), in display order. Headers are short so the grid
-# fits a laptop screen; the help spells each one out. Units are SI prefixes in the cells: "5.61 G".
-GRID_COLUMNS: dict[str, tuple[str, str, Callable[[float], str]]] = {
+# Grid column -> (plan row key, header help, unit kind for planner.units.column_format), in display order.
+# Headers are short so the grid fits a laptop screen; the help spells each one out. Each column shows one
+# unit, its largest value's: SI prefixes for counts ("5.61 G"), binary prefixes for bytes.
+GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
     "Total params": ("total_params", "Total parameters: every registered tensor, all E experts, tied embedding "
-                     "once", format_count),
+                     "once", "count"),
     "Active params": ("active_params", "Active parameters per series: shared parts, router, K experts",
-                      format_count),
-    "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", format_signed_count),
+                      "count"),
+    "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", "signed_count"),
     "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
-                  "T = prediction + 1); FLOPs = 2 × multiply-accumulates", format_count),
-    "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", format_ratio),
-    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward", format_count),
-    "Train ×dense": ("train_flops_vs_dense", "Training-step FLOPs over the dense model's", format_ratio),
+                  "T = prediction + 1); FLOPs = 2 × multiply-accumulates", "count"),
+    "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", "ratio"),
+    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward", "count"),
+    "Train ×dense": ("train_flops_vs_dense", "Training-step FLOPs over the dense model's", "ratio"),
     "Fcst FLOPs": ("forecast_flops", "Forecast FLOPs: encode the batch once, then N × prediction cached decoder "
-                   "steps", format_count),
-    "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", format_ratio),
+                   "steps", "count"),
+    "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", "ratio"),
     "Weights fp32": ("weights_fp32_bytes", "Weights in fp32: all parameters × 4 bytes, every expert resident; "
-                     "GiB = 2^30 bytes", format_bytes),
-    "Weights fp16": ("weights_fp16_bytes", "Weights in fp16 / bf16: all parameters × 2 bytes", format_bytes),
+                     "GiB = 2^30 bytes", "bytes"),
+    "Weights fp16": ("weights_fp16_bytes", "Weights in fp16 / bf16: all parameters × 2 bytes", "bytes"),
     "Train memory": ("train_memory_bytes", "Training-step memory: weights + gradients + optimizer states + "
-                     "activations saved for backward, in the chosen precision and optimizer", format_bytes),
+                     "activations saved for backward, in the chosen precision and optimizer", "bytes"),
     "Fcst memory": ("forecast_memory_bytes", "Forecast memory: weights in the inference dtype + KV cache + "
-                    "encoder output per sample path + largest live activation", format_bytes),
+                    "encoder output per sample path + largest live activation", "bytes"),
 }
 _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_experts", "K": "top_k"}
 
@@ -64,7 +65,8 @@ def grid_display(frame: pd.DataFrame, exact: bool):
     """The frame as drawn: readable units (a Styler) or, with `exact`, the integers themselves."""
     if exact:
         return arrow_safe(frame, exact=True)
-    return arrow_safe(frame).style.format({name: fmt for name, (_, _, fmt) in GRID_COLUMNS.items()})
+    return arrow_safe(frame).style.format({name: column_format(kind, frame[name])
+                                           for name, (_, _, kind) in GRID_COLUMNS.items()})
 
 
 def grid_column_config(exact: bool) -> dict[str, object]:

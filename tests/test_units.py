@@ -1,8 +1,8 @@
-"""The app's readable units (ui.format): SI prefixes for counts, binary prefixes for bytes."""
+"""Readable units (planner.units): SI prefixes for counts, binary prefixes for bytes."""
 
 import pytest
 
-from ui.format import format_bytes, format_count, format_ratio, format_signed_count, to_gib, to_millions
+from planner.units import format_bytes, format_count, format_ratio, format_signed_count, to_gib, to_millions
 
 
 @pytest.mark.parametrize(("value", "unit", "text"), [
@@ -41,3 +41,18 @@ def test_format_signed_and_ratio():
 def test_axis_units():
     assert to_gib(3 * 2**29) == 1.5
     assert to_millions(8_394_496) == 8.394496
+
+
+def test_prefixes_go_up_to_exa():
+    assert format_count(5.37e15) == "5.37 P" and format_count(2.1e18, "FLOP") == "2.10 EFLOP"
+    assert format_bytes(3 * 2**50) == "3.00 PiB" and format_bytes(2**61) == "2.00 EiB"
+
+
+def test_a_column_reads_in_the_unit_of_its_largest_value():
+    from planner.units import column_format
+
+    shown = column_format("bytes", [512 * 2**20, 8 * 2**30])
+    assert [shown(v) for v in (512 * 2**20, 8 * 2**30)] == ["0.50 GiB", "8.00 GiB"]
+    assert column_format("bytes", [33 * 2**20, 12 * 2**30])(33 * 2**20) == "0.0322 GiB"
+    assert column_format("count", [8_390_000, 2_500_000_000])(8_390_000) == "8.39 M"  # counts keep their prefix
+    assert column_format("signed_count", [0, 3_000_000])(3_000_000) == "+3.00 M"
