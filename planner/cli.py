@@ -20,6 +20,7 @@ from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR, MAX
 from model.presets import PRESETS
 from planner.export import FORMATS, export_metadata, render
 from planner.output_path import check_output_path, write_output
+from planner.units import column_format
 from planner.plan import breakdown_rows, plan_grid, plan_row
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES, Workload
 
@@ -29,6 +30,28 @@ SUMMARY_COLUMNS = (
     "weights_fp32_bytes", "train_memory_bytes", "forecast_memory_bytes",
 )
 HUMAN_FORMATS = ("table", "md")
+UNITS = ("exact", "human")
+
+
+def _unit_kind(column: str) -> Optional[str]:
+    """How a row key reads in human units (planner.units.column_format), None to keep it as it is."""
+    if column.endswith("_bytes"):
+        return "bytes"
+    if column.endswith("_vs_dense"):
+        return "ratio"
+    if column == "params_increase_over_dense" or column.startswith("distance_to"):
+        return "signed_count"
+    if column.endswith(("_params", "_flops")) or column in ("params", "flops"):
+        return "count"
+    return None
+
+
+def human_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` with counts in SI prefixes, bytes in one binary unit per column and ratios to two decimals."""
+    columns = list(rows[0]) if rows else []
+    formats = {c: column_format(kind, [row[c] for row in rows]) for c in columns
+               if (kind := _unit_kind(c)) and all(isinstance(row[c], (int, float, type(None))) for row in rows)}
+    return [{c: formats[c](v) if c in formats and v is not None else v for c, v in row.items()} for row in rows]
 # Config and workload fields -> the flags that set them, for one-line errors.
 FIELD_FLAGS = {
     "num_experts": "--experts", "top_k": "--top-k", "router_hidden_dim": "--router-hidden-dim",
@@ -146,6 +169,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     output = OneLineParser(add_help=False)
     output.add_argument("--format", choices=FORMATS, default="table", dest="output_format")
     output.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    output.add_argument("--units", choices=UNITS, default="exact",
+                        help="table and md: exact integers, or human units (SI prefixes, GiB); exports stay exact")
     architectures = OneLineParser(add_help=False)
     architectures.add_argument("--architectures", type=_name_list(ARCHITECTURES), default=list(ARCHITECTURES),
                                help=f"comma-separated: {', '.join(ARCHITECTURES)}")
@@ -217,11 +242,7 @@ def _report_progress(start: float) -> Callable[[int, int, list], None]:
 
 
 def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    import fvcore
-    import torch
-    import transformers
-
-    from planner.verify import QUICK_EXPERTS, QUICK_SIZES, all_ok, verify_grid
+    from planner.verify import QUICK_EXPERTS, QUICK_SIZES, all_ok, verification_metadata, verify_grid
 
     workload = _workload(args)
     sizes, experts = (QUICK_SIZES, QUICK_EXPERTS) if args.quick else (args.sizes, args.experts)
@@ -230,10 +251,7 @@ def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
                          progress=_report_progress(start), **_grid_settings(args))
     metadata = {
         **_workload_metadata(workload),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "fvcore": getattr(fvcore, "__version__", "unknown"),
-        "device": "cpu", "dtype": "fp32", "attention": "eager",
-        "execution": "shape-only (real modules and routing; matrix products not computed, see planner/measure.py)",
+        **verification_metadata(),
         "elapsed_s": round(time.perf_counter() - start, 1),
         "failed_checks": sum(not check.ok for check in checks),
     }
@@ -307,6 +325,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows, metadata, status = _RUNNERS.get(args.command, run_table)(args)
     except ValueError as error:
         parser.error(flag_for(str(error)))
+    if getattr(args, "units", "exact") == "human":
+        if args.output_format not in HUMAN_FORMATS:
+            parser.error(f"argument --units: human units are for the table and md formats; "
+                         f"{args.output_format} stays exact")
+        rows = human_rows(rows)
     try:
         write_report(render(rows, args.output_format, export_metadata(metadata)), args.output)
     except OSError as error:

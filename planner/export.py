@@ -14,10 +14,14 @@ Computation and formatting stay apart: these functions never count anything.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import platform
 import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 FORMATS = ("table", "csv", "md", "json", "xlsx")
@@ -40,12 +44,54 @@ def one_line(value: Any) -> str:
     return _CONTROL.sub(" ", str(value))
 
 
+def plain(value: Any) -> Any:
+    """A setting as a reader writes it: ('small', 'base') -> 'small, base'; (('d_model', 512),) ->
+    'd_model=512'; None -> 'none'; numbers and text as they are."""
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}={plain(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(item, tuple) and len(item) == 2 for item in value) and value:
+            return ", ".join(f"{key}={plain(item)}" for key, item in value)
+        return ", ".join(str(plain(item)) for item in value)
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def project_commit() -> str:
+    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries the numbers come from, read without importing them."""
+    versions = {}
+    for name in ("torch", "transformers", "streamlit"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 def export_metadata(extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Conventions and versions every export carries, plus `extra` (the workload, the counters used...)."""
+    """Conventions, versions and the project's commit every export carries, plus `extra` (the workload, the
+    counters used...), every value plain (see `plain`)."""
     return {
         **{f"convention_{key}": text for key, text in CONVENTIONS.items()},
         "python": platform.python_version(),
-        **(extra or {}),
+        **library_versions(),
+        "project_commit": project_commit(),
+        **{key: plain(value) for key, value in (extra or {}).items()},
     }
 
 

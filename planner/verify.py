@@ -182,6 +182,18 @@ def _verify_item(item: tuple[str, ChronosMoEConfig, Workload, dict]) -> list[Che
     return verify_variant(size, config, workload, **options)
 
 
+def verification_metadata() -> dict[str, Any]:
+    """How every verification measures (for its exports, the CLI's and the app's alike)."""
+    from importlib import metadata
+
+    try:
+        fvcore_version = metadata.version("fvcore")
+    except metadata.PackageNotFoundError:
+        fvcore_version = "not installed"
+    return {"fvcore": fvcore_version, "device": "cpu", "dtype": "fp32", "attention": "eager",
+            "execution": "shape-only (real modules and routing; matrix products not computed, see planner/measure.py)"}
+
+
 VERIFY_MEMORY_SHARE = 0.8  # of the available memory a verification may plan to use
 
 

@@ -7,12 +7,14 @@ each variant's checks are cached, and the last run's results stay in the session
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from model.config import ChronosMoEConfig
+from planner.verify import verification_metadata
 from planner.workload import Workload
 from ui.compute import PlanTable, Variant, workload_of
 from ui.exports import draw_downloads
@@ -46,20 +48,32 @@ def _default_selection(variants: tuple[Variant, ...]) -> list[str]:
     return chosen
 
 
+REASON_SHOWN_CHARS = 160  # fvcore's reasons name every module it skipped: the exports keep them whole
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= REASON_SHOWN_CHARS else reason[:REASON_SHOWN_CHARS] + "… (whole in the exports)"
+
+
 def _results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Disagreements first (stable, so each variant's checks keep their order)."""
+    """Disagreements first (stable, so each variant's checks keep their order); long reasons cut short."""
     ordered = sorted(rows, key=lambda row: row["ok"])
-    return pd.DataFrame(ordered)[list(RESULT_COLUMNS)].rename(columns=RESULT_COLUMNS)
+    frame = pd.DataFrame(ordered)[list(RESULT_COLUMNS)].rename(columns=RESULT_COLUMNS)
+    frame["Reason"] = frame["Reason"].map(lambda text: _short(str(text)) if text else text)
+    return frame
 
 
-def _run(variants: list[Variant], workload: Workload, options: dict[str, bool]) -> list[dict[str, Any]]:
+def _run(variants: list[Variant], workload: Workload, options: dict[str, bool]) -> tuple[list[dict[str, Any]], dict]:
+    """The checks' rows and how they were made (the export's metadata, as `python -m planner verify` writes)."""
     progress = st.progress(0.0, text="Loading torch and building the modules…")
+    start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for i, variant in enumerate(variants):
         progress.progress(i / len(variants), text=f"Verifying {variant.label} ({i + 1} of {len(variants)})")
         rows += verify_checks(variant.plan.size, variant.plan.config, workload, options)
     progress.progress(1.0, text=f"Verified {len(variants)} variant(s)")
-    return rows
+    return rows, {**verification_metadata(), "elapsed_s": round(time.perf_counter() - start, 1),
+                  "failed_checks": sum(not row["ok"] for row in rows)}
 
 
 def draw_verify(table: PlanTable, settings: Settings) -> None:
@@ -79,8 +93,8 @@ def draw_verify(table: PlanTable, settings: Settings) -> None:
     run_key = (settings, tuple(chosen), tuple(options.items()))
     if run:
         variants = [table.variants[labels.index(label)] for label in chosen]
-        st.session_state["verify_result"] = (run_key, _run(variants, workload_of(settings), options))
-    last_key, rows = st.session_state.get("verify_result", (None, None))
+        st.session_state["verify_result"] = (run_key, *_run(variants, workload_of(settings), options))
+    last_key, rows, how = st.session_state.get("verify_result", (None, None, None))
     if rows is None:
         return
     if last_key != run_key:
@@ -94,6 +108,8 @@ def draw_verify(table: PlanTable, settings: Settings) -> None:
     st.dataframe(
         _results_frame(rows), hide_index=True, height=TABLE_HEIGHT_PX, key="verify_table",
         column_config={
+            "Architecture": st.column_config.TextColumn(width="medium"),
+            "Counter": st.column_config.TextColumn(width="medium"),
             "Analytic": st.column_config.NumberColumn(format="localized", help="The planner's count"),
             "Measured": st.column_config.NumberColumn(format="localized", help="What the real modules did"),
             "Difference": st.column_config.NumberColumn(format="localized", help="Measured − analytic"),
@@ -103,4 +119,4 @@ def draw_verify(table: PlanTable, settings: Settings) -> None:
                                                   "it is not explained"),
         },
     )
-    draw_downloads(rows, settings, "verification: analytic vs measured", key="verify")
+    draw_downloads(rows, settings, "verification: analytic vs measured", key="verify", extra=how)
