@@ -163,9 +163,17 @@ def _prediction_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _print_progress(index: int, count: int, spec: BenchSpec):
+    """On a terminal, one line rewritten in place; piped into a log, a line per stage (no carriage returns)."""
+    terminal = sys.stderr.isatty()
+    last_stage: list[str] = []
+
     def report(update: BenchProgress) -> None:
         detail = update.message or f"{update.stage} {update.done}/{update.total}"
-        print(f"\r[{index}/{count}] {spec.label}: {detail:<60}", end="", file=sys.stderr, flush=True)
+        if terminal:
+            print(f"\r[{index}/{count}] {spec.label}: {detail:<60}", end="", file=sys.stderr, flush=True)
+        elif update.stage not in last_stage and update.stage != "done":  # the run's own line says how it ended
+            last_stage.append(update.stage)
+            print(f"[{index}/{count}] {spec.label}: {update.message or update.stage}", file=sys.stderr, flush=True)
     return report
 
 
@@ -206,7 +214,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     results = []
     for index, spec in enumerate(specs, start=1):
         result = run_benchmark(spec, progress=_print_progress(index, len(specs), spec))
-        print(f"\r[{index}/{len(specs)}] {spec.label}: {result.status} {result.message}".ljust(100), file=sys.stderr)
+        done = f"[{index}/{len(specs)}] {spec.label}: {result.status} {result.message}".rstrip()
+        print(f"\r{done:<100}" if sys.stderr.isatty() else done, file=sys.stderr)
         results.append(result)
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)

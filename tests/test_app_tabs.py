@@ -172,6 +172,10 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     assert {"bench_measured", "bench_split", "bench_usage"} <= charts
     assert {button.proto.label for button in at.get("download_button")} == {"CSV", "JSON"}
     assert any("E = 0" in caption.value for caption in at.caption)  # no dense run: no ratio to dense
+    # Where the prediction comes from: the cached probe's source and age, the threads' state, the load
+    (calibration,) = [c.value for c in at.caption if "Predicted with" in c.value]
+    assert "probe of 2026-01-01" in calibration and "days old" in calibration and "when probed" in calibration
+    assert "load now" in calibration and at.checkbox(key="bench_recalibrate").value is False
 
 
 def test_benchmark_predicts_without_running_on_a_gpu_preset():

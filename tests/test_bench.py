@@ -273,3 +273,27 @@ def test_cli_bad_setting_exits_2_naming_the_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse("--modes", "predict")
     assert exit_info.value.code == 2
+
+
+def test_progress_piped_into_a_log_has_no_carriage_returns(tmp_path):
+    """A benchmark piped into a file writes a line per stage, not thousands of rewritten lines."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "planner", "bench", "--sizes", "debug", "--experts", "0",
+                          "--device", "cpu", "--repeats", "1", "--warmup", "1", "--batch-size", "1",
+                          "--context-length", "16", "--prediction-length", "4", "--format", "csv"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "CHRONOS_MOE_PLANNER_CACHE_DIR": str(tmp_path)})
+    assert run.returncode in (0, 1), run.stderr
+    assert "\r" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("[1/1]")]
+    assert lines[0].endswith("starting") and lines[-1].endswith(": ok") and len(lines) <= 8
+
+
+def test_the_dense_run_is_labelled_dense_in_exports():
+    spec = BenchSpec(**DEBUG, mode="forward")
+    row = BenchResult(spec=spec, status="refused").row()
+    assert (row["architecture"], row["num_experts"], row["top_k"], row["router_hidden_dim"]) == ("dense", 0, 0, 0)
+    moe = BenchResult(spec=BenchSpec(**DEBUG, mode="forward", architecture="token_ffn", num_experts=4), status="refused").row()
+    assert (moe["architecture"], moe["top_k"]) == ("token_ffn", 2)

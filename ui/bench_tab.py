@@ -10,9 +10,12 @@ kills its subprocess within a tenth of a second. Finished runs stay in the sessi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -38,6 +41,8 @@ TERM_COLOURS = {"matmul": "#1f77b4", "memory-bound": "#ff7f0e", "overhead": "#7f
 RESULT_COLUMNS = {
     "Median": ("median_s", format_seconds, "Median wall time of a step over the repeats"),
     "p95": ("p95_s", format_seconds, "95th percentile of the repeats"),
+    "CPU median": ("cpu_median_s", format_seconds, "Process CPU time of a step, every thread (about threads × "
+                   "wall time on a quiet machine; PyTorch's idle threads spin)"),
     "Predicted": ("predicted_time_s", format_seconds, "Op-level model: every op the step dispatches, priced by "
                   "this device's probed GEMM rate, memory-bound time and per-op host time"),
     "Time ×pred": ("time_ratio", format_ratio, "Measured median ÷ predicted time"),
@@ -260,6 +265,31 @@ def usage_figure(results: Sequence[BenchResult]):
     return figure
 
 
+def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.date] = None) -> Optional[str]:
+    """Where the predictions come from: the device model's source and age, the machine's load now, and the
+    threads' speedup during the runs beside the probe's (planner.steptime.host_state)."""
+    described = [r for r in results if r.ok and r.device_model]
+    if not described:
+        return None
+    model = described[-1].device_model
+    text = f"Predicted with {model['name']}'s {model['source']}"
+    if model.get("measured_on"):
+        age = ((today or datetime.date.today()) - datetime.date.fromisoformat(model["measured_on"])).days
+        text += f" of {model['measured_on']} ({age} day{'s' if age != 1 else ''} old)"
+    speedups = [r.parallel_speedup for r in described if r.parallel_speedup]
+    probe = described[-1].probe_parallel_speedup
+    if speedups and probe:
+        text += (f"; threads ran {min(speedups):.2f}–{max(speedups):.2f}× one thread's rate during the runs and "
+                 f"{probe:.2f}× when probed")
+    return text + f"; load now {os.getloadavg()[0]:.2f} (1-minute average). Re-probe when they differ."
+
+
+def _draw_calibration(results: Sequence[BenchResult]) -> None:
+    text = calibration_text(results)
+    if text:
+        st.caption(f":material/tune: {text}")
+
+
 def _draw_results(results: Sequence[BenchResult]) -> None:
     for result in results:
         if not result.ok:
@@ -281,6 +311,7 @@ def _draw_results(results: Sequence[BenchResult]) -> None:
     if predicted:
         st.plotly_chart(time_split_figure([r.spec.label for r in predicted], [r.predicted.split() for r in predicted],
                                           [r.timing.median_s for r in predicted]), key="bench_split")
+    _draw_calibration(results)
     for note in sorted({note for r in results for note in r.notes}):
         st.info(note, icon=":material/info:")
     comparison = compare_to_dense(results)
@@ -354,7 +385,13 @@ def draw_bench(table: PlanTable, settings: Settings) -> None:
         st.error(str(error), icon=":material/error:")
         return
     _draw_prediction(specs)
-    run = st.button(f"Run {len(specs)} benchmark(s)", key="bench_run", type="primary", icon=":material/speed:")
+    left, right = st.columns([1, 3], vertical_alignment="center")
+    run = left.button(f"Run {len(specs)} benchmark(s)", key="bench_run", type="primary", icon=":material/speed:")
+    recalibrate = right.checkbox("Re-probe this machine first", key="bench_recalibrate",
+                                 help="Measure this CPU's device model again before the first run (about half a "
+                                 "minute): after a hardware or load change, or when the probe is old.")
+    if recalibrate and specs:
+        specs = [dataclasses.replace(specs[0], recalibrate=True), *specs[1:]]
     running = st.session_state.get("bench_running")
     if running and not run:  # the page reran (a setting changed) while this session's benchmark ran
         _stop(running)

@@ -98,9 +98,12 @@ class BenchResult:
     def row(self) -> dict[str, Any]:
         """A flat row: the settings, then measured beside predicted (bytes, seconds, FLOPs)."""
         timing, model = self.timing, self.device_model or {}
+        settings = self.spec.to_dict()
+        if not self.spec.num_experts:  # the dense model, labelled as the planner's rows label it
+            settings.update(architecture="dense", top_k=0, router_hidden_dim=0)
         return {
             "label": self.spec.label,
-            **self.spec.to_dict(),
+            **settings,
             "status": self.status,
             "message": self.message,
             "device_resolved": self.device,
