@@ -6,7 +6,7 @@ Tabs are drawn only when open (on_change="rerun"), so a rerun after a widget cha
 import streamlit as st
 
 from ui.bench_tab import draw_bench
-from ui.budget_tab import draw_budget
+from ui.budget_tab import SOLVED_PARAM, draw_budget
 from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table
 from ui.conventions import CONVENTIONS_MARKDOWN
 from ui.cost_tab import draw_cost
@@ -119,7 +119,7 @@ st.set_page_config(page_title="Chronos-MoE capacity planner", page_icon="📐", 
 st.title("Chronos-MoE capacity planner")
 st.caption("Parameters, FLOPs and memory of Mixture-of-Experts variants of Chronos-T5, counted from the real "
            "modules' shapes and checked against them in the Verify tab.")
-check_share_link({"tab": one_of(TABS)})
+check_share_link({"tab": one_of(TABS), SOLVED_PARAM: one_of(["1"])})
 draw_share_link_problems()
 settings = draw_sidebar()
 with st.expander("Conventions: what each number counts"):

@@ -12,7 +12,7 @@ from model.config import make_config
 from planner.config_import import import_config_file
 from planner.parallel import GPU_MEMORY_BYTES, GIB, STRATEGIES, plan_all_strategies
 from planner.plan import plan, plan_row
-from planner.solver import BUDGET_KINDS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, solve
+from planner.solver import BUDGET_KINDS, DEFAULT_BASE_SIZE, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, solve
 from planner.workload import Workload
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
@@ -80,17 +80,18 @@ def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
         "solve", parents=parents, help="find (E, K, router width) that reach a total size within a budget",
         description="Enumerate MoE configurations of a base size, keep those within the budget, rank by closeness "
         "of total parameters to the target, and list the Pareto front of total vs active parameters.")
-    parser.add_argument("--size", default="mini", help="base size (a preset name); default mini")
+    parser.add_argument("--size", default=DEFAULT_BASE_SIZE, help="base size (a preset name)")
     parser.add_argument("--target-total", type=parse_count, required=True, help="target total parameters, e.g. 200M")
     parser.add_argument("--budget", choices=list(BUDGET_KINDS), default="active_params",
                         help="; ".join(f"{k}: {v}" for k, v in BUDGET_KINDS.items()))
     parser.add_argument("--limit", type=parse_count, required=True, dest="budget_limit",
                         help="the budget's limit: 50M active params, 2.5 (ratio), 5e10 FLOPs, or bytes (e.g. 16G)")
-    parser.add_argument("--max-experts", type=_count, default=128)
-    parser.add_argument("--max-top-k", type=_count, default=16)
-    parser.add_argument("--router-widths", type=_integer_list, default=(64, 128, 256, 512),
+    space = SearchSpace()  # the app's Budget tab starts from the same space
+    parser.add_argument("--max-experts", type=_count, default=space.max_experts)
+    parser.add_argument("--max-top-k", type=_count, default=space.max_top_k)
+    parser.add_argument("--router-widths", type=_integer_list, default=space.router_widths,
                         help="comma-separated router hidden widths")
-    parser.add_argument("--token-blocks", default=",".join(TOKEN_BLOCK_PATTERNS),
+    parser.add_argument("--token-blocks", default=",".join(space.token_block_patterns),
                         help=f"token_ffn MoE block patterns: {', '.join(TOKEN_BLOCK_PATTERNS)}")
     parser.add_argument("--tolerance", type=float, default=None, help="keep totals within target × (1 ± this)")
     parser.add_argument("--top", type=_count, default=20, help="how many ranked solutions to print")

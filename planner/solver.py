@@ -36,6 +36,7 @@ TOKEN_BLOCK_PATTERNS: dict[str, Callable[[int], tuple[int, ...]]] = {
     "every_fourth": lambda n: tuple(range(3, n, 4)) or (n - 1,),
 }
 DEFAULT_ROUTER_WIDTHS = (64, 128, 256, 512)
+DEFAULT_BASE_SIZE = "mini"  # where `solve` and the Budget tab start when nothing narrows the choice
 # Bounds that keep a search interactive (the defaults evaluate 1,536 shapes in about a second): a larger space
 # is refused up front, naming what to narrow; a search still running at its time limit stops and says so.
 MAX_SHAPES = 4_096

@@ -5,6 +5,7 @@ costs. Every other test is planner arithmetic, under AppTest's 3 s default.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -17,6 +18,7 @@ from planner.steptime.device_cache import save_measured_device
 from planner.steptime.predict import StepTime
 from tests.steptime_fixtures import simple_measured_device
 from planner.bench.timing import summarise_times
+from planner.cli import main
 from planner.parallel import GPU_MEMORY_BYTES, plan_all_strategies
 from planner.solver import Budget, SearchSpace, solve
 from planner.workload import Workload
@@ -42,17 +44,46 @@ def test_tab_renders_on_the_default_sidebar(tab):
     assert not at.exception and not at.error
 
 
-def solve_small(at: AppTest, target_m: float = 20.0):
+def solve_small(at: AppTest, target_m: float = 20.0, blocks: tuple[str, ...] = ("every_second",)):
     for key, value in SMALL_SPACE.items():
         at.number_input(key=key).set_value(value)
     at.multiselect(key="budget_router_widths").set_value(["64", "256"])
+    at.multiselect(key="budget_blocks").set_value(list(blocks))
     at.number_input(key="budget_target_m").set_value(target_m)
     at.button(key="budget_solve").click().run()
     assert not at.exception and not at.error
     return solve(make_config("tiny"), round(target_m * 1e6), Budget("active_params", 50e6),
                  architectures=ARCHITECTURES, workload=Workload(),
                  space=SearchSpace(max_experts=8, max_top_k=2, router_widths=(64, 256),
-                                   token_block_patterns=("every_second",)))
+                                   token_block_patterns=blocks))
+
+
+def test_budget_starts_from_the_solver_cli_and_gives_its_answer(capsys):
+    """With no narrowing the Budget tab asks what `python -m planner solve` asks by default, and answers the
+    same: the README's question (mini, 200M total, at most 50M active) as the README and the CLI answer it."""
+    at = run_app(tab="Budget")  # the default sidebar holds five sizes: the tab starts from solve's size
+    assert at.selectbox(key="budget_size").value == "mini"
+    assert (at.number_input(key="budget_target_m").value, at.number_input(key="budget_limit_active_params").value) \
+        == (200.0, 50.0)
+    at.button(key="budget_solve").click().run(timeout=60)
+    assert not at.exception and not at.error
+    app_top = at.dataframe[0].value.iloc[0]
+    assert main(["solve", "--size", "mini", "--target-total", "200M", "--budget", "active_params", "--limit", "50M",
+                 "--top", "1", "--format", "json"]) == 0
+    (cli_top,) = json.loads(capsys.readouterr().out)
+    assert (app_top["Architecture"], app_top["E"], app_top["K"], app_top["MoE blocks"], app_top["Total params"]) == (
+        cli_top["architecture"], cli_top["num_experts"], cli_top["top_k"], cli_top["token_moe_blocks"],
+        cli_top["total_params"])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert (f"{cli_top['architecture']} with {cli_top['num_experts']} experts, {cli_top['top_k']} active, in "
+            f"{cli_top['token_moe_blocks']} ({cli_top['total_params']:,} total, {cli_top['active_params']:,} active)"
+            in " ".join(readme.split()))
+    assert at.query_params.get("budget_solved") in ("1", ["1"])  # the share link holds the solved view
+
+
+def test_budget_starts_from_the_sidebars_size_when_it_names_one():
+    at = run_app(sizes="small", tab="Budget")
+    assert at.selectbox(key="budget_size").value == "small"
 
 
 def test_budget_solves_behind_the_button_and_ranks_like_the_solver():
@@ -96,14 +127,12 @@ def test_budget_open_in_plan_fills_the_sidebar_and_opens_plan():
 
 def test_budget_candidate_with_other_blocks_cannot_open_in_plan():
     at = run_app(sizes="tiny", tab="Budget", budget_architectures="token_ffn")
-    at.multiselect(key="budget_blocks").set_value(["every_block"])
-    solve_small(at)
+    solve_small(at, blocks=("every_block",))
     assert at.button(key="budget_open").disabled
     assert any("every_block" in caption.value for caption in at.caption)
 
 
 @pytest.mark.parametrize(("key", "value", "field"), [
-    ("budget_max_top_k", 9, "max top-k"),
     ("budget_limit_active_params", 0.0, "budget limit"),
     ("budget_target_m", 0.0, "target total parameters"),
 ])

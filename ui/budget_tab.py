@@ -16,7 +16,8 @@ import streamlit as st
 
 from model.config import ARCHITECTURES, MAX_EXPERTS, ChronosMoEConfig
 from model.presets import PRESETS
-from planner.solver import BUDGET_KINDS, DEFAULT_ROUTER_WIDTHS, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, SolverResult
+from planner.solver import (BUDGET_KINDS, DEFAULT_BASE_SIZE, DEFAULT_ROUTER_WIDTHS, TOKEN_BLOCK_PATTERNS, Budget,
+                            SearchSpace, SolverResult)
 from planner.workload import Workload
 from ui.compute import APP_SOLVE_TIME_LIMIT_S, CUSTOM, PlanTable, dense_config, solve_budget, workload_of
 from planner.units import GIB, format_bytes, format_count, format_ratio, to_millions
@@ -37,6 +38,8 @@ class BudgetUnit:
     default: float
     shown: Callable[[float], str]
 
+
+SOLVED_PARAM = "budget_solved"  # in the address once solved, so a shared link shows the answer
 
 BUDGET_UNITS = {
     "active_params": BudgetUnit("Active parameters per series", "M", 1e6, 50.0, format_count),
@@ -62,7 +65,9 @@ class Problem:
 
 def _draw_inputs(settings: Settings) -> dict:
     sizes = list(PRESETS) + ([CUSTOM] if settings.custom_dims else [])
-    first = settings.sizes[0] if settings.sizes else CUSTOM if settings.custom_dims else "mini"
+    # The sidebar's size when it names one (or only a custom one), else where `solve` starts.
+    chosen = list(settings.sizes) + ([CUSTOM] if settings.custom_dims else [])
+    first = chosen[0] if len(chosen) == 1 else DEFAULT_BASE_SIZE
     left, middle, right = st.columns([1, 3, 1])
     size = left.selectbox("Base size", sizes, index=sizes.index(first), key="budget_size", bind=BIND,
                           help="The dense Chronos-T5 the experts are added to (custom: the sidebar's dimensions).")
@@ -83,15 +88,17 @@ def _draw_inputs(settings: Settings) -> dict:
                                        help="Keep only totals within target ± this; empty keeps every total.")
     with st.expander("Search space"):
         columns = st.columns(4)
-        max_experts = columns[0].number_input("Max experts E", min_value=1, max_value=MAX_EXPERTS, value=64, step=1,
-                                              key="budget_max_experts", bind=BIND)
-        max_top_k = columns[1].number_input("Max top-k K", min_value=1, value=8, step=1, key="budget_max_top_k",
-                                            bind=BIND)
+        space = SearchSpace()  # `python -m planner solve` searches the same space by default
+        max_experts = columns[0].number_input("Max experts E", min_value=1, max_value=MAX_EXPERTS,
+                                              value=space.max_experts, step=1, key="budget_max_experts", bind=BIND)
+        max_top_k = columns[1].number_input("Max top-k K", min_value=1, max_value=MAX_EXPERTS, value=space.max_top_k,
+                                            step=1, key="budget_max_top_k", bind=BIND)
         widths = columns[2].multiselect("Router widths R", [str(w) for w in DEFAULT_ROUTER_WIDTHS],
                                         default=[str(w) for w in DEFAULT_ROUTER_WIDTHS], key="budget_router_widths",
                                         bind=BIND, help="Sample-level routers (shared_then_expert, expert_only).")
         patterns = columns[3].multiselect(
-            "token_ffn MoE blocks", list(TOKEN_BLOCK_PATTERNS), default=[PLAN_BLOCK_PATTERN], key="budget_blocks",
+            "token_ffn MoE blocks", list(TOKEN_BLOCK_PATTERNS), default=list(space.token_block_patterns),
+            key="budget_blocks",
             bind=BIND, help="Which blocks carry experts. Plan (and the model's default) uses every_second; "
             "candidates with other patterns cannot be opened in Plan.")
     return dict(size=size, architectures=architectures, target_m=target_m, kind=kind, limit=limit,
@@ -101,9 +108,6 @@ def _draw_inputs(settings: Settings) -> dict:
 
 def build_problem(settings: Settings, inputs: dict) -> Problem:
     """The solver's arguments from the typed inputs; ValueError naming the field."""
-    if inputs["max_top_k"] > inputs["max_experts"]:
-        raise ValueError(f"max top-k: {inputs['max_top_k']} is above max experts {inputs['max_experts']}; "
-                         "K can be at most E")
     if not inputs["architectures"]:
         raise ValueError("architectures: choose at least one architecture to search")
     if not inputs["widths"]:
@@ -124,7 +128,7 @@ def candidates_frame(result: SolverResult, problem: Problem) -> pd.DataFrame:
     rows = [{
         "Rank": rank, "Configuration": c.describe, "Architecture": c.config.architecture,
         "E": c.config.num_experts, "K": c.config.top_k,
-        "Router R": None if c.token_block_pattern else c.config.router_hidden_dim,
+        "Router R": "—" if c.token_block_pattern else str(c.config.router_hidden_dim),
         "MoE blocks": c.token_block_pattern or "—",
         "Total params": c.total_params, "Active params": c.active_params,
         "vs target": (c.total_params - target) / target, "Budget use": c.budget_value,
@@ -206,14 +210,17 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
                 "(then by budget use); every number is the planner's, at the sidebar's workload.")
     inputs = _draw_inputs(settings)
     solve = st.button("Solve", key="budget_solve", type="primary", icon=":material/calculate:")
+    # A shared link to a solved view solves again on opening (the inputs are in the link too).
+    opened_solved = st.query_params.get(SOLVED_PARAM) == "1" and "budget_result" not in st.session_state
     try:
         problem = build_problem(settings, inputs)
         workload = workload_of(settings)
-        if solve:
+        if solve or opened_solved:
             with st.spinner("Solving…"):
                 result = solve_budget(problem.base, problem.target_total_params, problem.budget,
                                       problem.architectures, workload, problem.space, problem.tolerance)
             st.session_state["budget_result"] = ((problem, workload), result)
+            st.query_params[SOLVED_PARAM] = "1"
     except ValueError as error:
         st.error(str(error), icon=":material/error:")
         return
@@ -221,6 +228,7 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
     if result is None:
         return
     if last_key != (problem, workload):
+        st.query_params.pop(SOLVED_PARAM, None)
         st.info("Inputs changed since the last solve: press Solve again.")
         return
     if not result.complete:
@@ -231,13 +239,14 @@ def draw_budget(table: PlanTable, settings: Settings) -> None:
         st.warning(f"None of the {result.evaluated:,} shapes searched fits: raise the limit, widen the tolerance "
                    "or the search space.")
         return
-    st.success(f"{len(result.feasible):,} feasible configurations from {result.evaluated:,} shapes; "
-               f"{len(result.pareto_front)} on the Pareto front. Best: {result.candidates[0].describe}.")
+    st.success(f"{result.evaluated:,} shapes searched (architecture × E × router width or MoE blocks), each at "
+               f"every K: {len(result.feasible):,} (shape, K) pairs within the budget, {len(result.pareto_front)} on "
+               f"the Pareto front. Best: {result.candidates[0].describe}.")
     frame = candidates_frame(result, problem)
     unit = BUDGET_UNITS[problem.budget.kind]
     st.dataframe(
         frame.style.format({"Total params": format_count, "Active params": format_count, "Budget use": unit.shown,
-                            "vs target": "{:+.1%}", "of limit": "{:.0%}", "Router R": "{:.0f}"}, na_rep="—"),
+                            "vs target": "{:+.1%}", "of limit": "{:.0%}"}, na_rep="—"),
         hide_index=True, key="budget_table", height=(len(frame) + 1) * 35 + 3,
         column_config={
             "Rank": st.column_config.NumberColumn(width=50), "E": st.column_config.NumberColumn(width=40),
