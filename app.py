@@ -125,19 +125,25 @@ settings = draw_sidebar()
 with st.expander("Conventions: what each number counts"):
     st.markdown(CONVENTIONS_MARKDOWN)
 
+# Tabs that ask their own questions (their inputs are their own) stay usable when the sidebar's grid is not.
+OWN_INPUTS = ("Budget", "Benchmark")
 try:
     table = plan_table(settings)
+    sidebar_problem = None if table.variants else "no variant of the sidebar's grid can be planned (see above)"
 except ValueError as error:
-    st.error(str(error), icon=":material/error:")
-    st.stop()
-for problem in table.problems:
+    table, sidebar_problem = None, str(error)
+    st.error(sidebar_problem, icon=":material/error:")
+for problem in table.problems if table else ():
     st.error(problem, icon=":material/error:")
-if not table.variants:
-    st.stop()
 
 tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
 for name, draw in zip(TABS, (draw_plan, draw_breakdown, draw_charts, draw_verify, draw_budget, draw_devices,
                              draw_bench, draw_cost)):
     with tabs[name]:
-        if tabs[name].open:
-            draw(table, settings)
+        if not tabs[name].open:
+            continue
+        if sidebar_problem and name not in OWN_INPUTS:
+            st.info(f"This tab shows the sidebar's variants, and the sidebar has a problem: {sidebar_problem}. "
+                    "Fix it there; Budget and Benchmark work meanwhile.", icon=":material/info:")
+            continue
+        draw(table, settings)

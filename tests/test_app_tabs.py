@@ -274,3 +274,21 @@ def test_benchmark_charts_plot_the_results():
 def test_format_seconds_three_digits():
     assert [format_seconds(v) for v in (12.34, 1.234, 0.04567, 0.00078, 0.0009996)] == \
         ["12.3 s", "1.23 s", "45.7 ms", "780 µs", "1.00 ms"]
+
+
+@pytest.mark.parametrize("query", [dict(context_length="99999999999"), dict(experts="2", sizes="debug", top_k="3")])
+def test_an_invalid_sidebar_keeps_every_tab_reachable(query):
+    at = run_app(**query, tab="Budget")
+    assert at.error  # the sidebar's problem, named once
+    assert [tab.label for tab in at.tabs] == ["Plan", "Breakdown", "Charts", "Verify", "Budget", "Devices",
+                                             "Benchmark", "Cost"]
+    assert at.button(key="budget_solve")  # Budget asks its own question, so it still works
+    at = run_app(**query, tab="Plan")
+    assert any("Fix it there" in info.value for info in at.info)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_device_count_below_one_is_named_not_taken(value):
+    at = run_app(tab="Devices", devices_count=value)
+    assert any(f"devices_count={value} is not allowed" in w.value for w in at.warning)
+    assert at.number_input(key="devices_count").value == 8

@@ -58,15 +58,17 @@ def _training_inputs(table: PlanTable, settings: Settings) -> tuple[Variant, Tra
     gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("a100-40gb"), key="cost_gpu", bind=BIND,
                                help="A GPU preset: datasheet rates, memory, usual interconnect, price")
     columns[1].caption(gpu_label(gpu))
-    devices = columns[2].number_input("Devices", value=8, step=1, key="cost_devices", bind=BIND)
+    devices = columns[2].number_input("Devices", min_value=1, value=8, step=1, key="cost_devices", bind=BIND)
     per_node = columns[3].number_input("Per node", value=0, step=1, key="cost_per_node", bind=BIND,
                                        help="GPUs per node (0: 8, or all the devices when fewer); rings beyond a "
                                        "node use the network between nodes")
     columns = st.columns(4)
-    global_batch = columns[0].number_input("Global batch", value=256, step=1, key="cost_global_batch", bind=BIND,
+    global_batch = columns[0].number_input("Global batch", min_value=1, value=256, step=1, key="cost_global_batch",
+                                           bind=BIND,
                                            help="Series per optimizer step = per-device batch × devices × accumulation")
-    accumulation = columns[1].number_input("Accumulation", value=1, step=1, key="cost_accumulation", bind=BIND)
-    steps = columns[2].number_input("Steps", value=200_000, step=1000, key="cost_steps", bind=BIND,
+    accumulation = columns[1].number_input("Accumulation", min_value=1, value=1, step=1, key="cost_accumulation",
+                                           bind=BIND)
+    steps = columns[2].number_input("Steps", min_value=1, value=200_000, step=1000, key="cost_steps", bind=BIND,
                                     help="Optimizer steps of the run")
     strategy = columns[3].selectbox("Strategy", STRATEGIES, key="cost_strategy", bind=BIND)
     columns = st.columns(4)
@@ -248,7 +250,8 @@ def _service_inputs(table: PlanTable, settings: Settings) -> tuple[Variant, Fore
     variant = _variant(table, "serve_variant", columns[0])
     gpu = columns[1].selectbox("GPU", GPUS, index=GPUS.index("l4"), key="serve_gpu", bind=BIND)
     columns[1].caption(gpu_label(gpu))
-    series = columns[2].number_input("Series", value=1_000_000, step=100_000, key="serve_series", bind=BIND)
+    series = columns[2].number_input("Series", min_value=1, value=1_000_000, step=100_000, key="serve_series",
+                                     bind=BIND)
     deadline = columns[3].number_input("Within (hours)", value=24.0, step=1.0, key="serve_deadline", bind=BIND)
     columns = st.columns(4)
     dtype = columns[0].selectbox("Dtype", SERVICE_DTYPES, index=SERVICE_DTYPES.index("bf16"), key="serve_dtype",

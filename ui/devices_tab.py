@@ -91,7 +91,8 @@ def _draw_inputs(table: PlanTable, settings: Settings) -> tuple:
     first_moe = next((i for i, v in enumerate(table.variants) if v.plan.config.is_moe), 0)
     columns = st.columns([3, 1, 2, 2])
     label = columns[0].selectbox("Variant", labels, index=first_moe, key="devices_variant", bind=BIND)
-    num_devices = columns[1].number_input("Devices N", value=8, step=1, key="devices_count", bind=BIND,
+    num_devices = columns[1].number_input("Devices N", min_value=1, value=8, step=1, key="devices_count",
+                                          bind=BIND,
                                           help="Data-parallel ranks; the sidebar's batch is per device.")
     gpu = columns[2].selectbox("GPU", [*GPU_MEMORY_BYTES, CUSTOM_GPU], key="devices_gpu", bind=BIND,
                                help="Memory a program can allocate, as torch.cuda reports it (a little under "

@@ -66,6 +66,10 @@ CHECKS: dict[str, Check] = {
     "optimizer": one_of(list(OPTIMIZERS)), "precision": one_of(list(PRECISION_REGIMES)),
     "dispatch": one_of(list(DISPATCH_MODES)),
     **{name: _integer(1) for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")},
+    # Other tabs' counts, which their widgets would otherwise clamp without a word
+    **{name: _integer(1) for name in ("devices_count", "cost_devices", "cost_global_batch", "cost_accumulation",
+                                      "cost_steps", "serve_series", "bench_top_k", "budget_max_experts",
+                                      "budget_max_top_k")},
 }
 
 

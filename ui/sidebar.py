@@ -76,6 +76,8 @@ def _draw_upload() -> None:
         help="A Hugging Face T5 config.json (becomes a custom size) or a Chronos training YAML "
         "(model_id, lengths, batch and MoE settings).",
     )
+    if st.session_state.get("upload") is None:  # no file held (removed, or refused by the widget itself):
+        st.session_state.pop("upload_message", None)  # an earlier file's message would name the wrong file
     kind, text = st.session_state.get("upload_message", (None, None))
     if kind == "error":
         st.error(text)
