@@ -32,7 +32,7 @@ def draw_plan(table: PlanTable, settings: Settings) -> None:
     exact = st.toggle("Exact values", key="exact", bind=BIND,
                       help="Show exact integers (parameters, FLOPs, bytes) instead of readable units.")
     frame = grid_frame(table.variants)
-    st.dataframe(grid_display(frame, exact), column_config=grid_column_config(exact), hide_index=True,
+    st.dataframe(grid_display(frame, exact), column_config=grid_column_config(exact, frame), hide_index=True,
                  height=fit_height(len(frame)), key="grid")
     st.caption("FLOPs per batch of the workload; memory on one device; ×dense against the dense model of the "
                "same size. Exports hold every value exactly, with the workload and conventions.")

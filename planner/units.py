@@ -58,7 +58,7 @@ def format_bytes(value: float, scale: Optional[tuple[float, str]] = None) -> str
     if factor == 1.0:
         return f"{value:,.0f} B"
     scaled = value / factor
-    return f"{scaled:.2f} {unit}" if abs(round(scaled, 2)) >= 1 or scaled == 0 else f"{scaled:.3g} {unit}"
+    return f"{scaled:.2f} {unit}" if abs(round(scaled, 2)) >= 1 or scaled == 0 else f"{scaled:#.3g} {unit}"
 
 
 def format_ratio(value: float) -> str:

@@ -32,25 +32,24 @@ def expected_row(p: Plan) -> dict:
     return {
         "Size": p.size, "Architecture": p.architecture, "E": p.config.num_experts,
         "K": p.config.top_k if p.config.is_moe else 0,
-        "Total params": p.params.total_params, "Active params": p.params.active_params,
+        "Total params": p.params.total_params, "Active": p.params.active_params,
         "+ vs dense": p.params.total_params - p.dense_params.total_params,
         "Fwd FLOPs": p.flops.forward_flops,
         "Fwd ×dense": p.flops.forward_flops / p.dense_flops.forward_flops,
         "Train FLOPs": p.flops.train_flops,
-        "Train ×dense": p.flops.train_flops / p.dense_flops.train_flops,
         "Fcst FLOPs": p.flops.forecast_flops,
         "Fcst ×dense": p.flops.forecast_flops / p.dense_flops.forecast_flops,
-        "Weights fp32": memory.weights.fp32_bytes, "Weights fp16": memory.weights.fp16_bytes,
-        "Train memory": memory.training.total_bytes, "Fcst memory": memory.forecast.total_bytes,
+        "Weights": memory.weights.fp32_bytes,
+        "Train mem": memory.training.total_bytes, "Fcst mem": memory.forecast.total_bytes,
     }
 
 
 def expected_text(row: dict, units: dict) -> dict:
     """The same row as the screen shows it (planner.units, tested in test_units); `units` holds each memory
     column's unit: its largest value's."""
-    counts = ("Total params", "Active params", "Fwd FLOPs", "Train FLOPs", "Fcst FLOPs")
-    ratios = ("Fwd ×dense", "Train ×dense", "Fcst ×dense")
-    memory = ("Weights fp32", "Weights fp16", "Train memory", "Fcst memory")
+    counts = ("Total params", "Active", "Fwd FLOPs", "Train FLOPs", "Fcst FLOPs")
+    ratios = ("Fwd ×dense", "Fcst ×dense")
+    memory = ("Weights", "Train mem", "Fcst mem")
     return {
         **{c: format_count(row[c]) for c in counts}, **{c: format_ratio(row[c]) for c in ratios},
         **{c: format_bytes(row[c], units[c]) for c in memory}, "+ vs dense": format_signed_count(row["+ vs dense"]),
@@ -69,7 +68,7 @@ def assert_grid_matches(at: AppTest, plans: list[Plan]) -> None:
     assert len(values) == len(plans)
     rows = [expected_row(p) for p in plans]
     units = {c: byte_unit(max(row[c] for row in rows))
-             for c in ("Weights fp32", "Weights fp16", "Train memory", "Fcst memory")}
+             for c in ("Weights", "Train mem", "Fcst mem")}
     for i, expected in enumerate(rows):
         for column, value in expected.items():
             assert values[column][i] == pytest.approx(value, rel=1e-12), (i, column)
@@ -323,14 +322,14 @@ def test_exports_carry_the_grid_exactly_with_metadata():
     assert "# convention_flops" in text and "# streamlit" in text and "# setting_batch_size: 1" in text
     parsed = list(csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#")))
     assert [int(r["total_params"]) for r in parsed] == [e["Total params"] for e in expected]
-    assert [int(r["forecast_memory_bytes"]) for r in parsed] == [e["Fcst memory"] for e in expected]
+    assert [int(r["forecast_memory_bytes"]) for r in parsed] == [e["Fcst mem"] for e in expected]
 
     records = json.loads(export_bytes(rows, "json", settings, "grid"))
     assert [r["train_flops"] for r in records] == [e["Train FLOPs"] for e in expected]
-    assert records[0]["metadata"]["setting_sizes"] == ["tiny"]
+    assert records[0]["metadata"]["setting_sizes"] == "tiny"  # plain values, not Python reprs
 
     sheets = pd.read_excel(io.BytesIO(export_bytes(rows, "xlsx", settings, "grid")), sheet_name=None)
-    assert list(sheets["rows"]["weights_fp16_bytes"]) == [e["Weights fp16"] for e in expected]
+    assert list(sheets["rows"]["weights_fp16_bytes"]) == [e["Weights"] // 2 for e in expected]
     assert "convention_memory" in set(sheets["metadata"]["key"])
 
     markdown = export_bytes(rows, "md", settings, "grid").decode()

@@ -17,23 +17,22 @@ from planner.units import column_format
 GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
     "Total params": ("total_params", "Total parameters: every registered tensor, all E experts, tied embedding "
                      "once", "count"),
-    "Active params": ("active_params", "Active parameters per series: shared parts, router, K experts",
+    "Active": ("active_params", "Active parameters per series: shared parts, router, K experts",
                       "count"),
     "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", "signed_count"),
     "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
                   "T = prediction + 1); FLOPs = 2 × multiply-accumulates", "count"),
     "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", "ratio"),
-    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward", "count"),
-    "Train ×dense": ("train_flops_vs_dense", "Training-step FLOPs over the dense model's", "ratio"),
+    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward (so its ratio to "
+                    "dense is the forward's)", "count"),
     "Fcst FLOPs": ("forecast_flops", "Forecast FLOPs: encode the batch once, then N × prediction cached decoder "
                    "steps", "count"),
     "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", "ratio"),
-    "Weights fp32": ("weights_fp32_bytes", "Weights in fp32: all parameters × 4 bytes, every expert resident; "
-                     "GiB = 2^30 bytes", "bytes"),
-    "Weights fp16": ("weights_fp16_bytes", "Weights in fp16 / bf16: all parameters × 2 bytes", "bytes"),
-    "Train memory": ("train_memory_bytes", "Training-step memory: weights + gradients + optimizer states + "
+    "Weights": ("weights_fp32_bytes", "Weights in fp32: all parameters × 4 bytes, every expert resident "
+                     "(fp16/bf16: half; in the exports); GiB = 2^30 bytes", "bytes"),
+    "Train mem": ("train_memory_bytes", "Training-step memory: weights + gradients + optimizer states + "
                      "activations saved for backward, in the chosen precision and optimizer", "bytes"),
-    "Fcst memory": ("forecast_memory_bytes", "Forecast memory: weights in the inference dtype + KV cache + "
+    "Fcst mem": ("forecast_memory_bytes", "Forecast memory: weights in the inference dtype + KV cache + "
                     "encoder output per sample path + largest live activation", "bytes"),
 }
 _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_experts", "K": "top_k"}
@@ -61,27 +60,66 @@ def arrow_safe(frame: pd.DataFrame, exact: bool = False) -> pd.DataFrame:
     return frame
 
 
+EXACT_IN_BROWSER = 2**53  # the browser's numbers are doubles: larger integers are drawn as exact text
+CHAR_PX, CELL_PADDING_PX = 6.8, 12  # the grid's font (14 px Source Sans, digits 6.8 px wide) and a cell's padding
+
+
+def _cell_texts(frame: pd.DataFrame, exact: bool) -> dict[str, list[str]]:
+    """Every grid column's cells as they are drawn (for widths, and the exact text of huge integers)."""
+    texts = {name: [str(v) for v in frame[name]] for name in frame.columns if name not in GRID_COLUMNS}
+    for name, (_, _, kind) in GRID_COLUMNS.items():
+        if exact:
+            texts[name] = [f"{v:,}" if isinstance(v, int) else f"{v:,.4g}" for v in frame[name]]
+        else:
+            shown = column_format(kind, frame[name])
+            texts[name] = [shown(v) for v in frame[name]]
+    return texts
+
+
+def _too_large_for_the_browser(frame: pd.DataFrame, name: str) -> bool:
+    return any(isinstance(v, int) and abs(v) > EXACT_IN_BROWSER for v in frame[name])
+
+
 def grid_display(frame: pd.DataFrame, exact: bool):
-    """The frame as drawn: readable units (a Styler) or, with `exact`, the integers themselves."""
+    """The frame as drawn: readable units, one per bytes column (a Styler), or with `exact` the integers
+    themselves; integers beyond 2^53 as their exact digits (text: the browser would round them)."""
     if exact:
-        return arrow_safe(frame, exact=True)
+        texts = _cell_texts(frame, exact=True)
+        frame = frame.copy()
+        for name in GRID_COLUMNS:
+            if _too_large_for_the_browser(frame, name):
+                frame[name] = texts[name]
+        return frame
     return arrow_safe(frame).style.format({name: column_format(kind, frame[name])
                                            for name, (_, _, kind) in GRID_COLUMNS.items()})
 
 
-def grid_column_config(exact: bool) -> dict[str, object]:
-    """Header help for every column; exact mode shows thousands separators."""
+def _width_px(header: str, cells: Sequence[str]) -> int:
+    """Pixels that show the header and the longest cell whole (a cut first digit misreads a count)."""
+    return round(max(len(header), *(len(cell) for cell in cells)) * CHAR_PX + CELL_PADDING_PX)
+
+
+def grid_column_config(exact: bool, frame: pd.DataFrame) -> dict[str, object]:
+    """Header help and a width fitted to the content for every column; exact mode shows thousands
+    separators."""
+    texts = _cell_texts(frame, exact)
     config: dict[str, object] = {
-        "Size": st.column_config.TextColumn("Size", help="Chronos-T5 size", pinned=True),
+        "Size": st.column_config.TextColumn("Size", help="Chronos-T5 size", pinned=True,
+                                            width=_width_px("Size", texts["Size"])),
         "Architecture": st.column_config.TextColumn("Architecture", help="dense, or where the experts go",
-                                                    pinned=True),
-        "E": st.column_config.NumberColumn("E", help="Experts (0 = dense)", width=40),
-        "K": st.column_config.NumberColumn("K", help="Experts active per series / token", width=40),
+                                                    pinned=True, width=_width_px("Architecture", texts["Architecture"])),
+        "E": st.column_config.NumberColumn("E", help="Experts (0 = dense)", width=_width_px("E", texts["E"])),
+        "K": st.column_config.NumberColumn("K", help="Experts active per series / token",
+                                           width=_width_px("K", texts["K"])),
     }
     for name, (_, help_text, _) in GRID_COLUMNS.items():
         suffix = " Exact value: turn on Exact values, or export." if not exact else ""
-        number_format = "localized" if exact else None
-        config[name] = st.column_config.NumberColumn(name, help=help_text + "." + suffix, format=number_format)
+        width = _width_px(name, texts[name])
+        if exact and _too_large_for_the_browser(frame, name):
+            config[name] = st.column_config.TextColumn(name, help=help_text + ".", width=width)
+        else:
+            config[name] = st.column_config.NumberColumn(name, help=help_text + "." + suffix, width=width,
+                                                         format="localized" if exact else None)
     return config
 
 
