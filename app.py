@@ -54,7 +54,7 @@ def _metrics(variant: Variant) -> None:
 
 
 def draw_breakdown(table: PlanTable, settings: Settings) -> None:
-    from ui.charts import memory_bars, params_treemap  # plotly loads only once a chart tab opens
+    from ui.charts import memory_bars, params_bars  # plotly loads only once a chart tab opens
 
     labels = [v.label for v in table.variants]
     first_moe = next((i for i, v in enumerate(table.variants) if v.plan.config.is_moe), 0)
@@ -73,7 +73,7 @@ def draw_breakdown(table: PlanTable, settings: Settings) -> None:
         flops = flops_frame(variant)
         st.dataframe(styled(flops, {c: lambda v: format_count(v, "FLOP") for c in ("Forward", "Forecast")}),
                      hide_index=True, height=fit_height(len(flops)), key="breakdown_flops")
-    right.plotly_chart(params_treemap(variant), key="treemap")
+    right.plotly_chart(params_bars(variant), key="params_bars")
 
     st.markdown("**Where the memory goes**")
     memory = memory_frame(variant)
@@ -103,16 +103,32 @@ def chart_figures(settings: Settings, architecture: str) -> dict:
     }
 
 
-def draw_charts(table: PlanTable, settings: Settings) -> None:
+@st.cache_resource(max_entries=32, show_spinner=False)
+def comparison_figure(settings: Settings, quantity: str):
+    """The architecture comparison of one quantity (kept, as chart_figures)."""
+    from ui.charts import architectures_figure
+
+    return architectures_figure(plan_table(settings).variants, quantity)
+
+
+def _chart(name: str, figure) -> None:
     from ui.charts import figure_html
 
+    st.plotly_chart(figure, key=f"chart_{name}")
+    st.download_button("Chart as HTML", lambda: figure_html(figure), file_name=f"{name}.html", mime="text/html",
+                       key=f"chart_{name}_html", on_click="ignore", icon=":material/download:")
+
+
+def draw_charts(table: PlanTable, settings: Settings) -> None:
+    from ui.charts import COMPARED
+
+    if len(settings.architectures) > 1:
+        quantity = st.selectbox("Compare the architectures by", list(COMPARED), key="chart_compared", bind=BIND)
+        _chart("architectures", comparison_figure(settings, quantity))
     architecture = st.selectbox("Architecture", list(settings.architectures) or ["dense"],
                                 key="chart_architecture", bind=BIND)
     for name, figure in chart_figures(settings, architecture).items():
-        st.plotly_chart(figure, key=f"chart_{name}")
-        st.download_button("Chart as HTML", lambda figure=figure: figure_html(figure), file_name=f"{name}.html",
-                           mime="text/html", key=f"chart_{name}_html", on_click="ignore",
-                           icon=":material/download:")
+        _chart(name, figure)
 
 
 st.set_page_config(page_title="Chronos-MoE capacity planner", page_icon="📐", layout="wide")

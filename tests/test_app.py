@@ -226,9 +226,10 @@ def test_app_charts_tab_draws_the_planner_values():
     at.selectbox(key="chart_architecture").set_value("expert_only").run()
     assert not at.exception
     specs = plotly_specs(at)
-    assert set(specs) == {"chart_params", "chart_flop_ratios", "chart_memory"}
+    assert set(specs) == {"chart_architectures", "chart_params", "chart_flop_ratios", "chart_memory"}
     for spec in specs.values():
         assert spec["layout"]["title"]["text"] and spec["layout"]["yaxis"]["title"]["text"]
+        assert spec["layout"]["legend"]["orientation"] == "h"  # below the panels: every item shows
     # tiny panel (first trace per series), expert encoders vs E = 0, 4, 16
     encoders = next(t for t in specs["chart_params"]["data"] if t["name"] == "expert encoder")
     expected = [count_params(make_config("tiny", architecture="expert_only", num_experts=e)).expert_encoder_params
@@ -236,9 +237,20 @@ def test_app_charts_tab_draws_the_planner_values():
     assert encoders["customdata"] == [f"{v:,}" for v in expected]
     forecast = next(t for t in specs["chart_flop_ratios"]["data"] if t["name"] == "forecast")
     plans = [plan(make_config("tiny", architecture="expert_only", num_experts=e)) for e in (0, 4, 16)]
-    assert forecast["y"] == pytest.approx([p.flops.forecast_flops / p.dense_flops.forecast_flops for p in plans])
+    # The dense point stands alone: a gap (None) keeps the line from joining E = 0 to the MoE points
+    assert forecast["x"] == [0, None, 4, 16] and forecast["y"][1] is None
+    assert [forecast["y"][0], *forecast["y"][2:]] == pytest.approx(
+        [p.flops.forecast_flops / p.dense_flops.forecast_flops for p in plans])
     weights = next(t for t in specs["chart_memory"]["data"] if t["name"] == "weights fp32")
-    assert weights["customdata"] == [f"{4 * p.params.total_params:,}" for p in plans]
+    assert [weights["customdata"][0], *weights["customdata"][2:]] == [f"{4 * p.params.total_params:,}" for p in plans]
+    # The architectures side by side (total parameters by default): one line per architecture, dense at E = 0
+    compared = {t["name"]: t for t in specs["chart_architectures"]["data"][:4]}  # the tiny panel
+    assert set(compared) == {*ARCHITECTURES, "dense"}
+    totals = {e: count_params(make_config("tiny", architecture="token_ffn", num_experts=e)).total_params
+              for e in (0, 4, 16)}
+    assert compared["token_ffn"]["x"][1:] == [4, 16] and compared["token_ffn"]["customdata"][1:] == [
+        f"{totals[4]:,}", f"{totals[16]:,}"]
+    assert compared["dense"]["x"] == [0] and compared["dense"]["customdata"] == [f"{totals[0]:,}"]
 
 
 YAML = b"""

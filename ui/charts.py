@@ -1,7 +1,9 @@
 """Plotly figures of the planner's numbers against the expert count E, one panel per size.
 
 Values are the planner's, only rescaled to the axis unit (M parameters, GiB); every hover shows the exact
-number. E = 0 is the dense model, drawn in every architecture's chart as the baseline. Built with
+number. E = 0 is the dense model, drawn in every architecture's chart as the baseline: a marker of its own,
+never joined by a line to E > 0 (no model lies between). Legends sit below the panels, so every item shows
+whatever the number of panels. Built with
 graph_objects rather than plotly.express: express takes about four times as long for these facet grids,
 and the Charts tab redraws on every settings change.
 """
@@ -29,9 +31,6 @@ COMPONENT_COLORS = {
     "router": "#7b3fb0",
     "expert_encoder": "#d9480f", "expert_ffn": "#f08c00", "expert_head": "#f5b041",
 }
-# Treemap group of a component, by name prefix.
-COMPONENT_GROUPS = {"embedding": "embedding", "encoder": "encoder", "decoder": "decoder", "router": "router",
-                    "expert": "experts"}
 # Line series: the same colour and dash in every panel (Streamlit's theme would cycle colours per trace).
 SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 SERIES_DASH = ("solid", "dash", "dot", "dashdot", "longdash")
@@ -48,7 +47,8 @@ def _panels(variants: Sequence[Variant], title: str, x_title: str, y_title: str,
     rows = (len(sizes) + PANEL_COLUMNS - 1) // PANEL_COLUMNS
     figure = make_subplots(rows=rows, cols=min(len(sizes), PANEL_COLUMNS), subplot_titles=sizes,
                            horizontal_spacing=0.07, vertical_spacing=0.16 if rows > 1 else 0.1)
-    figure.update_layout(title=title, height=300 * rows + 120, legend_title_text="", margin=dict(t=90))
+    figure.update_layout(title=title, height=300 * rows + 200, legend_title_text="", margin=dict(t=90, b=10),
+                         legend=dict(orientation="h", yanchor="top", y=-0.22 / rows, x=0, xanchor="left"))
     figure.update_xaxes(title_text=x_title)
     figure.update_yaxes(rangemode="tozero" if from_zero else "normal")
     figure.update_yaxes(title_text=y_title, col=1)  # once per row: the panels share the unit
@@ -85,11 +85,17 @@ def params_figure(variants: Sequence[Variant], architecture: str) -> go.Figure:
 
 
 def _line(unit: str, scale: Callable[[float], float] = lambda v: v):
+    """A series vs E: the MoE points joined by a line, the dense point (E = 0) a marker of its own."""
     def line(name, j, experts, values, first):
-        return go.Scatter(x=experts, y=[scale(v) for v in values], name=name, mode="lines+markers",
+        # The None between the dense point and the MoE points breaks the line there (connectgaps is off).
+        points = [(e, v) for e, v in zip(experts, values) if e == 0] + [(None, None)] + \
+                 [(e, v) for e, v in zip(experts, values) if e != 0]
+        return go.Scatter(x=[e for e, _ in points], y=[None if v is None else scale(v) for _, v in points],
+                          name=name, mode="lines+markers", connectgaps=False,
                           line=dict(color=SERIES_COLORS[j % len(SERIES_COLORS)], dash=SERIES_DASH[j % len(SERIES_DASH)]),
                           legendgroup=name, showlegend=first,
-                          customdata=[f"{v:,}" for v in values], hovertemplate=f"E=%{{x}}: %{{customdata}} {unit}")
+                          customdata=["" if v is None else f"{v:,}" for _, v in points],
+                          hovertemplate=f"E=%{{x}}: %{{customdata}} {unit}")
     return line
 
 
@@ -122,23 +128,55 @@ def memory_figure(variants: Sequence[Variant], architecture: str, dtype: str, pr
     return figure
 
 
-def params_treemap(variant: Variant) -> go.Figure:
-    """One variant's parameters: groups (embedding, encoder, decoder, router, experts), then components."""
-    components = {name: value for name, value in variant.plan.params.components().items() if value}
-    group_of = {name: next(label for prefix, label in COMPONENT_GROUPS.items() if name.startswith(prefix))
-                for name in components}
-    groups = list(dict.fromkeys(group_of.values()))
-    # Groups carry no parameters of their own: with branchvalues "remainder" plotly sizes them by their children.
-    # Their ids are prefixed, since "embedding" and "router" are also component names.
-    figure = go.Figure(go.Treemap(
-        ids=[f"group/{g}" for g in groups] + list(components),
-        labels=[*groups, *(c.replace("_", " ") for c in components)],
-        parents=["" for _ in groups] + [f"group/{group_of[c]}" for c in components],
-        values=[0 for _ in groups] + list(components.values()), branchvalues="remainder",
-        marker=dict(colors=["#f0f2f6" for _ in groups] + [COMPONENT_COLORS[c] for c in components]),
-        texttemplate="%{label}<br>%{value:,}", hovertemplate="%{label}: %{value:,} parameters<extra></extra>",
+# Quantities the architecture comparison offers: label -> (row key, axis title, unit, axis scale).
+COMPARED = {
+    "total parameters": ("total_params", "total parameters (M)", "parameters", to_millions),
+    "active parameters per series": ("active_params", "active parameters (M)", "parameters", to_millions),
+    "forward FLOPs ÷ dense": ("forward_flops_vs_dense", "forward FLOPs / dense FLOPs (×)", "× dense", lambda v: v),
+    "training-step memory": ("train_memory_bytes", "training memory (GiB = 2^30 bytes)", "bytes", to_gib),
+    "forecast memory": ("forecast_memory_bytes", "forecast memory (GiB = 2^30 bytes)", "bytes", to_gib),
+}
+
+
+def architectures_figure(variants: Sequence[Variant], quantity: str) -> go.Figure:
+    """The three architectures side by side: one `quantity` (a COMPARED label) vs E, one line per
+    architecture and the dense model's marker at E = 0, one panel per size."""
+    key, axis_title, unit, scale = COMPARED[quantity]
+    architectures = list(dict.fromkeys(v.plan.architecture for v in variants if v.plan.architecture != "dense"))
+    figure, sizes = _panels(variants, f"Architectures compared: {quantity} vs experts E (E = 0 is dense)",
+                            "experts E", axis_title, from_zero=key != "forward_flops_vs_dense")
+    line = _line(unit, scale)
+    for i, size in enumerate(sizes):
+        in_size = [v for v in variants if v.plan.size == size]
+        place = dict(row=i // PANEL_COLUMNS + 1, col=i % PANEL_COLUMNS + 1)
+        for j, architecture in enumerate(architectures):
+            chosen = [v for v in in_size if v.plan.architecture == architecture]
+            figure.add_trace(line(architecture, j, [v.plan.config.num_experts for v in chosen],
+                                  [v.row[key] for v in chosen], i == 0), **place)
+        for dense in (v for v in in_size if v.plan.architecture == "dense"):
+            figure.add_trace(go.Scatter(x=[0], y=[scale(dense.row[key])], name="dense", mode="markers",
+                                        marker=dict(color="#222", size=9, symbol="diamond"), legendgroup="dense",
+                                        showlegend=i == 0, customdata=[f"{dense.row[key]:,}"],
+                                        hovertemplate=f"dense: %{{customdata}} {unit}<extra></extra>"), **place)
+    return figure
+
+
+def params_bars(variant: Variant) -> go.Figure:
+    """One variant's parameters by component, largest first, on a log axis: the router's few thousand
+    parameters show beside the experts' millions (a treemap's area hides them)."""
+    components = sorted(((name, value) for name, value in variant.plan.params.components().items() if value),
+                        key=lambda item: item[1])
+    total = sum(value for _, value in components)
+    figure = go.Figure(go.Bar(
+        y=[name.replace("_", " ") for name, _ in components], x=[value for _, value in components],
+        orientation="h", marker_color=[COMPONENT_COLORS[name] for name, _ in components],
+        text=[f"{100 * value / total:.3g}%" for _, value in components], textposition="outside", cliponaxis=False,
+        customdata=[f"{value:,}" for _, value in components],
+        hovertemplate="%{y}: %{customdata} parameters (%{text})<extra></extra>",
     ))
-    figure.update_layout(title=f"Parameters of {variant.label}", margin=dict(t=50, l=10, r=10, b=10), height=420)
+    figure.update_layout(title=f"Parameters of {variant.label} by component", height=60 + 28 * len(components),
+                         xaxis=dict(type="log", title="parameters (log scale)"), margin=dict(t=50, l=10, r=40),
+                         showlegend=False)
     return figure
 
 
