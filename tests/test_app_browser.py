@@ -118,6 +118,46 @@ def test_browser_address_bar_reopens_the_view(app_url, browser):
     shared.close()
 
 
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    """A full-page picture in the test's folder (docs/ too with UPDATE_README_SCREENSHOT=1), to look at."""
+    page.wait_for_load_state("networkidle")
+    shot = tmp_path / f"{name}.png"
+    page.screenshot(path=shot, full_page=True)
+    if os.environ.get("UPDATE_README_SCREENSHOT") == "1":
+        (ROOT / "docs" / f"{name}.png").write_bytes(shot.read_bytes())
+    return shot
+
+
+def test_browser_plan_grid_fits_1600_px_and_exact_values_show_whole(app_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    scroll_widths = "() => { const s = document.querySelector('[data-testid=stDataFrame] .dvn-scroller'); " \
+                    "return [s.scrollWidth, s.clientWidth]; }"
+    expected = count_params(make_config("tiny")).total_params
+    page.goto(app_url)
+    expect(page.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
+    page.wait_for_timeout(500)
+    content, visible = page.evaluate(scroll_widths)
+    assert content <= visible  # readable units: every column fits beside the open sidebar
+    page.goto(app_url + "?exact=true")
+    expect(page.get_by_test_id("stDataFrame")).to_contain_text(str(expected))
+    assert _screenshot(page, tmp_path, "plan-exact-1600").stat().st_size > 10_000
+    page.close()
+
+
+def test_browser_charts_of_one_size_show_every_legend_item(app_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(app_url + "?sizes=small&tab=Charts")
+    legend = page.locator(".legend .legendtext")
+    expect(legend.filter(has_text="expert head")).to_have_count(1)
+    expect(legend.filter(has_text="router")).to_have_count(1)
+    for name in ("shared_then_expert", "expert_only", "token_ffn", "dense"):  # the architectures compared
+        expect(legend.filter(has_text=name).first).to_be_visible()
+    assert _screenshot(page, tmp_path, "charts-one-size").stat().st_size > 10_000
+    page.close()
+
+
 def test_browser_bad_share_link_is_named_and_dropped(app_url, browser):
     """Values Streamlit would crash on or silently replace: one warning each, gone from the address, the
     page drawn from the defaults and the good values kept."""
