@@ -88,9 +88,7 @@ def test_forecasting_service_equals_the_planner():
 
 @pytest.mark.parametrize("query, field", [
     (dict(cost_global_batch="100"), "global_batch 100 is not divisible"),
-    (dict(cost_devices="0"), "num_devices"),
     (dict(cost_devices="2", cost_per_node="4"), "devices_per_node"),
-    (dict(cost_steps="0"), "steps"),
     (dict(cost_price="-1"), "price_per_device_hour"),
     (dict(cost_gpu="t4", cost_precision="amp_bf16"), "precision"),
 ])
@@ -100,3 +98,10 @@ def test_bad_input_is_one_error_and_other_tabs_still_work(query, field):
     assert field in message and "\n" not in message
     elsewhere = run_app(**{**QUERY, **query, "tab": "Plan"})  # the same link, another tab
     assert not elsewhere.error and elsewhere.dataframe
+
+
+@pytest.mark.parametrize("key", ["cost_devices", "cost_steps", "cost_global_batch"])
+def test_a_count_below_one_in_a_link_is_named_and_not_taken(key):
+    at = run_app(**{**QUERY, key: "0"})
+    assert any(f"{key}=0 is not allowed" in warning.value for warning in at.warning)
+    assert not at.error

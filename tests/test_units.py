@@ -52,7 +52,7 @@ def test_a_column_reads_in_the_unit_of_its_largest_value():
     from planner.units import column_format
 
     shown = column_format("bytes", [512 * 2**20, 8 * 2**30])
-    assert [shown(v) for v in (512 * 2**20, 8 * 2**30)] == ["0.50 GiB", "8.00 GiB"]
+    assert [shown(v) for v in (512 * 2**20, 8 * 2**30)] == ["0.500 GiB", "8.00 GiB"]
     assert column_format("bytes", [33 * 2**20, 12 * 2**30])(33 * 2**20) == "0.0322 GiB"
     assert column_format("count", [8_390_000, 2_500_000_000])(8_390_000) == "8.39 M"  # counts keep their prefix
     assert column_format("signed_count", [0, 3_000_000])(3_000_000) == "+3.00 M"
