@@ -1,4 +1,4 @@
-"""`python -m planner`: see planner/cli.py."""
+"""`python -m planner`: see planner/cli/."""
 
 import sys
 

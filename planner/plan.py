@@ -115,7 +115,7 @@ def _variant_columns(p: Plan) -> dict[str, Any]:
 
 
 def plan_row(p: Plan) -> dict[str, Any]:
-    """A flat row: the variant, the workload, then the counts (keys documented in planner/README_rows.md)."""
+    """A flat row: the variant, the workload, then the counts (keys documented in the README's "table rows" section)."""
     config, workload, params, flops, memory = p.config, p.workload, p.params, p.flops, p.memory
     b = workload.batch_size
     row: dict[str, Any] = {

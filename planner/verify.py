@@ -167,9 +167,14 @@ def verify_variant(size: str, config: ChronosMoEConfig, workload: Workload, **op
     """Every check of one variant (options: fvcore, forecast, activations, seed)."""
     import torch
 
-    # Shape-only execution is bound by per-op overhead, where a second thread only adds contention.
+    # Shape-only execution is bound by per-op overhead, where a second thread only adds contention; the
+    # caller's thread count comes back after (the app's server and the tests run other work in this process).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return verify_params(size, config) + verify_flops(size, config, workload, **options)
+    try:
+        return verify_params(size, config) + verify_flops(size, config, workload, **options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _estimated_cost(item: tuple[str, ChronosMoEConfig, Workload]) -> int:

@@ -34,7 +34,7 @@ from planner.bench.preflight import largest_fitting_batch
 from planner.bench.work import count_step_flops
 from planner.bench.steps import make_step, summarise_usage
 from planner.bench.timing import measure_step_times, percentile, summarise_times
-from planner.bench_cli import add_bench_subcommand, bench_specs, run_bench_command
+from planner.cli.bench import add_bench_subcommand, bench_specs, run_bench_command
 from planner.flops import count_flops
 from planner.params import count_params
 from planner.steptime.device_cache import save_measured_device

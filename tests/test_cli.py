@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from model.config import make_config
-from planner import cli
+from planner.cli import commands as cli
 from planner.params import count_params
 from planner.plan import plan_grid, plan_row
 

@@ -125,7 +125,7 @@ def test_a_write_that_fails_after_the_benchmarks_keeps_the_results(tmp_path, cap
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(planner.output_path, "write_output", disk_full)
-    monkeypatch.setattr("planner.cli.write_output", disk_full)
+    monkeypatch.setattr("planner.cli.commands.write_output", disk_full)
     status = main(["bench", "--sizes", "debug", "--experts", "0", "--predict-for", "h100-sxm", "--format", "csv",
                    "--output", str(tmp_path / "out.csv")])
     captured = capsys.readouterr()

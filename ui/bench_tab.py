@@ -9,7 +9,6 @@ kills its subprocess within a tenth of a second. Finished runs stay in the sessi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -22,13 +21,12 @@ import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from model.presets import PRESETS
-from planner.bench import (DEVICES, DTYPES, MODES, PREDICTION_DEVICES, BenchProgress, BenchResult, BenchSpec,
+from planner.bench import (DEVICES, bench_grid, DTYPES, MODES, PREDICTION_DEVICES, BenchProgress, BenchResult, BenchSpec,
                            compare_to_dense, export_results, lock_holder, predict_row, run_benchmark)
 from planner.export import export_metadata, render
 from planner.steptime import TERMS
-from planner.bench_cli import add_bench_subcommand, bench_specs
-from ui.compute import PlanTable, parse_expert_counts
 from planner.units import format_bytes, format_count, format_ratio, format_seconds
+from ui.compute import PlanTable, parse_expert_counts
 from ui.sidebar import BIND, Settings
 
 STOP_WAIT_S = 10.0  # a stopped run kills its subprocess within the runner's 0.1 s poll; this is a ceiling
@@ -101,19 +99,14 @@ def build_specs(inputs: dict[str, Any], settings: Settings) -> list[BenchSpec]:
     experts = list(parse_expert_counts(inputs["experts"]))
     if any(experts) and not inputs["architectures"]:
         raise ValueError("architectures: choose at least one architecture for the MoE variants")
-    parser = argparse.ArgumentParser()  # the CLI's own defaults, so a flag added there needs nothing here
-    add_bench_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench"])
-    vars(args).update(
-        sizes=",".join(inputs["sizes"]), modes=inputs["modes"], architectures=inputs["architectures"],
-        experts=experts, top_k=inputs["top_k"], dispatch=inputs["dispatch"],
-        router_hidden_dim=settings.router_hidden_dim, expert_capacity=settings.expert_capacity,
+    return bench_grid(
+        inputs["sizes"], inputs["modes"], inputs["architectures"], experts, inputs["dispatch"],
+        settings.expert_capacity, top_k=inputs["top_k"], router_hidden_dim=settings.router_hidden_dim,
         batch_size=inputs["batch_size"], context_length=inputs["context_length"],
         prediction_length=inputs["prediction_length"], num_samples=inputs["num_samples"], device=inputs["device"],
         dtype=inputs["dtype"], warmup=inputs["warmup"], repeats=inputs["repeats"],
         time_limit_s=float(inputs["time_limit_s"]),
     )
-    return bench_specs(args)
 
 
 def _reporter(bar, index: int, count: int, spec: BenchSpec):

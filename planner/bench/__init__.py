@@ -19,7 +19,8 @@ Public API (torch is imported only inside the benchmark's subprocess, so importi
 - `BenchSpec` (spec.py): size, architecture, num_experts (0 = dense), top_k, dispatch (sparse/dense), mode
   (forward / forecast / train), batch_size, context_length, prediction_length, num_samples, device
   (auto/cpu/cuda/mps), dtype (fp32/bf16/fp16; fp16 refused on CPU), warmup, repeats, time_limit_s, seed,
-  recalibrate. Invalid settings raise ValueError naming the field.
+  recalibrate. Invalid settings raise ValueError naming the field. `bench_grid(sizes, modes,
+  architectures, experts, ...)` (grid.py): the runs a user asks for, dense first (the CLI and the app's).
 - `run_benchmark(spec, progress, cancel_event)` (runner.py): waits for any other benchmark (one at a time
   across processes and browser sessions), runs one subprocess with the time limit, reports
   `BenchProgress(stage, done, total, message, .fraction)` to `progress`, stops when `cancel_event` is set.
@@ -30,9 +31,10 @@ Public API (torch is imported only inside the benchmark's subprocess, so importi
   `this-machine` (this CPU's probed op-level model) or a GPU preset (PREDICTION_DEVICES); the time model
   itself is `planner.steptime`. `estimate_peak_bytes(spec, device)` and `check_preflight(spec, device, available)`.
 
-The CLI is `python -m planner bench` (planner/bench_cli.py).
+The CLI is `python -m planner bench` (planner/cli/bench.py).
 """
 
+from planner.bench.grid import bench_grid
 from planner.bench.lock import lock_holder, request_cancel
 from planner.bench.predict import LOCAL_DEVICE, PREDICTION_DEVICES, predict_row
 from planner.bench.preflight import MEMORY_FRACTION, PreflightVerdict, check_preflight, estimate_peak_bytes
@@ -50,6 +52,7 @@ __all__ = [
     "BenchProgress",
     "BenchResult",
     "BenchSpec",
+    "bench_grid",
     "PreflightVerdict",
     "check_preflight",
     "compare_to_dense",

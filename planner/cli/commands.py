@@ -4,7 +4,7 @@ the benchmarks (planner/bench_cli.py), the budget solver and config import with 
 
 Bad flags exit with status 2 and one line naming the flag and what it allows; `verify` exits 1 when any
 check fails. The table and Markdown formats show the summary columns below; CSV, JSON and XLSX carry
-every row key (planner/README_rows.md).
+every row key (the README's "table rows" section).
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def build_parser() -> OneLineParser:
-    from planner.bench_cli import add_bench_subcommand
-    from planner.budget_cli import add_plan_subcommand, add_solve_subcommand
-    from planner.cost_cli import add_run_subcommand, add_serve_subcommand
+    from planner.cli.bench import add_bench_subcommand
+    from planner.cli.budget import add_plan_subcommand, add_solve_subcommand
+    from planner.cli.cost import add_run_subcommand, add_serve_subcommand
 
     parents = _parents()
     common = [parents["grid"], parents["workload"], parents["output"]]
@@ -259,7 +259,7 @@ def run_verify(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
 
 
 def run_solve_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    from planner.budget_cli import run_solve
+    from planner.cli.budget import run_solve
 
     workload = _workload(args)
     rows = run_solve(args, workload, args.architectures)
@@ -269,7 +269,7 @@ def run_solve_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], d
 
 
 def run_plan_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    from planner.budget_cli import run_plan
+    from planner.cli.budget import run_plan
 
     rows, metadata = run_plan(args)
     if not args.strategies and args.output_format in HUMAN_FORMATS:
@@ -278,7 +278,7 @@ def run_plan_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], di
 
 
 def run_cost_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    from planner.cost_cli import run_run, run_serve, summary
+    from planner.cli.cost import run_run, run_serve, summary
 
     rows, metadata = (run_run if args.command == "run" else run_serve)(args)
     if args.output_format in HUMAN_FORMATS:
@@ -315,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from planner.bench_cli import run_bench_command
+        from planner.cli.bench import run_bench_command
 
         return run_bench_command(args)
     if args.output_format == "xlsx" and args.output is None:

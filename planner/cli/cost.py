@@ -12,8 +12,8 @@ from typing import Any
 
 from model.config import ARCHITECTURES, MAX_EXPERTS, make_config
 from model.presets import PRESETS
-from planner.budget_cli import parse_count
-from planner.cli import _name_list
+from planner.cli.budget import parse_count
+from planner.cli.commands import _name_list
 from planner.config_import import import_training_yaml
 from planner.cost.interconnects import INTERCONNECTS
 from planner.cost.search import SearchSpace, search_plans

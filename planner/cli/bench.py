@@ -9,12 +9,12 @@ results to stdout or --output. With --predict-for PRESET nothing runs: the predi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
+from planner.bench.grid import bench_grid
 from planner.bench import (
     DEVICES,
     DTYPES,
@@ -68,7 +68,7 @@ PROG = "python -m planner bench"
 
 
 def _capacity_factor(text: str) -> float:
-    from planner.cli import capacity_factor
+    from planner.cli.commands import capacity_factor
 
     return capacity_factor(text)
 
@@ -113,29 +113,17 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
-    """The grid, dense first within each size and mode. Raises ValueError naming a bad setting."""
-    common = dict(
+    """The flags' grid (planner.bench.grid). Raises ValueError naming a bad setting."""
+    sizes = [name.strip() for name in args.sizes.split(",") if name.strip()]
+    if not sizes:
+        raise ValueError(f"argument --sizes: give comma-separated size presets, got {args.sizes[:40]!r}")
+    return bench_grid(
+        sizes, args.modes, args.architectures, args.experts, args.dispatch, args.expert_capacity, args.recalibrate,
         top_k=args.top_k, router_hidden_dim=args.router_hidden_dim, batch_size=args.batch_size,
         context_length=args.context_length, prediction_length=args.prediction_length, num_samples=args.num_samples,
         device=args.device, dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-        time_limit_s=args.time_limit_s, recalibrate=args.recalibrate,
+        time_limit_s=args.time_limit_s,
     )
-    sizes = list(dict.fromkeys(name.strip() for name in args.sizes.split(",") if name.strip()))
-    if not sizes:
-        raise ValueError(f"argument --sizes: give comma-separated size presets, got {args.sizes[:40]!r}")
-    specs: list[BenchSpec] = []
-    for size in sizes:
-        for mode in args.modes:
-            if 0 in args.experts:
-                specs.append(BenchSpec(size=size, mode=mode, **common))
-            for architecture in args.architectures:
-                capacity = args.expert_capacity if architecture == "token_ffn" else None
-                for num_experts in (e for e in dict.fromkeys(args.experts) if e != 0):
-                    for dispatch in args.dispatch:
-                        specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
-                                               dispatch=dispatch, expert_capacity=capacity, **common))
-    # --recalibrate probes the device once, in the first run; the others use that probe.
-    return [dataclasses.replace(spec, recalibrate=False) if index else spec for index, spec in enumerate(specs)]
 
 
 def _summary_row(result: BenchResult) -> dict[str, Any]:
@@ -180,7 +168,7 @@ def _print_progress(index: int, count: int, spec: BenchSpec):
 def _write(text: bytes, output: Optional[Path]) -> bool:
     """Write the report; when `output` cannot take it after all (a full disk), print it to stdout instead
     so measured results are never lost, and say why. True when it went where it was asked to."""
-    from planner.cli import write_report
+    from planner.cli.commands import write_report
 
     try:
         write_report(text, output)
@@ -193,7 +181,7 @@ def _write(text: bytes, output: Optional[Path]) -> bool:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from planner.cli import flag_for
+    from planner.cli.commands import flag_for
 
     try:
         check_output_path(args.output)
@@ -230,11 +218,3 @@ def run_bench_command(args: argparse.Namespace) -> int:
             text += b"\n" + render(comparison, args.output_format, {})
         written = _write(text, args.output)
     return 0 if written and all(r.ok for r in results) else 1
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry (`python -m planner.bench`) until `python -m planner bench` is wired."""
-    parser = argparse.ArgumentParser(prog="python -m planner")
-    add_bench_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
