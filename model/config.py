@@ -28,6 +28,14 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise ValueError(f"{name} must be between {low:,} and {high:,}, got {value:,}")
 
 
+def capacity_limit(capacity_factor: Optional[float], tokens: int, top_k: int, num_experts: int) -> Optional[int]:
+    """Switch-style per-expert capacity: ceil(factor × tokens × K / E); None means no limit. The one formula:
+    the token_ffn module enforces it, the planner counts with it."""
+    if capacity_factor is None:
+        return None
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
 def default_token_moe_blocks(num_blocks: int) -> tuple[int, ...]:
     """Every second block, zero-based odd indices (architecture.md §3, token_ffn)."""
     return tuple(range(1, num_blocks, 2))

@@ -5,9 +5,7 @@ Letters: B series, L positions, D d_model, R router hidden width, E experts, K a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -79,8 +77,3 @@ def routing_as_dense_weights(routing: RoutingDecision, num_experts: int) -> torc
     return dense.scatter(1, routing.expert_indices, routing.expert_weights)
 
 
-def capacity_limit(capacity_factor: Optional[float], tokens: int, top_k: int, num_experts: int) -> Optional[int]:
-    """Switch-style per-expert capacity: ceil(factor × tokens × K / E); None means no limit."""
-    if capacity_factor is None:
-        return None
-    return math.ceil(capacity_factor * tokens * top_k / num_experts)

@@ -15,7 +15,8 @@ from torch import nn
 
 from .dispatch import dispatch
 from .experts import ExpertFFN
-from .routing import RoutingDecision, capacity_limit, route_top_k
+from .config import capacity_limit
+from .routing import RoutingDecision, route_top_k
 
 
 class TokenExpertFFN(nn.Module):

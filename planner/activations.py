@@ -32,10 +32,10 @@ width, V vocabulary, E experts, K active experts, R router hidden width, n rows 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 from model.config import ChronosMoEConfig
+from planner.flops import count_expert_slots
 from model.presets import BackboneDims
 from planner.params import (
     count_attention_params,
@@ -270,7 +270,7 @@ def _token_expert_layer_bytes(config: ChronosMoEConfig, tokens: int, w: Activati
     """
     c, dims, experts = w.compute, config.dims, config.num_experts
     dense = config.dispatch == "dense"
-    slots = tokens * experts if dense else _token_slots(config, tokens)
+    slots = count_expert_slots(config, tokens)
     norm_bytes = _t5_norm_bytes(tokens, dims.d_model, w)
     shared_input_bytes = tokens * dims.d_model * w.matmul_inputs(w.stream, 1 + (experts if dense else 0))
     gathered_bytes = 0 if dense else slots * dims.d_model * w.matmul_inputs(w.stream, 1)
@@ -283,15 +283,6 @@ def _token_expert_layer_bytes(config: ChronosMoEConfig, tokens: int, w: Activati
 def _token_router_bytes(config: ChronosMoEConfig, tokens: int) -> int:
     """A TokenExpertFFN's router (its input is counted with the layer) and its balance loss."""
     return _top_k_bytes(tokens, config.num_experts, config.top_k) + _balance_loss_bytes(config.num_experts)
-
-
-def _token_slots(config: ChronosMoEConfig, tokens: int) -> int:
-    """Expert runs of one token each: tokens·K, or at most E·capacity when a capacity factor is set."""
-    slots = tokens * config.top_k
-    if config.expert_capacity is None:
-        return slots
-    capacity = math.ceil(config.expert_capacity * tokens * config.top_k / config.num_experts)
-    return min(slots, config.num_experts * capacity)
 
 
 # --- AMP's weight copies ---------------------------------------------------------------------------------
@@ -319,7 +310,7 @@ def _matmul_weight_elements(config: ChronosMoEConfig, batch: int, seq: int, dec:
         routed = router + _running_experts(config, batch) * per_expert
     elif architecture == "token_ffn":
         for count, tokens in ((encoder_moe, batch * seq), (decoder_moe, batch * dec)):
-            running = experts if config.dispatch == "dense" else min(experts, _token_slots(config, tokens))
+            running = min(experts, count_expert_slots(config, tokens))
             routed += count * (count_token_router_params(config) + running * ffn)
     return shared_encoder + decoder + routed
 

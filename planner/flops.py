@@ -18,11 +18,10 @@ min(tokens·K, E·capacity) — an upper bound when routing is unbalanced.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from model.config import ChronosMoEConfig
+from model.config import ChronosMoEConfig, capacity_limit
 from planner.workload import Workload
 
 # Backward of a matrix product computes the input gradient and the weight gradient, each as costly as the
@@ -93,10 +92,8 @@ def count_expert_slots(config: ChronosMoEConfig, tokens: int) -> int:
     if config.dispatch == "dense":
         return tokens * config.num_experts
     slots = tokens * config.top_k
-    if config.expert_capacity is None:
-        return slots
-    capacity = math.ceil(config.expert_capacity * slots / config.num_experts)
-    return min(slots, config.num_experts * capacity)
+    capacity = capacity_limit(config.expert_capacity, tokens, config.top_k, config.num_experts)
+    return slots if capacity is None else min(slots, config.num_experts * capacity)
 
 
 def count_ffn_layers_flops(config: ChronosMoEConfig, tokens: int, num_blocks: int, moe_blocks: int) -> tuple[int, int, int]:

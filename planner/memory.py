@@ -113,19 +113,6 @@ def estimate_training_memory(config: ChronosMoEConfig, workload: Workload, total
     )
 
 
-def estimate_zero_training_bytes(training: TrainingMemory, stage: int, num_devices: int) -> int:
-    """Bytes per device under ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054) over `num_devices`:
-    stage 1 shards the optimizer states, 2 also the gradients, 3 also the weights. Each device keeps the
-    activations of its own batch (the workload's batch is per device)."""
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be a ZeRO stage 0, 1, 2 or 3, got {stage!r}")
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
-        raise ValueError(f"num_devices must be an integer ≥ 1, got {num_devices!r}")
-    states = [training.optimizer_states_bytes, training.gradients_bytes, training.weights_bytes]
-    sharded = sum(states[:stage]) // num_devices + sum(states[stage:])
-    return sharded + training.activations_bytes
-
-
 def inference_element_bytes(dtype: str) -> int:
     """Bytes of one cached or live element when the weights are stored as `dtype`."""
     return INT8_COMPUTE_BYTES if dtype == "int8" else DTYPE_BYTES[dtype]

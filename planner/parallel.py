@@ -32,8 +32,8 @@ from planner.headroom import Headroom, check_headroom, communication_buffer_byte
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
 from planner.params import ParamBreakdown, count_params
 from planner.workload import Workload
+from planner.units import GIB
 
-GIB = 2**30
 STRATEGIES = ("data_parallel", "zero1", "zero2", "zero3", "expert_parallel")
 _ZERO_STAGE = {"data_parallel": 0, "zero1": 1, "zero2": 2, "zero3": 3, "expert_parallel": 0}
 

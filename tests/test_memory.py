@@ -15,7 +15,6 @@ from planner.memory import (
     estimate_largest_forecast_activation_bytes,
     estimate_memory,
     estimate_weights_memory,
-    estimate_zero_training_bytes,
 )
 from planner.params import count_params
 from planner.workload import OPTIMIZERS, PRECISION_REGIMES, Workload
@@ -132,23 +131,6 @@ def test_active_experts_what_if_saves_nothing_for_token_routing():
     assert forecast.active_experts_weights_bytes == forecast.weights_bytes
 
 
-def test_zero_stages_hand_derived():
-    training = dataclasses.replace(
-        estimate_memory(make_config("tiny")).training, weights_bytes=400, gradients_bytes=400,
-        optimizer_states_bytes=800, activations_bytes=100)
-    assert estimate_zero_training_bytes(training, 0, 4) == 400 + 400 + 800 + 100
-    assert estimate_zero_training_bytes(training, 1, 4) == 400 + 400 + 800 // 4 + 100
-    assert estimate_zero_training_bytes(training, 2, 4) == 400 + (400 + 800) // 4 + 100
-    assert estimate_zero_training_bytes(training, 3, 4) == (400 + 400 + 800) // 4 + 100
-
-
-@pytest.mark.parametrize("stage, devices, field", [(4, 2, "stage"), (1, 0, "num_devices"), (True, 2, "stage")])
-def test_zero_refuses_bad_input(stage, devices, field):
-    training = estimate_memory(make_config("debug")).training
-    with pytest.raises(ValueError, match=field):
-        estimate_zero_training_bytes(training, stage, devices)
-
-
 def test_estimate_memory_reuses_given_params():
     config = make_config("mini", architecture="expert_only", num_experts=4)
     assert estimate_memory(config, params=count_params(config)) == estimate_memory(config)
@@ -181,4 +163,3 @@ def test_memory_properties(size, architecture, num_experts, batch, context, pred
     kv = sum(estimate_kv_cache_bytes(config, workload))
     assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, num_samples=2 * samples))) == 2 * kv
     assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, batch_size=3 * batch))) == 3 * kv
-    assert estimate_zero_training_bytes(memory.training, 3, 8) <= memory.training.total_bytes

@@ -18,9 +18,9 @@ from typing import Optional
 from planner.bench.spec import BenchSpec
 from planner.memory import estimate_memory
 from planner.params import count_params
+from planner.units import GIB
 
 MEMORY_FRACTION = 0.8  # the rest is for the allocator's slack, the runtime and whatever else runs
-GIB = 2**30
 
 
 def estimate_peak_bytes(spec: BenchSpec, device: str, trained_params: Optional[int] = None) -> int:

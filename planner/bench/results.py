@@ -16,7 +16,6 @@ from planner.export import export_metadata, render
 from planner.steptime.predict import StepTime
 
 PREDICTION_KEYS = tuple(StepTime(0, 0, 0, 0, 0, 0, "").row())
-STATUSES = ("ok", "refused", "timeout", "cancelled", "error")
 EXPORT_FORMATS = ("csv", "json")
 MEASUREMENT_NOTES = {
     "timing": "median, p95 and minimum of the repeats after warm-up, each between device synchronisations; "

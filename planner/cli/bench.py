@@ -30,8 +30,8 @@ from planner.bench import (
 )
 from planner.export import export_metadata, render
 from planner.output_path import check_output_path
+from planner.units import GIB
 
-GIB = 2**30
 OUTPUT_FORMATS = ("table", "md", "csv", "json")
 # What the table and Markdown formats show (CSV and JSON carry every field, in bytes and seconds).
 SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "min_s", "cpu_median_s", "predicted_time_s", "time_ratio",

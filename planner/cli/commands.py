@@ -1,6 +1,6 @@
 """`python -m planner`: the analytic table, the per-component breakdown, verification against the modules,
-the benchmarks (planner/bench_cli.py), the budget solver and config import with multi-device plans
-(planner/budget_cli.py), training runs and forecasting services in hours and money (planner/cost_cli.py).
+the benchmarks (planner/cli/bench.py), the budget solver and config import with multi-device plans
+(planner/cli/budget.py), training runs and forecasting services in hours and money (planner/cli/cost.py).
 
 Bad flags exit with status 2 and one line naming the flag and what it allows; `verify` exits 1 when any
 check fails. The table and Markdown formats show the summary columns below; CSV, JSON and XLSX carry
