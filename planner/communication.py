@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 
 from model.config import ChronosMoEConfig
-from planner.params import ParamBreakdown, count_params
+from planner.params import ParamBreakdown, count_params, experts_per_device
 from planner.workload import Workload
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
@@ -152,7 +152,7 @@ def step_collectives(config: ChronosMoEConfig, workload: Workload, strategy: str
         collectives = [Collective("all_reduce", "shared gradients", "backward", shared, n, False, buckets(shared))]
         replicas = n // params.num_experts if n > params.num_experts else 1
         if replicas > 1:
-            local = math.ceil(params.num_experts / n) * params.params_per_expert
+            local = experts_per_device(params.num_experts, n) * params.params_per_expert
             collectives.append(Collective("all_reduce", "expert gradients (replicas)", "backward", local * grad,
                                           replicas, False, buckets(local * grad)))
         for purpose, size in routed_bytes_per_micro_step(config, workload, precision):

@@ -163,8 +163,7 @@ def count_resident_expert_params(config: ChronosMoEConfig, workload: Workload, p
     routed = workload.batch_size * config.top_k
     if config.architecture == "token_ffn":
         routed *= workload.encoder_tokens
-    idle_experts = config.num_experts - min(config.num_experts, routed)
-    return params.total_params - idle_experts * params.params_per_expert
+    return params.with_experts(min(config.num_experts, routed))
 
 
 def estimate_forecast_memory(config: ChronosMoEConfig, workload: Workload, params: ParamBreakdown) -> ForecastMemory:

@@ -30,7 +30,7 @@ from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_breakdown, activation_widths
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
-from planner.params import ParamBreakdown, count_params
+from planner.params import ParamBreakdown, count_params, experts_per_device
 from planner.workload import Workload
 from planner.units import GIB
 
@@ -163,8 +163,7 @@ def plan_devices(
     activation_workload = dataclasses.replace(workload, precision="amp_fp16" if regime == "mixed_fp16" else regime)
 
     if strategy == "expert_parallel":
-        local_experts = math.ceil(params.num_experts / num_devices)
-        held = params.total_params - (params.num_experts - local_experts) * params.params_per_expert
+        held = params.with_experts(experts_per_device(params.num_experts, num_devices))
         sharded = {"weights": held, "gradients": held, "optimizer": held}
     else:
         stage = _ZERO_STAGE[strategy]

@@ -128,9 +128,18 @@ class ParamBreakdown:
 
         For token_ffn this is "K experts per MoE block" (each token uses K), the usual MoE convention.
         """
-        if self.num_experts == 0:
-            return self.total_params
-        return self.total_params - (self.num_experts - self.top_k) * self.params_per_expert
+        return self.total_params if self.num_experts == 0 else self.with_experts(self.top_k)
+
+    def with_experts(self, held: int) -> int:
+        """Parameters with only `held` of the E experts present (the others routed away, idle or on
+        other devices): total − (E − held) × one expert's. The one formula for resident/active counts."""
+        return self.total_params - (self.num_experts - held) * self.params_per_expert
+
+
+def experts_per_device(num_experts: int, num_devices: int) -> int:
+    """Experts one device holds under expert parallelism: the E experts dealt round the devices, so the
+    busiest holds ceil(E / n) (every expert is whole on one device; with n > E, replicas hold one)."""
+    return -(-num_experts // num_devices)
 
 
 def count_params(config: ChronosMoEConfig) -> ParamBreakdown:

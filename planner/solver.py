@@ -248,7 +248,7 @@ def solve(
         evaluated += 1
         shape_feasible = []
         for top_k, value in values:
-            active = breakdown.total_params - (experts - top_k) * breakdown.params_per_expert
+            active = breakdown.with_experts(top_k)
             shape_feasible.append(Candidate(config_with(top_k), breakdown.total_params, active, value, pattern))
         feasible.extend(shape_feasible if len(feasible) < MAX_FEASIBLE_KEPT else
                         {c.config.top_k: c for c in shape_feasible[:1] + shape_feasible[-1:]}.values())

@@ -37,7 +37,7 @@ from planner.cost.prices import PRICES
 from planner.flops import count_flops
 from planner.headroom import Headroom
 from planner.parallel import DEVICE_MEMORY, STRATEGIES, device_plan_headroom, plan_devices
-from planner.params import count_params
+from planner.params import count_params, experts_per_device
 from planner.steptime import StepTime, gpu_preset, predict_step_time
 from planner.steptime.ops import StepTrace
 from planner.workload import OPTIMIZERS, Workload
@@ -253,9 +253,7 @@ def _optimizer_share(step: StepTime, run: TrainingRun) -> StepTime:
         share = 1 / run.num_devices
     elif run.strategy == "expert_parallel":
         params = count_params(run.config)
-        local_experts = math.ceil(params.num_experts / run.num_devices)
-        held = params.total_params - (params.num_experts - local_experts) * params.params_per_expert
-        share = held / params.total_params
+        share = params.with_experts(experts_per_device(params.num_experts, run.num_devices)) / params.total_params
     return dataclasses.replace(step, matmul_s=step.matmul_s * share, memory_s=step.memory_s * share)
 
 
