@@ -5,6 +5,8 @@ The models are randomly initialised: sizes, FLOPs, memory and speed do not depen
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Union
 
 import torch
@@ -52,7 +54,7 @@ def build_model_from_config(
     dtype: Optional[torch.dtype] = None,
 ) -> ChronosMoEModel:
     """Build on `device` directly ("meta" gives exact sizes at zero cost: nothing data-dependent runs)."""
-    with torch.device(device) if device is not None else _no_device():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         backbone = T5ForConditionalGeneration(t5_config(config.dims))
         model = ChronosMoEModel(config, backbone)
     if dtype is not None:
@@ -96,13 +98,3 @@ def build_model(
         **t5_overrides,
     )
     return build_model_from_config(config, device=device, dtype=dtype)
-
-
-class _no_device:
-    """A do-nothing context for building on the default device."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

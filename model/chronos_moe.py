@@ -60,7 +60,8 @@ class ChronosMoEModel(nn.Module):
         )
         if config.architecture == "shared_then_expert":
             self.experts = nn.ModuleList(
-                MoEExpertHead(dims.d_model, dims.vocab_size, backbone.config.dropout_rate)
+                MoEExpertHead(dims.d_model, dims.vocab_size, config.expert_head_hidden_dim,
+                              backbone.config.dropout_rate)
                 for _ in range(config.num_experts)
             )
         else:  # expert_only: the experts are the encoders

@@ -14,14 +14,14 @@ from transformers.models.t5.modeling_t5 import T5Stack
 class MoEExpertHead(nn.Module):
     """shared_then_expert: one expert replacing the LM head, applied position-wise to the decoder output.
 
-    Linear(D→4D) → ReLU → Dropout → Linear(4D→D) → Dropout → + input → LayerNorm(D) → Linear(D→V, no bias).
-    The hidden width 4·D follows the reference implementation (it equals d_ff for every Chronos size).
+    Linear(D→H) → ReLU → Dropout → Linear(H→D) → Dropout → + input → LayerNorm(D) → Linear(D→V, no bias),
+    H the config's `expert_head_hidden_dim` (4·D, as the reference implementation).
     """
 
-    def __init__(self, d_model: int, vocab_size: int, dropout: float = 0.1) -> None:
+    def __init__(self, d_model: int, vocab_size: int, hidden_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d_model, 4 * d_model)
-        self.fc2 = nn.Linear(4 * d_model, d_model)
+        self.fc1 = nn.Linear(d_model, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, d_model)
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)

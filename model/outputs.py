@@ -11,6 +11,12 @@ import torch
 from .routing import RoutingDecision
 
 
+def usage_entropy(counts: list[int]) -> float:
+    """Entropy (nats) of the shares of routing slots per expert `counts`; log(E) when perfectly even."""
+    total = sum(counts)
+    return float(-sum(c / total * math.log(c / total) for c in counts if c > 0))
+
+
 @dataclass
 class RoutingRecord:
     """One MoE layer's decision in one forward: `layer` is 'router' (sample level) or a block path."""
@@ -25,8 +31,7 @@ class RoutingRecord:
 
     def usage_entropy(self, num_experts: int) -> float:
         """Entropy (nats) of the slot shares; log(E) when usage is perfectly even."""
-        shares = self.usage_counts(num_experts).double() / self.routing.expert_indices.numel()
-        return float(-sum(p * math.log(p) for p in shares.tolist() if p > 0))
+        return usage_entropy(self.usage_counts(num_experts).tolist())
 
 
 @dataclass

@@ -75,7 +75,7 @@ def project_commit() -> str:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries the numbers come from, read without importing them."""
     versions = {}
-    for name in ("torch", "transformers", "streamlit"):
+    for name in ("torch", "transformers", "chronos-forecasting", "streamlit"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

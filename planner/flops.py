@@ -18,7 +18,7 @@ min(tokens·K, E·capacity) — an upper bound when routing is unbalanced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 from model.config import ChronosMoEConfig, capacity_limit
@@ -41,13 +41,7 @@ class FlopBreakdown:
     head_flops: int = 0
 
     def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
-        return FlopBreakdown(
-            encoder_flops=self.encoder_flops + other.encoder_flops,
-            decoder_flops=self.decoder_flops + other.decoder_flops,
-            router_flops=self.router_flops + other.router_flops,
-            expert_flops=self.expert_flops + other.expert_flops,
-            head_flops=self.head_flops + other.head_flops,
-        )
+        return FlopBreakdown(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def components(self) -> dict[str, int]:
         return {"encoder": self.encoder_flops, "decoder": self.decoder_flops, "router": self.router_flops,

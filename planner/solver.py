@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig
+from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig, default_token_moe_blocks
 from planner.flops import count_flops
 from planner.params import count_params
 from planner.workload import Workload
@@ -31,7 +31,7 @@ BUDGET_KINDS = {
 
 # token_ffn: which blocks carry experts. Name -> block indices for a stack of n blocks.
 TOKEN_BLOCK_PATTERNS: dict[str, Callable[[int], tuple[int, ...]]] = {
-    "every_second": lambda n: tuple(range(1, n, 2)),  # the family's default (odd indices)
+    "every_second": default_token_moe_blocks,  # the family's default (odd indices)
     "every_block": lambda n: tuple(range(n)),
     "every_fourth": lambda n: tuple(range(3, n, 4)) or (n - 1,),
 }

@@ -8,30 +8,24 @@
 
 from __future__ import annotations
 
-import math
 import platform
-from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import transformers
 
-from model.outputs import MoEOutput
+from model.outputs import MoEOutput, usage_entropy
 from model.training import synthetic_series, train_step, training_batch
 from planner.bench.device import TORCH_DTYPES
+from planner import export
 from planner.bench.spec import BenchSpec
 
 LEARNING_RATE = 1e-4  # any small rate: the step's cost does not depend on it
 
 
 def library_versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "chronos-forecasting": metadata.version("chronos-forecasting"),
-    }
+    """The run's Python and libraries (planner.export's list, for a benchmark's rows)."""
+    return {"python": platform.python_version(), **export.library_versions()}
 
 
 def summarise_usage(output: Any, num_experts: int) -> dict[str, Any]:
@@ -44,11 +38,10 @@ def summarise_usage(output: Any, num_experts: int) -> dict[str, Any]:
     if not output.routing:
         return summary
     counts = sum(record.usage_counts(num_experts).cpu() for record in output.routing)
-    total = int(counts.sum())
     return {
         **summary,
         "usage_counts": counts.tolist(),
-        "usage_entropy_nats": -sum(c / total * math.log(c / total) for c in counts.tolist() if c > 0),
+        "usage_entropy_nats": usage_entropy(counts.tolist()),
         "balance_loss": float(output.aux_loss.detach()),
         "moe_layers": len(output.routing),
     }

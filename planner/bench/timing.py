@@ -7,7 +7,6 @@ mostly does not, so a ratio of CPU times survives a noisy machine better than a 
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -54,14 +53,14 @@ def measure_step_times(
     return times
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0–100), linear between order statistics (numpy's default)."""
+def percentile(values: Sequence[float], q: int) -> float:
+    """The q-th percentile (an integer 1–99), linear between order statistics (numpy's default, which is
+    statistics.quantiles' "inclusive" method)."""
     if not values:
         raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 @dataclass(frozen=True)
