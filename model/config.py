@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .checks import check_int
 from .presets import BackboneDims, resolve_dims
 
 ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
@@ -19,13 +20,6 @@ MAX_ROUTER_HIDDEN_DIM = 65_536
 # A capacity factor of E already lets every routed row through (capacity = factor × rows × K / E ≥ rows × K),
 # so larger ones mean the same; the bound keeps capacity arithmetic finite.
 MAX_CAPACITY_FACTOR = float(MAX_EXPERTS)
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer between {low:,} and {high:,}, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low:,} and {high:,}, got {value:,}")
 
 
 def capacity_limit(capacity_factor: Optional[float], tokens: int, top_k: int, num_experts: int) -> Optional[int]:
@@ -73,8 +67,8 @@ class ChronosMoEConfig:
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
-        _check_int("num_experts", self.num_experts, 0, MAX_EXPERTS)
-        _check_int("router_hidden_dim", self.router_hidden_dim, 1, MAX_ROUTER_HIDDEN_DIM)
+        check_int("num_experts", self.num_experts, 0, MAX_EXPERTS)
+        check_int("router_hidden_dim", self.router_hidden_dim, 1, MAX_ROUTER_HIDDEN_DIM)
         if self.is_moe:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
                 raise ValueError(f"top_k must be an integer from 1 to num_experts ({self.num_experts}), got {self.top_k!r}")
@@ -166,7 +160,7 @@ def make_config(
     **t5_overrides: int,
 ) -> ChronosMoEConfig:
     """A validated config from a size name (or 'custom' with T5 dimensions) and MoE settings."""
-    _check_int("vocab_size", vocab_size, 4, 1_048_576)  # 2 special tokens + at least two bins
+    check_int("vocab_size", vocab_size, 4, 1_048_576)  # 2 special tokens + at least two bins
     return ChronosMoEConfig(
         dims=resolve_dims(size, vocab_size=vocab_size, **t5_overrides),
         architecture=architecture,

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from .checks import check_int
 
 # Common to every Chronos-T5 size (architecture.md §1).
 CHRONOS_VOCAB_SIZE = 4096
@@ -43,11 +44,7 @@ class BackboneDims:
 
     def __post_init__(self) -> None:
         for field, limit in DIMENSION_LIMITS.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{field} must be an integer between 1 and {limit:,}, got {value!r}")
-            if not 1 <= value <= limit:
-                raise ValueError(f"{field} must be between 1 and {limit:,}, got {value:,}")
+            check_int(field, getattr(self, field), 1, limit)
 
     @property
     def attention_width(self) -> int:
@@ -72,7 +69,7 @@ PRESETS: dict[str, BackboneDims] = {
 PUBLISHED_SIZES = {"tiny": "8M", "mini": "20M", "small": "46M", "base": "200M", "large": "710M"}
 
 CUSTOM_SIZE = "custom"
-_DIMENSION_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")
+DIMENSION_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")
 
 
 def resolve_dims(size: str, vocab_size: int = CHRONOS_VOCAB_SIZE, **overrides: Any) -> BackboneDims:
@@ -80,11 +77,11 @@ def resolve_dims(size: str, vocab_size: int = CHRONOS_VOCAB_SIZE, **overrides: A
 
     `num_decoder_layers` defaults to `num_layers`, as in T5Config.
     """
-    unknown = sorted(set(overrides) - set(_DIMENSION_FIELDS))
+    unknown = sorted(set(overrides) - set(DIMENSION_FIELDS))
     if unknown:
-        raise ValueError(f"unknown T5 dimension(s) {', '.join(unknown)}; allowed: {', '.join(_DIMENSION_FIELDS)}")
+        raise ValueError(f"unknown T5 dimension(s) {', '.join(unknown)}; allowed: {', '.join(DIMENSION_FIELDS)}")
     if size == CUSTOM_SIZE:
-        required = [f for f in _DIMENSION_FIELDS if f != "num_decoder_layers" and f not in overrides]
+        required = [f for f in DIMENSION_FIELDS if f != "num_decoder_layers" and f not in overrides]
         if required:
             raise ValueError(f"size 'custom' needs {', '.join(required)}")
         dims = dict(overrides)
@@ -108,10 +105,10 @@ def dims_from_hf_config(config: Mapping[str, Any] | str | Path) -> BackboneDims:
             raise ValueError(f"config.json is not valid JSON: {error.msg} (line {error.lineno})") from None
     if not isinstance(config, Mapping):
         raise ValueError("config.json must hold a JSON object of T5 settings")
-    missing = [f for f in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers") if config.get(f) is None]
+    missing = [f for f in DIMENSION_FIELDS if f != "num_decoder_layers" and config.get(f) is None]
     if missing:
         raise ValueError(f"config.json lacks {', '.join(missing)} (a T5 config.json has them, each a number)")
-    dims = {f: config[f] for f in _DIMENSION_FIELDS if config.get(f) is not None}
+    dims = {f: config[f] for f in DIMENSION_FIELDS if config.get(f) is not None}
     dims.setdefault("num_decoder_layers", dims["num_layers"])  # null or absent: as many as the encoder, as T5Config
     vocab_size = config.get("vocab_size")
     return BackboneDims(**dims, vocab_size=CHRONOS_VOCAB_SIZE if vocab_size is None else vocab_size)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 from model.config import ARCHITECTURES, ChronosMoEConfig, make_config
-from model.presets import PRESETS, dims_from_hf_config
+from model.presets import DIMENSION_FIELDS, PRESETS, dims_from_hf_config
 from planner.workload import Workload
 
 MAX_CONFIG_BYTES = 1_000_000  # a training config is a few KB; anything this large is not one
@@ -290,7 +290,7 @@ def import_hf_config_json(source: Union[str, bytes, Path], **moe_settings: Any) 
             num_decoder_layers=dims.num_decoder_layers,
             **moe_settings,
         )
-    used = {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size", "model_type"}
+    used = {*DIMENSION_FIELDS, "vocab_size", "model_type"}
     ignored = tuple(sorted(str(key) for key in settings if key not in used))
     return ImportedConfig("custom", config, Workload(), 1, ignored, source="config.json")
 

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from model.checks import check_int
 from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_breakdown, activation_widths
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
@@ -152,8 +153,7 @@ def plan_devices(
     """Per-device memory of one training step. `precision` defaults to the workload's regime."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or not 1 <= num_devices <= 1_000_000:
-        raise ValueError(f"num_devices must be an integer from 1 to 1,000,000, got {num_devices!r}")
+    check_int("num_devices", num_devices, 1, 1_000_000)
     if strategy == "expert_parallel" and not config.is_moe:
         raise ValueError("strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
     params = count_params(config) if params is None else params

@@ -7,6 +7,7 @@ tokenizer appends EOS to both), P prediction steps, N sample paths per series.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from model.checks import check_int
 
 # Bytes per element of each number format.
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
@@ -41,11 +42,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         for field, limit in WORKLOAD_LIMITS.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{field} must be an integer between 1 and {limit:,}, got {value!r}")
-            if not 1 <= value <= limit:
-                raise ValueError(f"{field} must be between 1 and {limit:,}, got {value:,}")
+            check_int(field, getattr(self, field), 1, limit)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR
-from model.presets import PRESETS
+from model.presets import DIMENSION_FIELDS, PRESETS
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES
 
 PROBLEMS_KEY = "share_link_problems"
@@ -65,7 +65,7 @@ CHECKS: dict[str, Check] = {
     "num_samples": _integer(1), "expert_capacity": _capacity, "dtype": one_of(list(DTYPE_BYTES)),
     "optimizer": one_of(list(OPTIMIZERS)), "precision": one_of(list(PRECISION_REGIMES)),
     "dispatch": one_of(list(DISPATCH_MODES)),
-    **{name: _integer(1) for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")},
+    **{name: _integer(1) for name in DIMENSION_FIELDS},
     # Other tabs' counts, which their widgets would otherwise clamp without a word
     **{name: _integer(1) for name in ("devices_count", "cost_devices", "cost_global_batch", "cost_accumulation",
                                       "cost_steps", "serve_series", "bench_top_k", "budget_max_experts",

@@ -13,13 +13,13 @@ from typing import Any, Optional
 import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
-from model.presets import PRESETS, PUBLISHED_SIZES
+from model.presets import DIMENSION_FIELDS, PRESETS, PUBLISHED_SIZES
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES
 from ui.uploads import MAX_UPLOAD_MB, read_upload
 
 DEFAULT_SIZES = ("tiny", "mini", "small", "base", "large")
 DEFAULT_EXPERTS = "0, 4, 8, 16"
-CUSTOM_DIMENSIONS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")
+CUSTOM_DIMENSIONS = DIMENSION_FIELDS  # the T5 dimensions a custom size sets
 BIND = "query-params"
 
 

@@ -11,6 +11,7 @@ from pathlib import PurePath
 from typing import Any
 
 from model.config import ChronosMoEConfig
+from model.presets import DIMENSION_FIELDS
 from planner.config_import import (
     MAX_CONFIG_BYTES,
     ImportedConfig,
@@ -20,7 +21,6 @@ from planner.config_import import (
 
 # Streamlit's uploader counts whole megabytes; the planner's byte limit is checked again on the bytes.
 MAX_UPLOAD_MB = max(1, MAX_CONFIG_BYTES // 1_000_000)
-_DIMENSIONS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _custom_size_values(imported: ImportedConfig) -> dict[str, Any]:
     dims = imported.config.dims
     # The uploaded model replaces the preset sizes in the grid; the user can add presets back.
     return {"custom": True, "sizes": [], "vocab_size": dims.vocab_size,
-            **{name: getattr(dims, name) for name in _DIMENSIONS}}
+            **{name: getattr(dims, name) for name in DIMENSION_FIELDS}}
 
 
 def _training_values(imported: ImportedConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from model.checks import check_int
 from model.config import ChronosMoEConfig, make_config
 from planner.workload import Workload
 
@@ -25,11 +26,6 @@ TRAIN_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp_fp16"}
 
 MAX_REPEATS = 1_000
 MAX_TIME_LIMIT_S = 24 * 3600.0
-
-
-def _check_count(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r}")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -69,11 +65,11 @@ class BenchSpec:
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device == "cpu" and self.dtype == "fp16":
             raise ValueError(refuse_fp16_on_cpu_message())
-        _check_count("warmup", self.warmup, 1, MAX_REPEATS)
-        _check_count("repeats", self.repeats, 1, MAX_REPEATS)
-        _check_count("seed", self.seed, 0, 2**31 - 1)
+        check_int("warmup", self.warmup, 1, MAX_REPEATS)
+        check_int("repeats", self.repeats, 1, MAX_REPEATS)
+        check_int("seed", self.seed, 0, 2**31 - 1)
         if self.threads is not None:
-            _check_count("threads", self.threads, 1, 1024)
+            check_int("threads", self.threads, 1, 1024)
         limit = self.time_limit_s
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
                 or not 0 < limit <= MAX_TIME_LIMIT_S:

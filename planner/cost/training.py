@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from model.checks import check_int
 from model.config import ChronosMoEConfig
 from planner.communication import Collective, Link, collective_time_s, step_collectives
 from planner.cost.links import run_link
@@ -98,8 +99,7 @@ class TrainingRun:
 
 
 def check_count(name: str, value, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"{name} must be an integer from 1 to {limit:,}, got {value!r}")
+    check_int(name, value, 1, limit)
 
 
 def check_positive(name: str, value) -> None:
