@@ -15,7 +15,7 @@ modules saves (transformers' modeling_t5.py and model/):
   the expert output (multiplied by its weight) and the weighted output (index_add keeps its source).
 - Cross-entropy over (B·T, V) keeps the fp32 log-probabilities: often the largest single tensor.
 
-`measure_saved_activation_bytes` counts what the hooks see: every distinct storage saved for backward,
+`planner.measure.measure_saved_activation_bytes` counts what the hooks see: every distinct storage saved for backward,
 once, excluding parameters and buffers (those are weights). The analytic count equals it on CPU in fp32,
 pure bf16 and autocast (tests/test_activations.py); on CUDA it assumes bool dropout masks and fp32
 LayerNorm statistics (what those kernels save), which no test here can measure without a GPU.
@@ -361,42 +361,3 @@ def estimate_activation_breakdown(config: ChronosMoEConfig, workload: Workload,
 def estimate_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
     """Total bytes saved for backward by one training step (see `estimate_activation_breakdown`)."""
     return estimate_activation_breakdown(config, workload, device=device).total_bytes
-
-
-# --- measurement ------------------------------------------------------------------------------------------
-
-
-def measure_saved_activation_bytes(model, input_ids, attention_mask, labels) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one training forward with labels.
-
-    Counted once per storage (a tensor saved by several ops, or views of one buffer, count once);
-    parameters and buffers are excluded (they are weights, not activations). Everything else counts:
-    activations, dropout masks, index tensors, and under autocast the half copies of the weights.
-    The model runs in train mode (dropout active) and is put back in its previous mode; wrap the call in
-    `torch.autocast` to measure an AMP step. No backward is run.
-    """
-    import torch  # only measuring needs torch
-
-    weights = {(t.device, t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
-    saved_bytes: dict[tuple, int] = {}
-    kept_alive = []  # while the forward runs, no counted storage may be freed and its address reused
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        key = (tensor.device, storage.data_ptr())
-        if key not in weights and key not in saved_bytes:
-            saved_bytes[key] = storage.nbytes()
-            kept_alive.append(tensor)
-        # Detached: a saved tensor that is the graph's own output would keep the graph (and with it every
-        # saved tensor) alive in a cycle Python cannot collect; no backward runs, so nothing needs the link.
-        return tensor.detach()
-
-    was_training = model.training
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    finally:
-        model.train(was_training)
-        kept_alive.clear()
-    return sum(saved_bytes.values())

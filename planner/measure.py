@@ -1,6 +1,7 @@
 """Measuring the real modules: parameters on the meta device, FLOPs with FlopCounterMode and fvcore.
 
-Only this module and verify.py import torch (lazily, from verify); the analytic planner never does.
+The analytic counting modules (params, flops, memory, activations) never import torch; what they count is
+measured here, for verify.py and the tests.
 
 Shape-only execution. Counting FLOPs needs the real code path (real routing, real dispatch, real KV cache),
 but FLOP counters read only the shapes of the matrix products, never their values. `build_shape_only`
@@ -204,3 +205,37 @@ def measure_fvcore_forward_flops(model: ChronosMoEModel, batch, shape_only: bool
     with execution(shape_only):
         macs = analysis.total()  # traces (runs) the model
     return FVCORE_FLOPS_PER_MAC * macs, dict(analysis.unsupported_ops()), set(analysis.uncalled_modules())
+
+
+def measure_saved_activation_bytes(model, input_ids, attention_mask, labels) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward with labels.
+
+    Counted once per storage (a tensor saved by several ops, or views of one buffer, count once);
+    parameters and buffers are excluded (they are weights, not activations). Everything else counts:
+    activations, dropout masks, index tensors, and under autocast the half copies of the weights.
+    The model runs in train mode (dropout active) and is put back in its previous mode; wrap the call in
+    `torch.autocast` to measure an AMP step. No backward is run.
+    """
+    weights = {(t.device, t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
+    saved_bytes: dict[tuple, int] = {}
+    kept_alive = []  # while the forward runs, no counted storage may be freed and its address reused
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        if key not in weights and key not in saved_bytes:
+            saved_bytes[key] = storage.nbytes()
+            kept_alive.append(tensor)
+        # Detached: a saved tensor that is the graph's own output would keep the graph (and with it every
+        # saved tensor) alive in a cycle Python cannot collect; no backward runs, so nothing needs the link.
+        return tensor.detach()
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    finally:
+        model.train(was_training)
+        kept_alive.clear()
+    return sum(saved_bytes.values())

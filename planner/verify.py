@@ -116,7 +116,7 @@ def verify_flops(size: str, config: ChronosMoEConfig, workload: Workload, *, fvc
     """FLOPs (FlopCounterMode, fvcore, counted forecast) and saved-activation bytes of one variant."""
     import torch
 
-    from planner.activations import measure_saved_activation_bytes
+    from planner.measure import measure_saved_activation_bytes
     from planner.measure import (
         ShapeOnlyMatmuls,
         build_shape_only,

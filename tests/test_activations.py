@@ -14,8 +14,8 @@ from planner.activations import (
     activation_widths,
     estimate_activation_breakdown,
     estimate_activation_bytes,
-    measure_saved_activation_bytes,
 )
+from planner.measure import measure_saved_activation_bytes
 from planner.workload import Workload
 
 from .conftest import ARCHITECTURES, token_batch
