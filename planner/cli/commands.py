@@ -200,6 +200,11 @@ def build_parser() -> OneLineParser:
     add_plan_subcommand(subparsers, [parents["output"]])
     add_run_subcommand(subparsers, [parents["output"]])
     add_serve_subcommand(subparsers, [parents["output"]])
+    # Each report-making subcommand names the function that makes its rows (bench runs its own handler).
+    for name, make_rows in (("table", run_table), ("breakdown", run_table), ("verify", run_verify),
+                            ("solve", run_solve_command), ("plan", run_plan_command), ("run", run_cost_command),
+                            ("serve", run_cost_command)):
+        subparsers.choices[name].set_defaults(make_rows=make_rows)
     return parser
 
 
@@ -286,10 +291,6 @@ def run_cost_command(args: argparse.Namespace) -> tuple[list[dict[str, Any]], di
     return rows, metadata, 0
 
 
-_RUNNERS = {"verify": run_verify, "solve": run_solve_command, "plan": run_plan_command, "run": run_cost_command,
-            "serve": run_cost_command}
-
-
 def write_report(data: bytes, output: Optional[Path]) -> None:
     """The report to stdout, or whole to `output` (OSError if it cannot be written: the caller says so)."""
     if output is None:
@@ -314,15 +315,13 @@ def flag_for(message: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        from planner.cli.bench import run_bench_command
-
-        return run_bench_command(args)
+    if hasattr(args, "handler"):  # bench: runs, reports and sets its own exit status
+        return args.handler(args)
     if args.output_format == "xlsx" and args.output is None:
         parser.error("argument --output: the xlsx format is binary; give --output PATH.xlsx")
     try:
         check_output_path(args.output, input_files(args))
-        rows, metadata, status = _RUNNERS.get(args.command, run_table)(args)
+        rows, metadata, status = args.make_rows(args)
     except ValueError as error:
         parser.error(flag_for(str(error)))
     if getattr(args, "units", "exact") == "human":
