@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
@@ -65,36 +65,11 @@ def build_model_from_config(
 def build_model(
     size: str,
     *,
-    architecture: str = "shared_then_expert",
-    num_experts: int = 0,
-    top_k: int = 2,
-    router_hidden_dim: int = 256,
-    vocab_size: int = 4096,
-    expert_capacity: Optional[float] = None,
-    dispatch: str = "sparse",
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
-    load_balancing_weight: float = 0.01,
-    encoder_moe_blocks: Optional[tuple[int, ...]] = None,
-    decoder_moe_blocks: Optional[tuple[int, ...]] = None,
-    shared_layers: Optional[int] = None,
-    **t5_overrides: int,
+    **settings: Any,
 ) -> ChronosMoEModel:
-    """A Chronos-MoE model. `num_experts=0` gives the dense Chronos-T5; `size` is a preset name, or
-    "custom" with d_model, d_ff, d_kv, num_heads, num_layers (and num_decoder_layers) as overrides."""
-    config = make_config(
-        size,
-        architecture=architecture,
-        num_experts=num_experts,
-        top_k=top_k,
-        router_hidden_dim=router_hidden_dim,
-        vocab_size=vocab_size,
-        expert_capacity=expert_capacity,
-        dispatch=dispatch,
-        load_balancing_weight=load_balancing_weight,
-        encoder_moe_blocks=encoder_moe_blocks,
-        decoder_moe_blocks=decoder_moe_blocks,
-        shared_layers=shared_layers,
-        **t5_overrides,
-    )
-    return build_model_from_config(config, device=device, dtype=dtype)
+    """A Chronos-MoE model: `make_config(size, **settings)` (the MoE settings and T5 overrides, with their
+    defaults and checks there), built on `device` in `dtype`. `num_experts=0` (the default) is the dense
+    Chronos-T5; `size` is a preset name, or "custom" with the T5 dimensions as settings."""
+    return build_model_from_config(make_config(size, **settings), device=device, dtype=dtype)

@@ -16,7 +16,7 @@ import yaml
 
 from model.config import ARCHITECTURES, ChronosMoEConfig, make_config
 from model.presets import DIMENSION_FIELDS, PRESETS, dims_from_hf_config
-from planner.workload import Workload
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
 
 MAX_CONFIG_BYTES = 1_000_000  # a training config is a few KB; anything this large is not one
 MAX_SHOWN_CHARS = 60  # of a value echoed in an error message
@@ -179,7 +179,7 @@ def _optimizer(settings: Mapping[str, Any]) -> str:
     raise ValueError(f"optim {shown(name)} is not one the planner sizes; allowed: adamw*, adam*, sgd")
 
 
-def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = 20) -> ImportedConfig:
+def import_training_yaml(source: Union[str, bytes, Path], *, num_samples: int = NUM_SAMPLES) -> ImportedConfig:
     """A Chronos training YAML (the fields of chronos' train.py plus the MoE settings)."""
     text = _read_text(source)
     try:
@@ -249,8 +249,8 @@ def _make_config_from_yaml(size, settings, architecture, num_experts, use_moe) -
 def _workload_from_yaml(settings: Mapping[str, Any], num_samples: int) -> Workload:
     return Workload(
         batch_size=_integer(settings, "per_device_train_batch_size", 32),
-        context_length=_integer(settings, "context_length", 512),
-        prediction_length=_integer(settings, "prediction_length", 64),
+        context_length=_integer(settings, "context_length", CONTEXT_LENGTH),
+        prediction_length=_integer(settings, "prediction_length", PREDICTION_LENGTH),
         num_samples=_integer(settings, "num_samples", num_samples),
         optimizer=_optimizer(settings),
         precision=_training_precision(settings),
@@ -279,17 +279,8 @@ def import_hf_config_json(source: Union[str, bytes, Path], **moe_settings: Any) 
         raise ValueError(f"config.json model_type must be t5 (a T5 encoder-decoder), got {model_type!r}")
     with _short_messages():
         dims = dims_from_hf_config(settings)
-        config = make_config(
-            "custom",
-            vocab_size=dims.vocab_size,
-            d_model=dims.d_model,
-            d_ff=dims.d_ff,
-            d_kv=dims.d_kv,
-            num_heads=dims.num_heads,
-            num_layers=dims.num_layers,
-            num_decoder_layers=dims.num_decoder_layers,
-            **moe_settings,
-        )
+        config = make_config("custom", vocab_size=dims.vocab_size,
+                             **{name: getattr(dims, name) for name in DIMENSION_FIELDS}, **moe_settings)
     used = {*DIMENSION_FIELDS, "vocab_size", "model_type"}
     ignored = tuple(sorted(str(key) for key in settings if key not in used))
     return ImportedConfig("custom", config, Workload(), 1, ignored, source="config.json")

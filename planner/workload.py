@@ -28,14 +28,20 @@ WORKLOAD_LIMITS = {
 }
 
 
+# Chronos' defaults (its training configs and pipeline), the one place every default workload reads.
+CONTEXT_LENGTH = 512
+PREDICTION_LENGTH = 64
+NUM_SAMPLES = 20
+
+
 @dataclass(frozen=True)
 class Workload:
     """Chronos defaults: context 512, prediction 64, 20 sample paths, one series."""
 
     batch_size: int = 1
-    context_length: int = 512
-    prediction_length: int = 64
-    num_samples: int = 20
+    context_length: int = CONTEXT_LENGTH
+    prediction_length: int = PREDICTION_LENGTH
+    num_samples: int = NUM_SAMPLES
     dtype: str = "fp32"  # weights' format for inference memory
     optimizer: str = "adamw"
     precision: str = "fp32"  # training regime

@@ -26,6 +26,8 @@ def configs(draw, num_experts=st.integers(0, 64)):
     experts = draw(num_experts)
     top_k = draw(st.integers(1, max(experts, 1)))
     capacity = draw(st.none() | st.floats(0.01, 8.0)) if architecture == "token_ffn" else None
+    if architecture == "token_ffn" and experts and dims and max(dims["num_layers"], dims.get("num_decoder_layers", 0)) < 2:
+        dims = {**dims, "num_layers": 2}  # the default MoE blocks (odd indices) need a second block somewhere
     return make_config(
         size, architecture=architecture, num_experts=experts, top_k=top_k,
         router_hidden_dim=draw(st.integers(1, 2048)), vocab_size=draw(st.integers(4, 65_536)),

@@ -14,7 +14,8 @@ import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from model.presets import DIMENSION_FIELDS, PRESETS, PUBLISHED_SIZES
-from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES
+from planner.workload import (CONTEXT_LENGTH, DTYPE_BYTES, NUM_SAMPLES, OPTIMIZERS, PRECISION_REGIMES,
+                              PREDICTION_LENGTH)
 from ui.uploads import MAX_UPLOAD_MB, read_upload
 
 DEFAULT_SIZES = ("tiny", "mini", "small", "base", "large")
@@ -127,11 +128,13 @@ def draw_sidebar() -> Settings:
         vocab_size = st.number_input("Vocabulary V", min_value=4, value=4096, step=256, key="vocab_size", bind=BIND)
 
         st.header("Workload")
-        context_length = st.number_input("Context length", min_value=1, value=512, step=64, key="context_length", bind=BIND)
-        prediction_length = st.number_input("Prediction length", min_value=1, value=64, step=8,
+        context_length = st.number_input("Context length", min_value=1, value=CONTEXT_LENGTH, step=64,
+                                         key="context_length", bind=BIND)
+        prediction_length = st.number_input("Prediction length", min_value=1, value=PREDICTION_LENGTH, step=8,
                                             key="prediction_length", bind=BIND)
         batch_size = st.number_input("Batch (series)", min_value=1, value=1, step=1, key="batch_size", bind=BIND)
-        num_samples = st.number_input("Sample paths N", min_value=1, value=20, step=1, key="num_samples", bind=BIND)
+        num_samples = st.number_input("Sample paths N", min_value=1, value=NUM_SAMPLES, step=1, key="num_samples",
+                                      bind=BIND)
         dtype = st.selectbox("Inference dtype", list(DTYPE_BYTES), key="dtype", bind=BIND,
                              help="Weights' format for forecast memory (int8 computes in fp16).")
         optimizer = st.selectbox("Optimizer", list(OPTIMIZERS), key="optimizer", bind=BIND)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from model.checks import check_int
 from model.config import ChronosMoEConfig, make_config
-from planner.workload import Workload
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
 
 MODES = ("forward", "forecast", "train")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -47,9 +47,9 @@ class BenchSpec:
     expert_capacity: Optional[float] = None  # token_ffn only
     mode: str = "forward"
     batch_size: int = 8
-    context_length: int = 512
-    prediction_length: int = 64
-    num_samples: int = 20  # forecast mode only
+    context_length: int = CONTEXT_LENGTH
+    prediction_length: int = PREDICTION_LENGTH
+    num_samples: int = NUM_SAMPLES  # forecast mode only
     device: str = "auto"
     dtype: str = "fp32"
     threads: Optional[int] = None  # PyTorch's CPU threads; None keeps its default (one per core)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from planner.bench.grid import bench_grid
 from planner.bench import (
@@ -91,9 +92,9 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--router-hidden-dim", type=int, default=256)
     parser.add_argument("--expert-capacity", type=_capacity_factor, default=None, help="token_ffn capacity factor")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--context-length", type=int, default=512)
-    parser.add_argument("--prediction-length", type=int, default=64)
-    parser.add_argument("--num-samples", type=int, default=20, help="sample paths per series (forecast)")
+    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
+    parser.add_argument("--prediction-length", type=int, default=PREDICTION_LENGTH)
+    parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="sample paths per series (forecast)")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: one per core)")

@@ -22,7 +22,8 @@ from planner.export import FORMATS, export_metadata, render
 from planner.output_path import check_output_path, write_output
 from planner.units import column_format
 from planner.plan import breakdown_rows, plan_grid, plan_row
-from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES, Workload
+from planner.workload import (CONTEXT_LENGTH, DTYPE_BYTES, NUM_SAMPLES, OPTIMIZERS, PRECISION_REGIMES,
+                              PREDICTION_LENGTH, Workload)
 
 SUMMARY_COLUMNS = (
     "size", "architecture", "num_experts", "top_k", "total_params", "active_params", "total_params_vs_dense",
@@ -159,10 +160,11 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     grid.add_argument("--expert-capacity", type=capacity_factor, default=None,
                       help="capacity factor for token_ffn rows (others drop nothing); default: no limit")
     workload = OneLineParser(add_help=False)
-    workload.add_argument("--context-length", type=int, default=512, help="context values (S = this + 1)")
-    workload.add_argument("--prediction-length", type=int, default=64, help="prediction values (T = this + 1)")
+    workload.add_argument("--context-length", type=int, default=CONTEXT_LENGTH, help="context values (S = this + 1)")
+    workload.add_argument("--prediction-length", type=int, default=PREDICTION_LENGTH,
+                          help="prediction values (T = this + 1)")
     workload.add_argument("--batch-size", type=int, default=1, help="series per batch")
-    workload.add_argument("--num-samples", type=int, default=20, help="sample paths per forecast")
+    workload.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="sample paths per forecast")
     workload.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="inference weights' format")
     workload.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     workload.add_argument("--precision", choices=PRECISION_REGIMES, default="fp32", help="training regime")

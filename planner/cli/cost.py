@@ -20,7 +20,7 @@ from planner.cost.search import SearchSpace, search_plans
 from planner.cost.service import SERVICE_DTYPES, ForecastService, plan_service
 from planner.cost.training import PRECISIONS, PRICED_GPUS, TrainingRun, global_batch_split, price_training_run, steps_for
 from planner.parallel import STRATEGIES
-from planner.workload import OPTIMIZERS
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, OPTIMIZERS, PREDICTION_LENGTH
 
 GPUS = PRICED_GPUS
 RUN_SUMMARY = ("variant", "gpu", "devices", "strategy", "activation_checkpointing", "per_device_batch",
@@ -155,7 +155,7 @@ def _template(args: argparse.Namespace) -> tuple[str, TrainingRun, Any]:
     gpus = args.gpu or ["a100-40gb"]
     devices = (args.devices or [1])[0]
     per_device, accumulation = _batches(args, devices, imported)
-    context = args.context_length or (imported.workload.context_length if imported else 512)
+    context = args.context_length or (imported.workload.context_length if imported else CONTEXT_LENGTH)
     prediction = args.prediction_length or (imported.workload.prediction_length if imported else 64)
     global_batch = per_device * devices * accumulation
     if args.steps is not None:
@@ -221,7 +221,7 @@ def add_serve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
     parser.add_argument("--gpu", type=_name_list(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
     parser.add_argument("--series", type=_positive_int, default=1_000_000, help="series to forecast (e.g. 1M)")
     parser.add_argument("--deadline-hours", type=_positive_float, default=24.0, help="within this many hours")
-    parser.add_argument("--num-samples", type=_positive_int, default=20, help="sample paths per series")
+    parser.add_argument("--num-samples", type=_positive_int, default=NUM_SAMPLES, help="sample paths per series")
     parser.add_argument("--dtype", choices=SERVICE_DTYPES, default="bf16", help="weights and compute")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="series per batch (default: the throughput-maximising batch that fits)")
@@ -235,8 +235,8 @@ def run_serve(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
     rows = []
     for gpu in args.gpu:
         service = ForecastService(config, gpu, series=args.series, deadline_hours=args.deadline_hours,
-                                  num_samples=args.num_samples, context_length=args.context_length or 512,
-                                  prediction_length=args.prediction_length or 64, dtype=args.dtype,
+                                  num_samples=args.num_samples, context_length=args.context_length or CONTEXT_LENGTH,
+                                  prediction_length=args.prediction_length or PREDICTION_LENGTH, dtype=args.dtype,
                                   batch_size=args.batch_size, max_batch=args.max_batch, compiled=args.compile,
                                   tf32=args.tf32,
                                   price_per_device_hour=args.price_per_hour)

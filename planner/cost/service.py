@@ -27,7 +27,7 @@ from planner.memory import estimate_forecast_memory
 from planner.parallel import DEVICE_MEMORY
 from planner.params import count_params
 from planner.steptime import StepTime, gpu_preset, predict_step_time
-from planner.workload import Workload
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
 
 SERVICE_DTYPES = ("fp32", "bf16", "fp16")
 MAX_BATCH = 1024  # 20,480 sample paths at once: past every GPU's throughput knee for Chronos sizes
@@ -43,9 +43,9 @@ class ForecastService:
     gpu: str
     series: int = 1_000_000
     deadline_hours: float = 24.0
-    num_samples: int = 20
-    context_length: int = 512
-    prediction_length: int = 64
+    num_samples: int = NUM_SAMPLES
+    context_length: int = CONTEXT_LENGTH
+    prediction_length: int = PREDICTION_LENGTH
     dtype: str = "bf16"
     batch_size: Optional[int] = None  # None: the throughput-maximising batch that fits
     max_batch: int = MAX_BATCH  # the largest batch the search tries

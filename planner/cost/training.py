@@ -41,7 +41,7 @@ from planner.parallel import DEVICE_MEMORY, STRATEGIES, device_plan_headroom, pl
 from planner.params import count_params, experts_per_device
 from planner.steptime import StepTime, gpu_preset, predict_step_time
 from planner.steptime.ops import StepTrace
-from planner.workload import OPTIMIZERS, Workload
+from planner.workload import CONTEXT_LENGTH, OPTIMIZERS, PREDICTION_LENGTH, Workload
 
 PRECISIONS = ("fp32", "tf32", "amp_bf16", "amp_fp16", "bf16")
 TRACE_DTYPE = {"fp32": "fp32", "tf32": "fp32", "amp_bf16": "bf16", "amp_fp16": "fp16", "bf16": "bf16"}
@@ -65,8 +65,8 @@ class TrainingRun:
     per_device_batch: int = 32
     gradient_accumulation: int = 1
     steps: int = 1000
-    context_length: int = 512
-    prediction_length: int = 64
+    context_length: int = CONTEXT_LENGTH
+    prediction_length: int = PREDICTION_LENGTH
     strategy: str = "data_parallel"
     activation_checkpointing: bool = False
     precision: str = "tf32"
@@ -155,7 +155,8 @@ def global_batch_split(global_batch: int, num_devices: int, gradient_accumulatio
 
 
 def steps_for(global_batch: int, *, tokens: Optional[float] = None, epochs: Optional[float] = None,
-              series: Optional[int] = None, context_length: int = 512, prediction_length: int = 64) -> int:
+              series: Optional[int] = None, context_length: int = CONTEXT_LENGTH,
+              prediction_length: int = PREDICTION_LENGTH) -> int:
     """Optimizer steps to see `tokens` tokens (encoder + decoder tokens per series), or `epochs` passes over
     `series` series, at `global_batch` series per step (rounded up)."""
     if tokens is not None:
