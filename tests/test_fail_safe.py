@@ -4,7 +4,6 @@ The numbers in the comments are the failures' numbers in the fail-safe issue."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math

@@ -14,7 +14,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -22,7 +22,6 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 from planner.bench.cache import cache_dir

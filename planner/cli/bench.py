@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH
-from model.config import ARCHITECTURES, DISPATCH_MODES
+from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
 from planner.bench.grid import bench_grid
+from planner.cli.flags import capacity_factor, integer_list, name_list
 from planner.bench import (
     DEVICES,
     DTYPES,
@@ -45,33 +46,7 @@ PREDICTION_COLUMNS = ("label", "mode", "batch_size", "context_length", "predicti
                       "predicted_peak_gib")
 
 
-def _names(allowed: Sequence[str]):
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        wrong = [name for name in names if name not in allowed]
-        if wrong or not names:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
-        return names
-    return parse
-
-
-def _integers(text: str) -> list[int]:
-    try:
-        values = [int(value) for value in text.split(",") if value.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    return values
-
-
 PROG = "python -m planner bench"
-
-
-def _capacity_factor(text: str) -> float:
-    from planner.cli.commands import capacity_factor
-
-    return capacity_factor(text)
 
 
 def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
@@ -82,15 +57,15 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "of synchronised repeats after warm-up; FLOPs are the planner's; predicted time prices every op the step "
         "dispatches (traced once, cached) on this device's probed model (cached; --recalibrate re-probes), or "
         "on a GPU preset (--predict-for), split into matmul, memory-bound, overhead and sync.")
-    parser.add_argument("--modes", type=_names(MODES), default=["forward"], help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--modes", type=name_list(MODES), default=["forward"], help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--sizes", type=str, default="small", help="comma-separated size presets (debug, tiny, ...)")
-    parser.add_argument("--architectures", type=_names(ARCHITECTURES), default=list(ARCHITECTURES))
-    parser.add_argument("--experts", type=_integers, default=[0, 16], help="comma-separated expert counts, 0 = dense")
+    parser.add_argument("--architectures", type=name_list(ARCHITECTURES), default=list(ARCHITECTURES))
+    parser.add_argument("--experts", type=integer_list(0, MAX_EXPERTS), default=[0, 16], help="comma-separated expert counts, 0 = dense")
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--dispatch", type=_names(DISPATCH_MODES), default=["sparse"],
+    parser.add_argument("--dispatch", type=name_list(DISPATCH_MODES), default=["sparse"],
                         help="comma-separated: sparse (only the chosen experts run), dense (all run, masked)")
     parser.add_argument("--router-hidden-dim", type=int, default=256)
-    parser.add_argument("--expert-capacity", type=_capacity_factor, default=None, help="token_ffn capacity factor")
+    parser.add_argument("--expert-capacity", type=capacity_factor, default=None, help="token_ffn capacity factor")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
     parser.add_argument("--prediction-length", type=int, default=PREDICTION_LENGTH)

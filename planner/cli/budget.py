@@ -8,44 +8,13 @@ import math
 import sys
 from typing import Any
 
-from model.config import make_config
+from model.config import MAX_ROUTER_HIDDEN_DIM, make_config
+from planner.cli.flags import count, integer_list, parse_count
 from planner.config_import import import_config_file
 from planner.parallel import GPU_MEMORY_BYTES, GIB, STRATEGIES, plan_all_strategies
 from planner.plan import plan, plan_row
 from planner.solver import BUDGET_KINDS, DEFAULT_BASE_SIZE, TOKEN_BLOCK_PATTERNS, Budget, SearchSpace, solve
 from planner.workload import Workload
-
-_SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
-
-
-def parse_count(text: str) -> float:
-    """'200M', '50e6', '1.5G' -> a number (K, M, G/B, T suffixes are powers of 1000)."""
-    cleaned = str(text).strip().upper().replace("_", "").replace(",", "")
-    multiplier = _SUFFIXES.get(cleaned[-1:], 1)
-    number = cleaned[:-1] if cleaned[-1:] in _SUFFIXES else cleaned
-    try:
-        value = float(number) * multiplier
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number like 200M, 5e10 or 1.5G, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {str(text)[:40]!r}")
-    return value
-
-
-def _integer_list(text: str) -> tuple[int, ...]:
-    """'64,128' -> (64, 128); an argparse error naming what was wrong otherwise."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts or not all(part.isdigit() and len(part) <= 9 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 64,128, "
-                                         f"got {text[:40]!r}")
-    return tuple(int(part) for part in parts)
-
-
-def _count(text: str) -> int:
-    if not (text.strip().isdigit() and len(text.strip()) <= 9 and int(text) >= 1):
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text[:40]!r}")
-    return int(text)
-
 
 MAX_DEVICE_MEMORY_GIB = 1 << 20  # a mebibyte of GiB: no device is larger
 
@@ -87,19 +56,19 @@ def add_solve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
     parser.add_argument("--limit", type=parse_count, required=True, dest="budget_limit",
                         help="the budget's limit: 50M active params, 2.5 (ratio), 5e10 FLOPs, or bytes (e.g. 16G)")
     space = SearchSpace()  # the app's Budget tab starts from the same space
-    parser.add_argument("--max-experts", type=_count, default=space.max_experts)
-    parser.add_argument("--max-top-k", type=_count, default=space.max_top_k)
-    parser.add_argument("--router-widths", type=_integer_list, default=space.router_widths,
+    parser.add_argument("--max-experts", type=count, default=space.max_experts)
+    parser.add_argument("--max-top-k", type=count, default=space.max_top_k)
+    parser.add_argument("--router-widths", type=integer_list(1, MAX_ROUTER_HIDDEN_DIM), default=space.router_widths,
                         help="comma-separated router hidden widths")
     parser.add_argument("--token-blocks", default=",".join(space.token_block_patterns),
                         help=f"token_ffn MoE block patterns: {', '.join(TOKEN_BLOCK_PATTERNS)}")
     parser.add_argument("--tolerance", type=float, default=None, help="keep totals within target × (1 ± this)")
-    parser.add_argument("--top", type=_count, default=20, help="how many ranked solutions to print")
+    parser.add_argument("--top", type=count, default=20, help="how many ranked solutions to print")
     parser.add_argument("--pareto", action="store_true", help="print the Pareto front instead of the ranking")
 
 
 def run_solve(args: argparse.Namespace, workload: Workload, architectures: list[str]) -> list[dict[str, Any]]:
-    widths = args.router_widths
+    widths = tuple(args.router_widths)
     space = SearchSpace(args.max_experts, args.max_top_k, widths, tuple(p.strip() for p in args.token_blocks.split(",")))
     try:
         base = make_config(args.size, router_hidden_dim=widths[0] if len(widths) == 1 else 256)
@@ -132,7 +101,7 @@ def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser])
         description="Read a Chronos training YAML or a Hugging Face T5 config.json and print its plan; with "
         "--devices, per-device training memory under data parallel, ZeRO-1/2/3 and expert parallelism.")
     parser.add_argument("--config", required=True, help="a Chronos training .yaml/.yml or a T5 config.json")
-    parser.add_argument("--devices", type=_count, default=None,
+    parser.add_argument("--devices", type=count, default=None,
                         help="with --strategies: number of devices (the batch is per device); default 1")
     parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default=None,
                         help="with --strategies: device to fit on; default A100 80GB")

@@ -10,15 +10,15 @@ every row key (the README's "table rows" section).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR, MAX_EXPERTS
+from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
 from model.presets import PRESETS
 from planner.export import FORMATS, export_metadata, render
+from planner.cli.flags import capacity_factor, count, integer_list, name_list
 from planner.output_path import check_output_path, write_output
 from planner.units import column_format
 from planner.plan import breakdown_rows, plan_grid, plan_row
@@ -101,57 +101,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _name_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in allowed]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(
-                f"{', '.join(unknown)[:80] or repr(text[:40])} not allowed; choose comma-separated from "
-                f"{', '.join(allowed)}")
-        return list(dict.fromkeys(names))  # each once, in the order given
-
-    return parse
-
-
-def _expert_counts(text: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    counts = [int(part) for part in parts if part.isdigit() and len(part) <= 5]
-    if not parts or len(counts) != len(parts) or any(not 0 <= count <= MAX_EXPERTS for count in counts):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers from 0 (dense) to {MAX_EXPERTS}, got {text[:40]!r}")
-    return list(dict.fromkeys(counts))  # each once, in the order given
-
-
-def capacity_factor(text: str) -> float:
-    """--expert-capacity: checked even when no token_ffn row will use it (a typo must not pass unseen)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= MAX_CAPACITY_FACTOR:
-        raise argparse.ArgumentTypeError(f"expected a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g}, "
-                                         f"got {text[:40]!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return value
-
-
 def _parents() -> dict[str, argparse.ArgumentParser]:
     grid = OneLineParser(add_help=False)
-    grid.add_argument("--sizes", type=_name_list(list(PRESETS)), default=["tiny", "mini", "small", "base", "large"],
+    grid.add_argument("--sizes", type=name_list(list(PRESETS)), default=["tiny", "mini", "small", "base", "large"],
                       help=f"comma-separated presets: {', '.join(PRESETS)}")
-    grid.add_argument("--architectures", type=_name_list(ARCHITECTURES), default=list(ARCHITECTURES),
+    grid.add_argument("--architectures", type=name_list(ARCHITECTURES), default=list(ARCHITECTURES),
                       help=f"comma-separated: {', '.join(ARCHITECTURES)}")
-    grid.add_argument("--experts", type=_expert_counts, default=[0, 4, 8, 16], help="comma-separated E; 0 = dense")
+    grid.add_argument("--experts", type=integer_list(0, MAX_EXPERTS), default=[0, 4, 8, 16], help="comma-separated E; 0 = dense")
     grid.add_argument("--top-k", type=int, default=2, help="K active experts per series/token")
     grid.add_argument("--router-hidden-dim", type=int, default=256, help="R of the context router")
     grid.add_argument("--vocab-size", type=int, default=4096)
@@ -174,7 +130,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     output.add_argument("--units", choices=UNITS, default="exact",
                         help="table and md: exact integers, or human units (SI prefixes, GiB); exports stay exact")
     architectures = OneLineParser(add_help=False)
-    architectures.add_argument("--architectures", type=_name_list(ARCHITECTURES), default=list(ARCHITECTURES),
+    architectures.add_argument("--architectures", type=name_list(ARCHITECTURES), default=list(ARCHITECTURES),
                                help=f"comma-separated: {', '.join(ARCHITECTURES)}")
     return {"grid": grid, "workload": workload, "output": output, "architectures": architectures}
 
@@ -196,7 +152,7 @@ def build_parser() -> OneLineParser:
     verify = subparsers.add_parser("verify", parents=common, help="the planner against the real modules")
     verify.add_argument("--quick", action="store_true",
                         help=f"only sizes {', '.join(('debug', 'tiny'))} and E in 0, 4 (under a minute)")
-    verify.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per CPU core)")
+    verify.add_argument("--workers", type=count, default=None, help="processes (default: one per CPU core)")
     add_bench_subcommand(subparsers)
     add_solve_subcommand(subparsers, [parents["architectures"], parents["workload"], parents["output"]])
     add_plan_subcommand(subparsers, [parents["output"]])

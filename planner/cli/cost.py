@@ -12,8 +12,7 @@ from typing import Any
 
 from model.config import ARCHITECTURES, MAX_EXPERTS, make_config
 from model.presets import PRESETS
-from planner.cli.budget import parse_count
-from planner.cli.commands import _name_list
+from planner.cli.flags import integer_list, name_list, parse_count
 from planner.config_import import import_training_yaml
 from planner.cost.interconnects import INTERCONNECTS
 from planner.cost.search import SearchSpace, search_plans
@@ -28,16 +27,6 @@ RUN_SUMMARY = ("variant", "gpu", "devices", "strategy", "activation_checkpointin
                "fit_status", "headroom_bytes")
 SERVE_SUMMARY = ("variant", "gpu", "dtype", "batch_size", "latency_s", "series_per_s_per_device", "devices_needed",
                  "cost_per_million_usd", "bound", "fit_status")
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not 1 <= v <= 100_000 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers from 1 to 100,000, got {text!r}")
-    return values
 
 
 def _positive_int(text: str) -> int:
@@ -81,8 +70,8 @@ def add_run_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) 
     _add_variant_flags(parser)
     parser.add_argument("--config", default=None, help="a Chronos training YAML: model, batch, accumulation, "
                         "max_steps, tf32/bf16/fp16, torch_compile, optim (flags override it)")
-    parser.add_argument("--gpu", type=_name_list(GPUS), default=None, help=f"comma-separated: {', '.join(GPUS)}")
-    parser.add_argument("--devices", type=_counts, default=None, help="device counts, comma-separated (default 1)")
+    parser.add_argument("--gpu", type=name_list(GPUS), default=None, help=f"comma-separated: {', '.join(GPUS)}")
+    parser.add_argument("--devices", type=integer_list(1, 100_000), default=None, help="device counts, comma-separated (default 1)")
     parser.add_argument("--devices-per-node", type=int, default=None, help="GPUs per node (default 8, or fewer)")
     parser.add_argument("--global-batch", type=_positive_int, default=None,
                         help="series per optimizer step = per-device batch × devices × accumulation")
@@ -218,7 +207,7 @@ def add_serve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
         "series/s per device, devices needed, cost per million forecasts, at the batch that maximises "
         "throughput within memory (or --batch-size).")
     _add_variant_flags(parser)
-    parser.add_argument("--gpu", type=_name_list(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
+    parser.add_argument("--gpu", type=name_list(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
     parser.add_argument("--series", type=_positive_int, default=1_000_000, help="series to forecast (e.g. 1M)")
     parser.add_argument("--deadline-hours", type=_positive_float, default=24.0, help="within this many hours")
     parser.add_argument("--num-samples", type=_positive_int, default=NUM_SAMPLES, help="sample paths per series")
