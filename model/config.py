@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .checks import check_int
+from .checks import SettingError, check_int
 from .presets import BackboneDims, resolve_dims
 
 ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
@@ -64,24 +64,32 @@ class ChronosMoEConfig:
                 "remove it (use architecture to choose what the experts replace)"
             )
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+            raise SettingError("architecture",
+                               f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
+            raise SettingError("dispatch",
+                               f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
         check_int("num_experts", self.num_experts, 0, MAX_EXPERTS)
         check_int("router_hidden_dim", self.router_hidden_dim, 1, MAX_ROUTER_HIDDEN_DIM)
         if self.is_moe:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-                raise ValueError(f"top_k must be an integer from 1 to num_experts ({self.num_experts}), got {self.top_k!r}")
+                raise SettingError("top_k",
+                                   f"top_k must be an integer from 1 to num_experts ({self.num_experts}), "
+                                   f"got {self.top_k!r}")
         lbw = self.load_balancing_weight
         if isinstance(lbw, bool) or not isinstance(lbw, (int, float)) or not math.isfinite(lbw) or lbw < 0:
-            raise ValueError(f"load_balancing_weight must be a finite number ≥ 0, got {lbw!r}")
+            raise SettingError("load_balancing_weight",
+                               f"load_balancing_weight must be a finite number ≥ 0, got {lbw!r}")
         if self.expert_capacity is not None:
             cap = self.expert_capacity
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= MAX_CAPACITY_FACTOR:
-                raise ValueError(f"expert_capacity must be a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g} "
-                                 f"(or None for no limit), got {str(cap)[:40]}")
+                raise SettingError("expert_capacity",
+                                   f"expert_capacity must be a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g} "
+                                   f"(or None for no limit), got {str(cap)[:40]}")
             if self.architecture != "token_ffn":
-                raise ValueError("expert_capacity applies only to architecture token_ffn (sample-level routing drops nothing)")
+                raise SettingError("expert_capacity",
+                                   "expert_capacity applies only to architecture token_ffn (sample-level routing "
+                                   "drops nothing)")
         for name, blocks, count in (
             ("encoder_moe_blocks", self.encoder_moe_blocks, self.dims.num_layers),
             ("decoder_moe_blocks", self.decoder_moe_blocks, self.dims.num_decoder_layers),
@@ -96,7 +104,8 @@ class ChronosMoEConfig:
                 raise ValueError(f"{name} applies only to architecture token_ffn")
         if self.is_moe and self.architecture == "token_ffn" and not (self.token_moe_encoder_blocks
                                                                        or self.token_moe_decoder_blocks):
-            raise ValueError("encoder_moe_blocks and decoder_moe_blocks leave no block with experts; name at least "
+            raise SettingError("encoder_moe_blocks",
+                               "encoder_moe_blocks and decoder_moe_blocks leave no block with experts; name at least "
                              "one block, or set num_experts to 0 for a dense model")
 
     @property
@@ -128,7 +137,7 @@ class ChronosMoEConfig:
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. 'small MoE-8 (top-2, token_ffn)' or 'dense'."""
+        """Short human name without the size, e.g. 'MoE-8 (top-2, token_ffn)' or 'dense'."""
         if not self.is_moe:
             return "dense"
         return f"MoE-{self.num_experts} (top-{self.top_k}, {self.architecture})"

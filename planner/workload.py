@@ -7,7 +7,7 @@ tokenizer appends EOS to both), P prediction steps, N sample paths per series.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from model.checks import check_int
+from model.checks import SettingError, check_int
 
 # Bytes per element of each number format.
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
@@ -50,11 +50,12 @@ class Workload:
         for field, limit in WORKLOAD_LIMITS.items():
             check_int(field, getattr(self, field), 1, limit)
         if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise SettingError("dtype", f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise SettingError("optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISION_REGIMES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {self.precision!r}")
+            raise SettingError("precision",
+                               f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {self.precision!r}")
 
     @property
     def encoder_tokens(self) -> int:

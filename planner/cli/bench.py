@@ -172,7 +172,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             raise ValueError("--compiled and --tf32 are what-ifs for --predict-for; measured runs are eager fp32")
     except ValueError as error:
         message = str(error)
-        message = f"argument --sizes: {message}" if message.startswith("size ") else flag_for(message)
+        message = f"argument --sizes: {message}" if message.startswith("size ") else flag_for(error)
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     results = []

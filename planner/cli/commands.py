@@ -264,9 +264,11 @@ def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return [("--config", Path(config))] if config else []
 
 
-def flag_for(message: str) -> str:
-    """Config and workload errors name their field first: say which flag sets it."""
-    field = message.split(" ", 1)[0].rstrip(":")
+def flag_for(error: ValueError) -> str:
+    """The error's line, led by the flag that sets the refused field: a SettingError carries its field; other
+    planner errors name it as their first word."""
+    message = str(error)
+    field = getattr(error, "field", None) or message.split(" ", 1)[0].rstrip(":")
     return f"argument {FIELD_FLAGS[field]}: {message}" if field in FIELD_FLAGS else message
 
 
@@ -281,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_path(args.output, input_files(args))
         rows, metadata, status = args.make_rows(args)
     except ValueError as error:
-        parser.error(flag_for(str(error)))
+        parser.error(flag_for(error))
     if getattr(args, "units", "exact") == "human":
         if args.output_format not in HUMAN_FORMATS:
             parser.error(f"argument --units: human units are for the table and md formats; "
