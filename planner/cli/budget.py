@@ -4,12 +4,11 @@ multi-device plans on the command line. Each `add_*` registers a subcommand; eac
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Any
 
 from model.config import MAX_ROUTER_HIDDEN_DIM, make_config
-from planner.cli.flags import count, integer_list, parse_count
+from planner.cli.flags import bounded_number, count, integer_list, parse_count
 from planner.config_import import import_config_file
 from planner.parallel import GPU_MEMORY_BYTES, GIB, STRATEGIES, plan_all_strategies
 from planner.plan import plan, plan_row
@@ -17,16 +16,6 @@ from planner.solver import BUDGET_KINDS, DEFAULT_BASE_SIZE, TOKEN_BLOCK_PATTERNS
 from planner.workload import Workload
 
 MAX_DEVICE_MEMORY_GIB = 1 << 20  # a mebibyte of GiB: no device is larger
-
-
-def _device_memory_gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_DEVICE_MEMORY_GIB):
-        raise argparse.ArgumentTypeError(f"expected GiB > 0 and ≤ {MAX_DEVICE_MEMORY_GIB:,}, got {text[:40]!r}")
-    return value
 
 
 def read_config(path: str):
@@ -105,7 +94,7 @@ def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser])
                         help="with --strategies: number of devices (the batch is per device); default 1")
     parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default=None,
                         help="with --strategies: device to fit on; default A100 80GB")
-    parser.add_argument("--device-memory-gib", type=_device_memory_gib, default=None,
+    parser.add_argument("--device-memory-gib", type=bounded_number(MAX_DEVICE_MEMORY_GIB, "memory in GiB"), default=None,
                         help="with --strategies: a custom device's memory in GiB")
     parser.add_argument("--strategies", action="store_true",
                         help=f"print per-device memory for {', '.join(STRATEGIES)} instead of the plan row")

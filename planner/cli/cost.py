@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
 from model.config import ARCHITECTURES, MAX_EXPERTS, make_config
 from model.presets import PRESETS
-from planner.cli.flags import integer_list, name_list, parse_count
+from planner.cli.flags import integer_list, name_list, parse_count, positive_number, whole_number
 from planner.config_import import import_training_yaml
 from planner.cost.interconnects import INTERCONNECTS
 from planner.cost.search import SearchSpace, search_plans
@@ -29,33 +28,16 @@ SERVE_SUMMARY = ("variant", "gpu", "dtype", "batch_size", "latency_s", "series_p
                  "cost_per_million_usd", "bound", "fit_status")
 
 
-def _positive_int(text: str) -> int:
-    value = parse_count(text)
-    if value != int(value) or value > 10**13:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10^13, got {text!r}")
-    return int(value)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
-    return value
-
-
 def _add_variant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=list(PRESETS), default=None, help="preset size (default small)")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=None,
                         help="MoE architecture (default shared_then_expert)")
     parser.add_argument("--experts", type=int, default=None, help=f"E, 0 (dense) to {MAX_EXPERTS}; default 0")
     parser.add_argument("--top-k", type=int, default=None, help="K active experts (default 2)")
-    parser.add_argument("--context-length", type=_positive_int, default=None, help="context values (default 512)")
-    parser.add_argument("--prediction-length", type=_positive_int, default=None,
+    parser.add_argument("--context-length", type=whole_number, default=None, help="context values (default 512)")
+    parser.add_argument("--prediction-length", type=whole_number, default=None,
                         help="prediction values (default 64)")
-    parser.add_argument("--price-per-hour", type=_positive_float, default=None,
+    parser.add_argument("--price-per-hour", type=positive_number, default=None,
                         help="USD per device-hour (default: the GPU's on-demand list price, planner/cost/prices.py)")
     parser.add_argument("--compile", action="store_true", help="the torch.compile what-if (elementwise ops fused)")
 
@@ -73,22 +55,22 @@ def add_run_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) 
     parser.add_argument("--gpu", type=name_list(GPUS), default=None, help=f"comma-separated: {', '.join(GPUS)}")
     parser.add_argument("--devices", type=integer_list(1, 100_000), default=None, help="device counts, comma-separated (default 1)")
     parser.add_argument("--devices-per-node", type=int, default=None, help="GPUs per node (default 8, or fewer)")
-    parser.add_argument("--global-batch", type=_positive_int, default=None,
+    parser.add_argument("--global-batch", type=whole_number, default=None,
                         help="series per optimizer step = per-device batch × devices × accumulation")
-    parser.add_argument("--per-device-batch", type=_positive_int, default=None, help="series per device per micro-step")
-    parser.add_argument("--accumulation", type=_positive_int, default=None, help="gradient accumulation steps")
+    parser.add_argument("--per-device-batch", type=whole_number, default=None, help="series per device per micro-step")
+    parser.add_argument("--accumulation", type=whole_number, default=None, help="gradient accumulation steps")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (e.g. 200000, 200K)")
+    length.add_argument("--steps", type=whole_number, default=None, help="optimizer steps (e.g. 200000, 200K)")
     length.add_argument("--tokens", type=parse_count, default=None,
                         help="instead of --steps: tokens to train on (encoder + decoder tokens per series)")
-    length.add_argument("--epochs", type=_positive_float, default=None, help="instead of --steps: passes over --series")
-    parser.add_argument("--series", type=_positive_int, default=None, help="series in the data set (with --epochs)")
+    length.add_argument("--epochs", type=positive_number, default=None, help="instead of --steps: passes over --series")
+    parser.add_argument("--series", type=whole_number, default=None, help="series in the data set (with --epochs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default tf32")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adamw")
     parser.add_argument("--strategy", choices=STRATEGIES, default="data_parallel")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
-    parser.add_argument("--data-series-per-s", type=_positive_float, default=None,
+    parser.add_argument("--data-series-per-s", type=positive_number, default=None,
                         help="the input pipeline's ceiling (series/s over all devices)")
     links = sorted(INTERCONNECTS)
     parser.add_argument("--intra-link", choices=links, default=None, help="the GPUs' link inside a node")
@@ -208,13 +190,13 @@ def add_serve_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]
         "throughput within memory (or --batch-size).")
     _add_variant_flags(parser)
     parser.add_argument("--gpu", type=name_list(GPUS), default=["l4"], help=f"comma-separated: {', '.join(GPUS)}")
-    parser.add_argument("--series", type=_positive_int, default=1_000_000, help="series to forecast (e.g. 1M)")
-    parser.add_argument("--deadline-hours", type=_positive_float, default=24.0, help="within this many hours")
-    parser.add_argument("--num-samples", type=_positive_int, default=NUM_SAMPLES, help="sample paths per series")
+    parser.add_argument("--series", type=whole_number, default=1_000_000, help="series to forecast (e.g. 1M)")
+    parser.add_argument("--deadline-hours", type=positive_number, default=24.0, help="within this many hours")
+    parser.add_argument("--num-samples", type=whole_number, default=NUM_SAMPLES, help="sample paths per series")
     parser.add_argument("--dtype", choices=SERVICE_DTYPES, default="bf16", help="weights and compute")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=whole_number, default=None,
                         help="series per batch (default: the throughput-maximising batch that fits)")
-    parser.add_argument("--max-batch", type=_positive_int, default=1024, help="the largest batch the search tries")
+    parser.add_argument("--max-batch", type=whole_number, default=1024, help="the largest batch the search tries")
     parser.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32")
 
 

@@ -50,16 +50,32 @@ def count(text: str) -> int:
     return int(text)
 
 
-def capacity_factor(text: str) -> float:
-    """--expert-capacity: checked even when no token_ffn row will use it (a typo must not pass unseen)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= MAX_CAPACITY_FACTOR:
-        raise argparse.ArgumentTypeError(f"expected a capacity factor > 0 and ≤ {MAX_CAPACITY_FACTOR:g}, "
-                                         f"got {_shown(text)}")
-    return value
+def bounded_number(high: float, what: str = "a number") -> Callable[[str], float]:
+    """A finite number above 0 and at most `high`; `what` names it in the refusal."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= high):
+            limit = "" if not math.isfinite(high) else f" and ≤ {high:,.0f}" if high == int(high) else f" and ≤ {high:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite {what.removeprefix('a ')} > 0{limit}, "
+                                             f"got {_shown(text)}")
+        return value
+    return parse
+
+
+positive_number = bounded_number(math.inf)
+# --expert-capacity: checked even when no token_ffn row will use it (a typo must not pass unseen)
+capacity_factor = bounded_number(MAX_CAPACITY_FACTOR, "a capacity factor")
+
+
+def whole_number(text: str) -> int:
+    """A whole number ≥ 1, K/M/G/T suffixes allowed (200K steps), at most 10^13."""
+    value = parse_count(text)
+    if value != int(value) or value > 10**13:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10^13, got {_shown(text)}")
+    return int(value)
 
 
 def parse_count(text: str) -> float:
