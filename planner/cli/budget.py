@@ -94,7 +94,8 @@ def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser])
                         help="with --strategies: number of devices (the batch is per device); default 1")
     parser.add_argument("--gpu", choices=list(GPU_MEMORY_BYTES), default=None,
                         help="with --strategies: device to fit on; default A100 80GB")
-    parser.add_argument("--device-memory-gib", type=bounded_number(MAX_DEVICE_MEMORY_GIB, "memory in GiB"), default=None,
+    parser.add_argument("--device-memory-gib", type=bounded_number(MAX_DEVICE_MEMORY_GIB, "memory in GiB"),
+                        default=None,
                         help="with --strategies: a custom device's memory in GiB")
     parser.add_argument("--strategies", action="store_true",
                         help=f"print per-device memory for {', '.join(STRATEGIES)} instead of the plan row")

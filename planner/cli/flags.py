@@ -58,7 +58,7 @@ def bounded_number(high: float, what: str = "a number") -> Callable[[str], float
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and 0 < value <= high):
-            limit = "" if not math.isfinite(high) else f" and ≤ {high:,.0f}" if high == int(high) else f" and ≤ {high:g}"
+            limit = "" if not math.isfinite(high) else f" and ≤ {high:,g}" if high < 1e6 else f" and ≤ {high:,.0f}"
             raise argparse.ArgumentTypeError(f"expected a finite {what.removeprefix('a ')} > 0{limit}, "
                                              f"got {_shown(text)}")
         return value
