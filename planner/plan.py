@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from model.config import ChronosMoEConfig, make_config
 from model.presets import BackboneDims
@@ -62,6 +62,20 @@ def _dense_counts(dims: BackboneDims, workload: Workload) -> tuple[ParamBreakdow
     return count_params(dense), count_flops(dense, workload)
 
 
+def grid_points(sizes: Iterable[str], architectures: Iterable[str],
+                experts: Iterable[int]) -> Iterator[tuple[str, str, int]]:
+    """(size, architecture, E) of a grid, in the order every table and benchmark lists them: per size, the
+    dense model once (DENSE, 0) when 0 is among `experts`, then every architecture × E > 0; repeated values
+    once."""
+    architectures, experts = list(dict.fromkeys(architectures)), list(dict.fromkeys(experts))
+    for size in dict.fromkeys(sizes):
+        if 0 in experts:
+            yield size, DENSE, 0
+        for architecture in architectures:
+            for num_experts in (e for e in experts if e != 0):
+                yield size, architecture, num_experts
+
+
 def grid_configs(
     sizes: Iterable[str],
     architectures: Iterable[str],
@@ -77,20 +91,15 @@ def grid_configs(
 
     `expert_capacity` applies to token_ffn configs only (sample-level routing drops nothing).
     """
-    architectures, experts = list(architectures), list(experts)
     configs = []
-    for size in sizes:
-        common = dict(router_hidden_dim=router_hidden_dim, vocab_size=vocab_size, dispatch=dispatch)
-        if 0 in experts:
+    for size, architecture, num_experts in grid_points(sizes, architectures, experts):
+        if architecture == DENSE:
             configs.append((size, make_config(size, vocab_size=vocab_size)))
-        for architecture in architectures:
-            capacity = expert_capacity if architecture == "token_ffn" else None
-            for num_experts in (e for e in experts if e != 0):
-                config = make_config(
-                    size, architecture=architecture, num_experts=num_experts, top_k=top_k,
-                    expert_capacity=capacity, **common,
-                )
-                configs.append((size, config))
+            continue
+        capacity = expert_capacity if architecture == "token_ffn" else None
+        configs.append((size, make_config(size, architecture=architecture, num_experts=num_experts, top_k=top_k,
+                                          router_hidden_dim=router_hidden_dim, vocab_size=vocab_size,
+                                          dispatch=dispatch, expert_capacity=capacity)))
     return configs
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any, Iterable, Optional, Sequence
 
 from planner.bench.spec import BenchSpec
+from planner.plan import DENSE, grid_points
 
 
 def bench_grid(sizes: Iterable[str], modes: Sequence[str], architectures: Sequence[str], experts: Sequence[int],
@@ -23,13 +24,12 @@ def bench_grid(sizes: Iterable[str], modes: Sequence[str], architectures: Sequen
     specs: list[BenchSpec] = []
     for size in sizes:
         for mode in dict.fromkeys(modes):
-            if 0 in experts:
-                specs.append(BenchSpec(size=size, mode=mode, **settings))
-            for architecture in dict.fromkeys(architectures):
+            for _, architecture, num_experts in grid_points([size], architectures, experts):
+                if architecture == DENSE:
+                    specs.append(BenchSpec(size=size, mode=mode, **settings))
+                    continue
                 capacity = expert_capacity if architecture == "token_ffn" else None
-                for num_experts in (e for e in dict.fromkeys(experts) if e != 0):
-                    for mode_of_dispatch in dict.fromkeys(dispatch):
-                        specs.append(BenchSpec(size=size, mode=mode, architecture=architecture,
-                                               num_experts=num_experts, dispatch=mode_of_dispatch,
-                                               expert_capacity=capacity, **settings))
+                for mode_of_dispatch in dict.fromkeys(dispatch):
+                    specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
+                                           dispatch=mode_of_dispatch, expert_capacity=capacity, **settings))
     return [dataclasses.replace(spec, recalibrate=recalibrate and index == 0) for index, spec in enumerate(specs)]
