@@ -372,3 +372,15 @@ def test_app_verify_tab_runs_planner_verify_behind_the_button():
 
     at.number_input(key="num_samples").set_value(3).run()  # results of other settings are not shown as current
     assert not at.dataframe and "again" in at.info[0].value
+
+
+def test_exact_values_beyond_2_to_the_53_are_drawn_digit_for_digit():
+    """A double holds integers exactly only up to 2^53: larger ones are drawn as their digits, not rounded."""
+    at = run_app(sizes="large", experts="0, 16", architectures="token_ffn", batch_size="4096", exact="true")
+    grid = next(df for df in at.dataframe if "Fcst FLOPs" in df.value.columns).value
+    workload = Workload(batch_size=4096)
+    expected = [plan(make_config("large", **moe), workload).flops.forecast_flops
+                for moe in ({}, dict(architecture="token_ffn", num_experts=16))]
+    assert all(flops > 2**53 for flops in expected)
+    assert list(grid["Fcst FLOPs"]) == [f"{flops:,}" for flops in expected]
+    assert list(grid["E"]) == [0, 16]  # small integers stay numbers

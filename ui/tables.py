@@ -17,8 +17,7 @@ from planner.units import column_format
 GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
     "Total params": ("total_params", "Total parameters: every registered tensor, all E experts, tied embedding "
                      "once", "count"),
-    "Active": ("active_params", "Active parameters per series: shared parts, router, K experts",
-                      "count"),
+    "Active": ("active_params", "Active parameters per series: shared parts, router, K experts", "count"),
     "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", "signed_count"),
     "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
                   "T = prediction + 1); FLOPs = 2 × multiply-accumulates", "count"),
@@ -29,11 +28,11 @@ GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
                    "steps", "count"),
     "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", "ratio"),
     "Weights": ("weights_fp32_bytes", "Weights in fp32: all parameters × 4 bytes, every expert resident "
-                     "(fp16/bf16: half; in the exports); GiB = 2^30 bytes", "bytes"),
+                "(fp16/bf16: half; in the exports); GiB = 2^30 bytes", "bytes"),
     "Train mem": ("train_memory_bytes", "Training-step memory: weights + gradients + optimizer states + "
-                     "activations saved for backward, in the chosen precision and optimizer", "bytes"),
+                  "activations saved for backward, in the chosen precision and optimizer", "bytes"),
     "Fcst mem": ("forecast_memory_bytes", "Forecast memory: weights in the inference dtype + KV cache + "
-                    "encoder output per sample path + largest live activation", "bytes"),
+                 "encoder output per sample path + largest live activation", "bytes"),
 }
 _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_experts", "K": "top_k"}
 
@@ -45,13 +44,20 @@ def grid_frame(variants: Sequence[Variant]) -> pd.DataFrame:
 
 
 INT64_MAX = 2**63 - 1  # Arrow, which draws every table, holds no larger integer
+EXACT_IN_BROWSER = 2**53  # the browser's numbers are doubles: larger integers it would round
+CHAR_PX, CELL_PADDING_PX = 6.8, 12  # the grid's font (14 px Source Sans, digits 6.8 px wide) and a cell's padding
+
+
+def _holds_integers_beyond(frame: pd.DataFrame, name: str, limit: int) -> bool:
+    return any(isinstance(v, int) and abs(v) > limit for v in frame[name])
 
 
 def arrow_safe(frame: pd.DataFrame, exact: bool = False) -> pd.DataFrame:
-    """`frame` with every column holding integers beyond int64 (absurd workloads reach them: bytes of a
-    10,000-series batch at context 100,000) as floats, or with `exact` as digit strings, so it can be drawn."""
-    huge = [name for name in frame.columns if frame[name].dtype == object
-            and any(isinstance(v, int) and abs(v) > INT64_MAX for v in frame[name])]
+    """`frame` ready to draw. Absurd workloads pass int64 (bytes of a 10,000-series batch at context 100,000):
+    such columns become floats. With `exact`, every column holding integers the browser would round (beyond
+    2^53) becomes their exact digits instead, as text."""
+    limit = EXACT_IN_BROWSER if exact else INT64_MAX
+    huge = [name for name in frame.columns if _holds_integers_beyond(frame, name, limit)]
     if not huge:
         return frame
     frame = frame.copy()
@@ -60,12 +66,8 @@ def arrow_safe(frame: pd.DataFrame, exact: bool = False) -> pd.DataFrame:
     return frame
 
 
-EXACT_IN_BROWSER = 2**53  # the browser's numbers are doubles: larger integers are drawn as exact text
-CHAR_PX, CELL_PADDING_PX = 6.8, 12  # the grid's font (14 px Source Sans, digits 6.8 px wide) and a cell's padding
-
-
 def _cell_texts(frame: pd.DataFrame, exact: bool) -> dict[str, list[str]]:
-    """Every grid column's cells as they are drawn (for widths, and the exact text of huge integers)."""
+    """Every grid column's cells as they are drawn, to size the columns."""
     texts = {name: [str(v) for v in frame[name]] for name in frame.columns if name not in GRID_COLUMNS}
     for name, (_, _, kind) in GRID_COLUMNS.items():
         if exact:
@@ -76,20 +78,11 @@ def _cell_texts(frame: pd.DataFrame, exact: bool) -> dict[str, list[str]]:
     return texts
 
 
-def _too_large_for_the_browser(frame: pd.DataFrame, name: str) -> bool:
-    return any(isinstance(v, int) and abs(v) > EXACT_IN_BROWSER for v in frame[name])
-
-
 def grid_display(frame: pd.DataFrame, exact: bool):
     """The frame as drawn: readable units, one per bytes column (a Styler), or with `exact` the integers
     themselves; integers beyond 2^53 as their exact digits (text: the browser would round them)."""
     if exact:
-        texts = _cell_texts(frame, exact=True)
-        frame = frame.copy()
-        for name in GRID_COLUMNS:
-            if _too_large_for_the_browser(frame, name):
-                frame[name] = texts[name]
-        return frame
+        return arrow_safe(frame, exact=True)
     return arrow_safe(frame).style.format({name: column_format(kind, frame[name])
                                            for name, (_, _, kind) in GRID_COLUMNS.items()})
 
@@ -106,8 +99,8 @@ def grid_column_config(exact: bool, frame: pd.DataFrame) -> dict[str, object]:
     config: dict[str, object] = {
         "Size": st.column_config.TextColumn("Size", help="Chronos-T5 size", pinned=True,
                                             width=_width_px("Size", texts["Size"])),
-        "Architecture": st.column_config.TextColumn("Architecture", help="dense, or where the experts go",
-                                                    pinned=True, width=_width_px("Architecture", texts["Architecture"])),
+        "Architecture": st.column_config.TextColumn("Architecture", help="dense, or where the experts go", pinned=True,
+                                                    width=_width_px("Architecture", texts["Architecture"])),
         "E": st.column_config.NumberColumn("E", help="Experts (0 = dense)", width=_width_px("E", texts["E"])),
         "K": st.column_config.NumberColumn("K", help="Experts active per series / token",
                                            width=_width_px("K", texts["K"])),
@@ -115,7 +108,7 @@ def grid_column_config(exact: bool, frame: pd.DataFrame) -> dict[str, object]:
     for name, (_, help_text, _) in GRID_COLUMNS.items():
         suffix = " Exact value: turn on Exact values, or export." if not exact else ""
         width = _width_px(name, texts[name])
-        if exact and _too_large_for_the_browser(frame, name):
+        if exact and _holds_integers_beyond(frame, name, EXACT_IN_BROWSER):
             config[name] = st.column_config.TextColumn(name, help=help_text + ".", width=width)
         else:
             config[name] = st.column_config.NumberColumn(name, help=help_text + "." + suffix, width=width,
