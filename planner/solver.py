@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
+from model.checks import check_int
 from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig, default_token_moe_blocks
 from planner.flops import count_flops
 from planner.params import count_params
@@ -66,14 +67,12 @@ class SearchSpace:
     token_block_patterns: tuple[str, ...] = tuple(TOKEN_BLOCK_PATTERNS)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or not 1 <= self.max_experts <= MAX_EXPERTS:
-            raise ValueError(f"max_experts must be an integer from 1 to {MAX_EXPERTS}, got {self.max_experts!r}")
-        if isinstance(self.max_top_k, bool) or not isinstance(self.max_top_k, int) or not 1 <= self.max_top_k <= MAX_EXPERTS:
-            raise ValueError(f"max_top_k must be an integer from 1 to {MAX_EXPERTS}, got {str(self.max_top_k)[:40]}")
-        if not self.router_widths or any(isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_ROUTER_HIDDEN_DIM
-                                         for w in self.router_widths):
-            raise ValueError(f"router_widths must be integers from 1 to {MAX_ROUTER_HIDDEN_DIM:,}, "
-                             f"got {str(self.router_widths)[:60]}")
+        check_int("max_experts", self.max_experts, 1, MAX_EXPERTS)
+        check_int("max_top_k", self.max_top_k, 1, MAX_EXPERTS)
+        if not self.router_widths:
+            raise ValueError("router_widths: give at least one router width")
+        for width in self.router_widths:
+            check_int("router_widths", width, 1, MAX_ROUTER_HIDDEN_DIM)
         if len(set(self.router_widths)) != len(self.router_widths):
             raise ValueError(f"router_widths must be distinct, got {str(self.router_widths)[:60]}")
         unknown = [p for p in self.token_block_patterns if p not in TOKEN_BLOCK_PATTERNS]
@@ -202,12 +201,11 @@ def solve(
     tolerance: Optional[float] = None,
     limit: int = 20,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-    cancelled: Optional[Callable[[], bool]] = None,
 ) -> SolverResult:
     """Feasible shapes, each at its largest K within the budget, ranked by |total − target| (then by budget
     use, highest first, then fewer experts). `tolerance` (a fraction) keeps only totals within
     target × (1 ± tolerance). A space of more than MAX_SHAPES shapes is refused (ValueError); the search
-    stops at `time_limit_s` or when `cancelled()` is true, and says so (`complete` False)."""
+    stops at `time_limit_s` and says so (`complete` False)."""
     if isinstance(target_total_params, bool) or not isinstance(target_total_params, int) or target_total_params < 1:
         raise ValueError(f"target total parameters must be a positive integer, got {target_total_params!r}")
     if target_total_params > 10**15:
@@ -215,8 +213,7 @@ def solve(
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
                                       and 0 <= tolerance <= 1e6):
         raise ValueError(f"tolerance must be a fraction from 0 to 1e6, got {str(tolerance)[:40]}")
-    if not (isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= 100_000):
-        raise ValueError(f"limit must be an integer from 1 to 100,000 (solutions listed), got {str(limit)[:40]}")
+    check_int("limit", limit, 1, 100_000)
     unknown = [a for a in architectures if a not in ARCHITECTURES]
     if unknown or not architectures:
         raise ValueError(f"architectures must be from {', '.join(ARCHITECTURES)}, got {list(architectures)!r}")
@@ -234,7 +231,7 @@ def solve(
     evaluated = 0
     complete = True
     for architecture, experts, width, pattern in _shapes(base, architectures, space):
-        if time.monotonic() > deadline or (cancelled is not None and cancelled()):
+        if time.monotonic() > deadline:
             complete = False
             break
         def config_with(top_k: int) -> ChronosMoEConfig:
