@@ -49,10 +49,12 @@ class _ConfigLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: SafeLoader refuses it with its own message
+            if key in seen:
                 raise ValueError(f"training YAML sets {shown(key)} twice (line {key_node.start_mark.line + 1}); "
                                  f"keep one")
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
