@@ -124,3 +124,23 @@ def test_python_dash_m_planner_runs():
     result = subprocess.run([sys.executable, "-m", "planner", "table", "--sizes", "debug", "--experts", "0",
                              "--format", "csv"], capture_output=True, text=True, check=True)
     assert "debug,dense,0,0" in result.stdout
+
+
+def test_units_human_shows_readable_units_and_exports_stay_exact(capsys):
+    status, out, _ = _run(["table", "--sizes", "tiny", "--experts", "0", "--units", "human", "--format", "md"], capsys)
+    row = dict(zip(*[[cell.strip() for cell in line.strip("|").split("|")]
+                     for line in out.splitlines() if line.startswith("| ") and "---" not in line]))
+    # tiny dense: 8,394,496 parameters (hand-derived in test_model_build); fp32 weights 4 bytes each
+    assert status == 0 and row["total_params"] == "8.39 M" and row["total_params_vs_dense"] == "1.00×"
+    assert row["weights_fp32_bytes"] == f"{4 * 8_394_496 / 2**20:.2f} MiB" == "32.02 MiB"  # the column's unit
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["table", "--sizes", "tiny", "--units", "human", "--format", "csv"])
+    assert exit_.value.code == 2 and "--units" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["table", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--vocab-size VOCAB_SIZE (default: 4096)" in help_text  # an option without help text of its own
+    assert "(default: 512)" in help_text and "(default: tiny,mini,small,base,large)" in help_text
