@@ -17,6 +17,11 @@ import streamlit as st
 
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR
 from model.presets import DIMENSION_FIELDS, PRESETS
+from planner.bench import DEVICES, DTYPES, MODES, PREDICTION_DEVICES
+from planner.cost.service import SERVICE_DTYPES
+from planner.cost.training import PRECISIONS, PRICED_GPUS
+from planner.parallel import STRATEGIES
+from planner.solver import BUDGET_KINDS, TOKEN_BLOCK_PATTERNS
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES
 
 PROBLEMS_KEY = "share_link_problems"
@@ -70,6 +75,15 @@ CHECKS: dict[str, Check] = {
     **{name: _integer(1) for name in ("devices_count", "cost_devices", "cost_global_batch", "cost_accumulation",
                                       "cost_steps", "serve_series", "bench_top_k", "budget_max_experts",
                                       "budget_max_top_k")},
+    # ... and their fixed choices, which their widgets would otherwise drop without a word
+    "bench_sizes": _each_of(list(PRESETS)), "bench_modes": _each_of(list(MODES)),
+    "bench_dispatch": _each_of(list(DISPATCH_MODES)), "bench_architectures": _each_of(list(ARCHITECTURES)),
+    "bench_device": one_of(list(DEVICES)), "bench_dtype": one_of(list(DTYPES)),
+    "bench_predict_device": one_of(list(PREDICTION_DEVICES)), "budget_kind": one_of(list(BUDGET_KINDS)),
+    "budget_architectures": _each_of(list(ARCHITECTURES)), "budget_blocks": _each_of(list(TOKEN_BLOCK_PATTERNS)),
+    **{name: one_of(list(PRICED_GPUS)) for name in ("cost_gpu", "serve_gpu")},
+    "cost_search_gpus": _each_of(list(PRICED_GPUS)), "cost_precision": one_of(list(PRECISIONS)),
+    "cost_strategy": one_of(list(STRATEGIES)), "serve_dtype": one_of(list(SERVICE_DTYPES)),
 }
 
 
