@@ -94,7 +94,8 @@ def test_cli_flags_give_a_result_or_one_line(argv, tmp_path_factory):
     config = folder / "train.yaml"
     config.write_text(TRAINING_YAML)
     argv = [part.replace("{config}", str(config)).replace("{folder}", str(folder)) for part in argv]
-    status, err = _run_cli(argv)
+    with contextlib.chdir(folder):  # a relative --output lands in the example's folder, not the checkout
+        status, err = _run_cli(argv)
     TRIED["cli"] += 1
     assert status in (0, 1, 2), (argv, status, err)
     if status == 2:
