@@ -138,9 +138,16 @@ class ChronosMoEConfig:
     @property
     def label(self) -> str:
         """Short human name without the size, e.g. 'MoE-8 (top-2, token_ffn)' or 'dense'."""
+        return self.describe()
+
+    def describe(self, *, with_dispatch: bool = False) -> str:
+        """The variant's name in text (tables, progress lines, exports): 'dense' or 'MoE-8 (top-2, token_ffn)',
+        with the dispatch ('MoE-8 (top-2, token_ffn, sparse)') where runs of both dispatches stand together.
+        The app's selectors key variants by their own 'size · MoE-8 top-2 · token_ffn' (share links carry it)."""
         if not self.is_moe:
             return "dense"
-        return f"MoE-{self.num_experts} (top-{self.top_k}, {self.architecture})"
+        dispatch = f", {self.dispatch}" if with_dispatch else ""
+        return f"MoE-{self.num_experts} (top-{self.top_k}, {self.architecture}{dispatch})"
 
 
 def _block_tuple(name: str, blocks: object) -> Optional[tuple[int, ...]]:

@@ -110,9 +110,7 @@ class BenchSpec:
     @property
     def label(self) -> str:
         """Short human name, e.g. 'small MoE-16 (top-2, token_ffn, sparse) forward'."""
-        if self.num_experts == 0:
-            return f"{self.size} dense {self.mode}"
-        return f"{self.size} MoE-{self.num_experts} (top-{self.top_k}, {self.architecture}, {self.dispatch}) {self.mode}"
+        return f"{self.size} {self.model_config().describe(with_dispatch=True)} {self.mode}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

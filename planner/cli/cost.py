@@ -92,9 +92,7 @@ def _variant(args: argparse.Namespace, imported=None):
 
 
 def _label(size: str, config) -> str:
-    if not config.is_moe:
-        return f"{size} dense"
-    return f"{size} MoE-{config.num_experts} top-{config.top_k} {config.architecture}"
+    return f"{size} {config.label}"
 
 
 def _batches(args: argparse.Namespace, num_devices: int, imported) -> tuple[int, int]:
