@@ -38,11 +38,13 @@ from model.config import ChronosMoEConfig
 from planner.flops import count_expert_slots
 from model.presets import BackboneDims
 from planner.params import (
-    count_attention_params,
-    count_context_router_params,
+    attention_linears,
+    context_router_linears,
     count_embedding_params,
-    count_ffn_params,
-    count_token_router_params,
+    expert_head_linears,
+    ffn_linears,
+    lm_head_linear,
+    token_router_linear,
 )
 from planner.workload import PRECISION_REGIMES, Workload
 
@@ -288,13 +290,17 @@ def _token_router_bytes(config: ChronosMoEConfig, tokens: int) -> int:
 # --- AMP's weight copies ---------------------------------------------------------------------------------
 
 
+def _weights(linears) -> int:
+    return sum(linear.weight_params for linear in linears)
+
+
 def _matmul_weight_elements(config: ChronosMoEConfig, batch: int, seq: int, dec: int) -> int:
     """Elements of the matmul weights one forward reads (biases, norms and bias embeddings are not cast):
     under autocast each is cast to half once, and the copy is saved by its matmuls."""
     dims, experts = config.dims, config.num_experts
     architecture = config.architecture if config.is_moe else "dense"
     encoder_moe, decoder_moe = len(config.token_moe_encoder_blocks), len(config.token_moe_decoder_blocks)
-    attention, ffn = count_attention_params(dims), count_ffn_params(dims)
+    attention, ffn = _weights(attention_linears(dims)), _weights(ffn_linears(dims))
     shared_encoder = 0 if architecture == "expert_only" else (
         dims.num_layers * attention + (dims.num_layers - encoder_moe) * ffn)
     decoder = 2 * dims.num_decoder_layers * attention + (dims.num_decoder_layers - decoder_moe) * ffn
@@ -302,16 +308,15 @@ def _matmul_weight_elements(config: ChronosMoEConfig, batch: int, seq: int, dec:
         decoder += count_embedding_params(dims)  # the tied LM head
     routed = 0
     if architecture in ("shared_then_expert", "expert_only"):
-        router = count_context_router_params(config) - config.router_hidden_dim - experts  # less biases
         if architecture == "shared_then_expert":
-            per_expert = 2 * dims.d_model * config.expert_head_hidden_dim + dims.d_model * dims.vocab_size
+            per_expert = _weights(expert_head_linears(config))
         else:
-            per_expert = dims.num_layers * (attention + ffn) + dims.d_model * dims.vocab_size
-        routed = router + _running_experts(config, batch) * per_expert
+            per_expert = dims.num_layers * (attention + ffn) + lm_head_linear(dims).weight_params
+        routed = _weights(context_router_linears(config)) + _running_experts(config, batch) * per_expert
     elif architecture == "token_ffn":
         for count, tokens in ((encoder_moe, batch * seq), (decoder_moe, batch * dec)):
             running = min(experts, count_expert_slots(config, tokens))
-            routed += count * (count_token_router_params(config) + running * ffn)
+            routed += count * (token_router_linear(config).weight_params + running * ffn)
     return shared_encoder + decoder + routed
 
 

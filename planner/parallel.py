@@ -31,7 +31,18 @@ from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_breakdown, activation_widths
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
-from planner.params import ParamBreakdown, count_params, experts_per_device
+from planner.params import (
+    ParamBreakdown,
+    attention_linears,
+    context_router_linears,
+    count_embedding_params,
+    count_params,
+    expert_head_linears,
+    experts_per_device,
+    ffn_linears,
+    lm_head_linear,
+    token_router_linear,
+)
 from planner.workload import Workload
 from planner.units import GIB
 
@@ -82,17 +93,14 @@ def count_largest_layer_params(config: ChronosMoEConfig) -> int:
     """Parameters of the largest single module (its own tensors, not its children's), the unit ZeRO-3
     gathers at once; the same quantity DeepSpeed's model_to_params reports."""
     dims = config.dims
-    d, attention = dims.d_model, dims.attention_width
-    sizes = [dims.vocab_size * d, d * attention, d * dims.d_ff]
+    linears = [*attention_linears(dims), *ffn_linears(dims)]
     if config.is_moe and config.architecture in ("shared_then_expert", "expert_only"):
-        sizes += [d * config.router_hidden_dim + config.router_hidden_dim,
-                  config.router_hidden_dim * config.num_experts + config.num_experts, d * dims.vocab_size]
+        linears += [*context_router_linears(config), lm_head_linear(dims)]
     if config.is_moe and config.architecture == "shared_then_expert":
-        hidden = config.expert_head_hidden_dim
-        sizes += [d * hidden + hidden, hidden * d + d]
+        linears += expert_head_linears(config)
     if config.is_moe and config.architecture == "token_ffn":
-        sizes.append(d * config.num_experts)
-    return max(sizes)
+        linears.append(token_router_linear(config))
+    return max(count_embedding_params(dims), *(linear.params for linear in linears))
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,67 @@ def count_embedding_params(dims: BackboneDims) -> int:
     return dims.vocab_size * dims.d_model
 
 
-def count_attention_params(dims: BackboneDims) -> int:
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear's shape: the unit every parameter count below is built from."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def weight_params(self) -> int:
+        """The matrix: what a matmul reads (and what autocast casts)."""
+        return self.in_features * self.out_features
+
+    @property
+    def params(self) -> int:
+        return self.weight_params + (self.out_features if self.bias else 0)
+
+
+def attention_linears(dims: BackboneDims) -> tuple[Linear, ...]:
     """q, k, v Linear(D→A) and o Linear(A→D), no bias."""
-    return 4 * dims.d_model * dims.attention_width
+    d, a = dims.d_model, dims.attention_width
+    return (Linear(d, a, False),) * 3 + (Linear(a, d, False),)
+
+
+def ffn_linears(dims: BackboneDims) -> tuple[Linear, ...]:
+    """DenseReluDense wi Linear(D→F) and wo Linear(F→D), no bias (also one token-level expert)."""
+    return Linear(dims.d_model, dims.d_ff, False), Linear(dims.d_ff, dims.d_model, False)
+
+
+def lm_head_linear(dims: BackboneDims) -> Linear:
+    """Linear(D→V), no bias: the tied head of the shared model, or an expert's own head."""
+    return Linear(dims.d_model, dims.vocab_size, False)
+
+
+def context_router_linears(config: ChronosMoEConfig) -> tuple[Linear, ...]:
+    """ContextRouter: hidden Linear(D→R, bias), output Linear(R→E, bias)."""
+    r = config.router_hidden_dim
+    return Linear(config.dims.d_model, r, True), Linear(r, config.num_experts, True)
+
+
+def token_router_linear(config: ChronosMoEConfig) -> Linear:
+    """Token router of one token_ffn block: Linear(D→E, no bias)."""
+    return Linear(config.dims.d_model, config.num_experts, False)
+
+
+def expert_head_linears(config: ChronosMoEConfig) -> tuple[Linear, ...]:
+    """One MoEExpertHead's linears: fc1 Linear(D→4D, bias), fc2 Linear(4D→D, bias), lm_head Linear(D→V)."""
+    d, hidden = config.dims.d_model, config.expert_head_hidden_dim
+    return Linear(d, hidden, True), Linear(hidden, d, True), lm_head_linear(config.dims)
+
+
+def _params(linears: tuple[Linear, ...]) -> int:
+    return sum(linear.params for linear in linears)
+
+
+def count_attention_params(dims: BackboneDims) -> int:
+    return _params(attention_linears(dims))
 
 
 def count_ffn_params(dims: BackboneDims) -> int:
-    """DenseReluDense wi Linear(D→F) and wo Linear(F→D), no bias (also one token-level expert)."""
-    return 2 * dims.d_model * dims.d_ff
+    return _params(ffn_linears(dims))
 
 
 def count_position_bias_params(dims: BackboneDims) -> int:
@@ -71,20 +124,16 @@ def count_encoder_stack_params(dims: BackboneDims) -> int:
 
 
 def count_context_router_params(config: ChronosMoEConfig) -> int:
-    """ContextRouter: hidden Linear(D→R, bias), output Linear(R→E, bias)."""
-    d, r, e = config.dims.d_model, config.router_hidden_dim, config.num_experts
-    return d * r + r + r * e + e
+    return _params(context_router_linears(config))
 
 
 def count_token_router_params(config: ChronosMoEConfig) -> int:
-    """Token router of one token_ffn block: Linear(D→E, no bias)."""
-    return config.dims.d_model * config.num_experts
+    return token_router_linear(config).params
 
 
 def count_expert_head_params(config: ChronosMoEConfig) -> int:
-    """One MoEExpertHead: fc1 Linear(D→4D, bias), fc2 Linear(4D→D, bias), LayerNorm(D) weight+bias, lm_head D·V."""
-    d, hidden, v = config.dims.d_model, config.expert_head_hidden_dim, config.dims.vocab_size
-    return (d * hidden + hidden) + (hidden * d + d) + 2 * d + d * v
+    """One MoEExpertHead: its linears and its LayerNorm(D) weight and bias."""
+    return _params(expert_head_linears(config)) + 2 * config.dims.d_model
 
 
 @dataclass(frozen=True)
