@@ -115,3 +115,20 @@ def test_model_states_match_deepspeed_estimators(devices, architecture):
     gathered = ds_largest if devices > 1 else 0
     expected_gap = 2 * total / devices - (ds_largest - gathered)
     assert abs((ours_zero3 - ds_zero3) - expected_gap) <= 20
+
+
+@pytest.mark.parametrize("moe", [
+    {},  # the shared embedding
+    {"vocab_size": 64},  # an FFN matrix
+    {"architecture": "shared_then_expert", "num_experts": 8, "router_hidden_dim": 4096},  # the router's hidden layer
+    {"architecture": "shared_then_expert", "num_experts": 2, "vocab_size": 64},  # an expert head's fc1 with its bias
+    {"architecture": "expert_only", "num_experts": 4},
+    {"architecture": "token_ffn", "num_experts": 1024, "vocab_size": 64},
+])
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_largest_layer_is_the_largest_module_of_the_real_model(size, moe):
+    """ZeRO-3 gathers one module's own tensors at a time: the largest, found by walking the instantiated model.
+    A small vocabulary or a wide router moves the largest module off the embedding."""
+    model = build_model(size, device="meta", **moe)
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    assert count_largest_layer_params(make_config(size, **moe)) == largest
