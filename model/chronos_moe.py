@@ -16,6 +16,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .balance_loss import LoadBalancingLoss
+from .checks import SettingError
 from .config import ChronosMoEConfig
 from .dispatch import dispatch
 from .experts import ExpertEncoder, MoEExpertHead
@@ -216,7 +217,7 @@ class ChronosMoEModel(nn.Module):
         for name, value in (("prediction_length", prediction_length), ("num_samples", num_samples),
                             ("context_length", context_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+                raise SettingError(name, f"{name} must be an integer ≥ 1, got {value!r}")
         check_sampling_settings(temperature, top_k, top_p)
         context = left_pad_series(context)
         tokenizer = self.tokenizer(context_length, prediction_length)

@@ -97,11 +97,11 @@ class ChronosMoEConfig:
             if blocks is None:
                 continue
             if not isinstance(blocks, tuple) or any(isinstance(b, bool) or not isinstance(b, int) for b in blocks):
-                raise ValueError(f"{name} must be a tuple of block indices, got {blocks!r}")
+                raise SettingError(name, f"{name} must be a tuple of block indices, got {blocks!r}")
             if any(not 0 <= b < count for b in blocks) or len(set(blocks)) != len(blocks):
-                raise ValueError(f"{name} must hold distinct block indices from 0 to {count - 1}, got {blocks!r}")
+                raise SettingError(name, f"{name} must hold distinct block indices from 0 to {count - 1}, got {blocks!r}")
             if self.architecture != "token_ffn":
-                raise ValueError(f"{name} applies only to architecture token_ffn")
+                raise SettingError(name, f"{name} applies only to architecture token_ffn")
         if self.is_moe and self.architecture == "token_ffn" and not (self.token_moe_encoder_blocks
                                                                        or self.token_moe_decoder_blocks):
             raise SettingError("encoder_moe_blocks",
@@ -156,7 +156,7 @@ def _block_tuple(name: str, blocks: object) -> Optional[tuple[int, ...]]:
     try:
         return tuple(blocks)  # type: ignore[call-overload]
     except TypeError:
-        raise ValueError(f"{name} must be a sequence of block indices, got {str(blocks)[:40]}") from None
+        raise SettingError(name, f"{name} must be a sequence of block indices, got {str(blocks)[:40]}") from None
 
 
 def make_config(

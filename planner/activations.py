@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig
 from planner.flops import count_expert_slots
 from model.presets import BackboneDims
@@ -94,7 +95,7 @@ def activation_widths(precision: str, device: str = "cuda") -> ActivationWidths:
         return ActivationWidths(stream=4, compute=2, amp=True, device=device)
     if precision == "bf16":
         return ActivationWidths(stream=2, compute=2, amp=False, device=device)
-    raise ValueError(f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {precision!r}")
+    raise SettingError("precision", f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {precision!r}")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig
 from planner.params import ParamBreakdown, count_params, experts_per_device
 from planner.workload import Workload
@@ -159,4 +160,4 @@ def step_collectives(config: ChronosMoEConfig, workload: Workload, strategy: str
             collectives.append(Collective("all_to_all", purpose, "forward", size, n, True))
             collectives.append(Collective("all_to_all", f"gradient of {purpose}", "backward", size, n, True))
         return collectives
-    raise ValueError(f"strategy must be one of data_parallel, zero1, zero2, zero3, expert_parallel, got {strategy!r}")
+    raise SettingError("strategy", f"strategy must be one of data_parallel, zero1, zero2, zero3, expert_parallel, got {strategy!r}")

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from model.checks import check_int
+from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_breakdown, activation_widths
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
@@ -84,7 +84,7 @@ def state_bytes_per_param(precision: str, optimizer: str) -> StateBytesPerParam:
         return StateBytesPerParam(2, 2, 4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
     if precision not in WEIGHT_AND_GRADIENT_BYTES:
         allowed = ", ".join([*WEIGHT_AND_GRADIENT_BYTES, "mixed_fp16"])
-        raise ValueError(f"precision must be one of {allowed}, got {precision!r}")
+        raise SettingError("precision", f"precision must be one of {allowed}, got {precision!r}")
     weights, gradients = WEIGHT_AND_GRADIENT_BYTES[precision]
     return StateBytesPerParam(weights, gradients, OPTIMIZER_STATE_BYTES[optimizer])
 
@@ -160,10 +160,10 @@ def plan_devices(
 ) -> DevicePlan:
     """Per-device memory of one training step. `precision` defaults to the workload's regime."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise SettingError("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     check_int("num_devices", num_devices, 1, 1_000_000)
     if strategy == "expert_parallel" and not config.is_moe:
-        raise ValueError("strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
+        raise SettingError("strategy", "strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
     params = count_params(config) if params is None else params
     regime = precision or workload.precision
     per_param = state_bytes_per_param(regime, workload.optimizer)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from model.checks import check_int
+from model.checks import SettingError, check_int
 from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig, default_token_moe_blocks
 from planner.flops import count_flops
 from planner.params import count_params
@@ -70,14 +70,14 @@ class SearchSpace:
         check_int("max_experts", self.max_experts, 1, MAX_EXPERTS)
         check_int("max_top_k", self.max_top_k, 1, MAX_EXPERTS)
         if not self.router_widths:
-            raise ValueError("router_widths: give at least one router width")
+            raise SettingError("router_widths", "router_widths: give at least one router width")
         for width in self.router_widths:
             check_int("router_widths", width, 1, MAX_ROUTER_HIDDEN_DIM)
         if len(set(self.router_widths)) != len(self.router_widths):
-            raise ValueError(f"router_widths must be distinct, got {str(self.router_widths)[:60]}")
+            raise SettingError("router_widths", f"router_widths must be distinct, got {str(self.router_widths)[:60]}")
         unknown = [p for p in self.token_block_patterns if p not in TOKEN_BLOCK_PATTERNS]
         if unknown or not self.token_block_patterns:
-            raise ValueError(f"token_block_patterns must be from {', '.join(TOKEN_BLOCK_PATTERNS)}, got {self.token_block_patterns!r}")
+            raise SettingError("token_block_patterns", f"token_block_patterns must be from {', '.join(TOKEN_BLOCK_PATTERNS)}, got {self.token_block_patterns!r}")
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def solve(
         raise ValueError(f"target total parameters must be at most 10^15 (a quadrillion), got {target_total_params:.3g}")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
                                       and 0 <= tolerance <= 1e6):
-        raise ValueError(f"tolerance must be a fraction from 0 to 1e6, got {str(tolerance)[:40]}")
+        raise SettingError("tolerance", f"tolerance must be a fraction from 0 to 1e6, got {str(tolerance)[:40]}")
     check_int("limit", limit, 1, 100_000)
     unknown = [a for a in architectures if a not in ARCHITECTURES]
     if unknown or not architectures:
@@ -222,7 +222,7 @@ def solve(
 
     shapes = _shape_count(architectures, space)
     if shapes > MAX_SHAPES:
-        raise ValueError(f"max_experts is too large for this search: it would evaluate {shapes:,} shapes (E × "
+        raise SettingError("max_experts", f"max_experts is too large for this search: it would evaluate {shapes:,} shapes (E × "
                          f"router widths or block patterns, per architecture), at most {MAX_SHAPES:,}; lower it, "
                          f"or search fewer router widths, block patterns or architectures")
     deadline = time.monotonic() + time_limit_s

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig
 from planner.activations import estimate_activation_bytes
 from planner.flops import count_flops
@@ -239,7 +240,7 @@ def verify_grid(
              for size, config in grid_configs(sizes, architectures, experts, **settings)]
     check_verify_fits([item[1] for item in items], workload)
     if workers is not None and not 1 <= workers <= (os.cpu_count() or 1):
-        raise ValueError(f"workers must be from 1 to this machine's {os.cpu_count() or 1} cores, got {workers}")
+        raise SettingError("workers", f"workers must be from 1 to this machine's {os.cpu_count() or 1} cores, got {workers}")
     order = sorted(range(len(items)), key=lambda i: -_estimated_cost(items[i][:3]))
     workers = workers or os.cpu_count() or 1
     results: dict[int, list[Check]] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from model.checks import SettingError
 from planner.bench.spec import refuse_fp16_on_cpu_message
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,7 +33,7 @@ def check_dtype_supported(device: str, dtype: str) -> None:
     if device == "cpu" and dtype == "fp16":
         raise ValueError(refuse_fp16_on_cpu_message())
     if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"dtype bf16 is not supported natively by {torch.cuda.get_device_name()} "
+        raise SettingError("dtype", f"dtype bf16 is not supported natively by {torch.cuda.get_device_name()} "
                          "(it needs compute capability 8.0 or newer); use fp16 or fp32")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from model.checks import SettingError
 from planner.bench.preflight import estimate_peak_bytes
 from planner.bench.spec import BenchSpec
 from planner.steptime import GPU_PRESETS, DeviceModel, gpu_preset, predict_spec
@@ -31,7 +32,7 @@ def prediction_device(name: str, dtype: str) -> tuple[DeviceModel, list[str]]:
         raise ValueError(f"unknown device {name!r}; valid devices: {', '.join(PREDICTION_DEVICES)}")
     preset = gpu_preset(name)
     if dtype not in preset.matmul_peaks:
-        raise ValueError(f"dtype {dtype} is not supported natively by {preset.name}; "
+        raise SettingError("dtype", f"dtype {dtype} is not supported natively by {preset.name}; "
                          f"use one of {', '.join(d for d in preset.matmul_peaks if d != 'tf32')}")
     return preset, []
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from model.checks import check_int
+from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig, make_config
 from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
 
@@ -30,7 +30,7 @@ MAX_TIME_LIMIT_S = 24 * 3600.0
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        raise SettingError(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass(frozen=True)

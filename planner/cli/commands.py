@@ -265,11 +265,9 @@ def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def flag_for(error: ValueError) -> str:
-    """The error's line, led by the flag that sets the refused field: a SettingError carries its field; other
-    planner errors name it as their first word."""
-    message = str(error)
-    field = getattr(error, "field", None) or message.split(" ", 1)[0].rstrip(":")
-    return f"argument {FIELD_FLAGS[field]}: {message}" if field in FIELD_FLAGS else message
+    """The error's line, led by the flag that sets the refused field where a SettingError names one."""
+    field = getattr(error, "field", None)
+    return f"argument {FIELD_FLAGS[field]}: {error}" if field in FIELD_FLAGS else str(error)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from model.checks import SettingError
 from model.config import ARCHITECTURES, MAX_EXPERTS, make_config
 from model.presets import PRESETS
 from planner.cli.flags import integer_list, name_list, parse_count, positive_number, whole_number
@@ -85,7 +86,7 @@ def _variant(args: argparse.Namespace, imported=None):
     size = args.size or (imported.size if imported else "small")
     experts = args.experts if args.experts is not None else 0
     if not 0 <= experts <= MAX_EXPERTS:
-        raise ValueError(f"num_experts must be from 0 to {MAX_EXPERTS}, got {experts}")
+        raise SettingError("num_experts", f"num_experts must be from 0 to {MAX_EXPERTS}, got {experts}")
     moe = {} if experts == 0 else dict(architecture=args.architecture or "shared_then_expert", num_experts=experts,
                                        top_k=args.top_k if args.top_k is not None else 2)
     return size, make_config(size, **moe)
@@ -104,7 +105,7 @@ def _batches(args: argparse.Namespace, num_devices: int, imported) -> tuple[int,
     if args.per_device_batch is not None and args.accumulation is None:
         product = num_devices * per_device
         if args.global_batch % product:
-            raise ValueError(f"global_batch {args.global_batch} is not divisible by devices × per-device batch "
+            raise SettingError("global_batch", f"global_batch {args.global_batch} is not divisible by devices × per-device batch "
                              f"({num_devices} × {per_device} = {product})")
         return per_device, args.global_batch // product
     accumulation = args.accumulation or 1
@@ -160,7 +161,7 @@ def run_run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         metadata.update(global_batch=global_batch, plans_tried=result.tried, plans_fitting=len(result.plans),
                         listing="Pareto front of hours and cost")
         if not result.plans:
-            raise ValueError(f"global_batch: no plan of {', '.join(gpus)} × {counts} devices fits at global batch "
+            raise SettingError("global_batch", f"global_batch: no plan of {', '.join(gpus)} × {counts} devices fits at global batch "
                              f"{global_batch}; add devices or a larger GPU")
         fastest, cheapest = result.fastest, result.cheapest
         rows = []

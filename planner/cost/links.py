@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from model.checks import SettingError
 from planner.communication import Link
 from planner.cost.interconnects import DEFAULT_INTER, DEFAULT_INTRA, INTERCONNECTS, Interconnect
 
@@ -18,7 +19,7 @@ def interconnect(key: str, scope: str, field: str) -> Interconnect:
     """A preset by key, checked for its scope; ValueError naming `field` and the valid keys."""
     valid = [k for k, link in INTERCONNECTS.items() if link.scope == scope]
     if key not in valid:
-        raise ValueError(f"{field} must be one of {', '.join(valid)}, got {key!r}")
+        raise SettingError(field, f"{field} must be one of {', '.join(valid)}, got {key!r}")
     return INTERCONNECTS[key]
 
 
@@ -30,7 +31,7 @@ def run_link(gpu: str, num_devices: int, node_size: int, intra: Optional[str] = 
     if num_devices > node_size:
         inter_key = inter or DEFAULT_INTER.get(gpu)
         if inter_key is None:
-            raise ValueError(f"inter_link: {gpu} has no usual inter-node network; name one of "
+            raise SettingError("inter_link", f"inter_link: {gpu} has no usual inter-node network; name one of "
                              f"{', '.join(k for k, v in INTERCONNECTS.items() if v.scope == 'inter')} to span "
                              f"{num_devices} devices over nodes of {node_size}")
         network = interconnect(inter_key, "inter", "inter_link")

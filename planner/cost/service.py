@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig
 from planner.cost.prices import PRICES
 from planner.cost.training import check_count, check_gpu, check_positive
@@ -60,10 +61,10 @@ class ForecastService:
         if self.price_per_device_hour is not None:
             check_positive("price_per_device_hour", self.price_per_device_hour)
         if self.dtype not in SERVICE_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(SERVICE_DTYPES)}, got {self.dtype!r}")
+            raise SettingError("dtype", f"dtype must be one of {', '.join(SERVICE_DTYPES)}, got {self.dtype!r}")
         peaks = gpu_preset(self.gpu).matmul_peaks
         if self.dtype != "fp32" and self.dtype not in peaks:
-            raise ValueError(f"dtype {self.dtype}: {gpu_preset(self.gpu).name} has no {self.dtype} matmuls; "
+            raise SettingError("dtype", f"dtype {self.dtype}: {gpu_preset(self.gpu).name} has no {self.dtype} matmuls; "
                              f"use one of {', '.join(d for d in SERVICE_DTYPES if d in peaks)}")
         if self.batch_size is not None:
             check_count("batch_size", self.batch_size, MAX_BATCH)
@@ -162,7 +163,7 @@ def plan_service(service: ForecastService) -> ServiceEstimate:
             break
         batch *= 2
     if not options:
-        raise ValueError(f"batch_size: one series with {service.num_samples} sample paths does not fit "
+        raise SettingError("batch_size", f"batch_size: one series with {service.num_samples} sample paths does not fit "
                          f"{DEVICE_MEMORY[service.gpu][0]} with headroom; use a larger GPU or fewer samples")
     best = max(options, key=lambda o: o.series_per_s)
     return ServiceEstimate(service, best, tuple(options))

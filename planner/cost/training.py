@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from model.checks import check_int
+from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig
 from planner.communication import Collective, Link, collective_time_s, step_collectives
 from planner.cost.links import run_link
@@ -104,7 +104,7 @@ def check_count(name: str, value, limit: int) -> None:
 
 def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+        raise SettingError(name, f"{name} must be a finite number above 0, got {value!r}")
 
 
 def check_gpu(gpu: str) -> None:
@@ -119,22 +119,22 @@ def validate_run(run: TrainingRun) -> None:
     if run.devices_per_node is not None:
         check_count("devices_per_node", run.devices_per_node, 64)
         if run.devices_per_node > run.num_devices:
-            raise ValueError(f"devices_per_node ({run.devices_per_node}) must not exceed num_devices "
+            raise SettingError("devices_per_node", f"devices_per_node ({run.devices_per_node}) must not exceed num_devices "
                              f"({run.num_devices})")
     check_count("per_device_batch", run.per_device_batch, 1_000_000)
     check_count("gradient_accumulation", run.gradient_accumulation, 100_000)
     check_count("steps", run.steps, MAX_STEPS)
     if run.strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {run.strategy!r}")
+        raise SettingError("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {run.strategy!r}")
     if run.strategy == "expert_parallel" and not run.config.is_moe:
-        raise ValueError("strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
+        raise SettingError("strategy", "strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
     if run.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {run.precision!r}")
+        raise SettingError("precision", f"precision must be one of {', '.join(PRECISIONS)}, got {run.precision!r}")
     if run.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {run.optimizer!r}")
     preset = gpu_preset(run.gpu)
     if MATMUL_PEAK[run.precision] not in preset.matmul_peaks:
-        raise ValueError(f"precision {run.precision} needs {MATMUL_PEAK[run.precision]} matmuls, which "
+        raise SettingError("precision", f"precision {run.precision} needs {MATMUL_PEAK[run.precision]} matmuls, which "
                          f"{preset.name} lacks; use one of {', '.join(p for p in PRECISIONS if MATMUL_PEAK[p] in preset.matmul_peaks)}")
     if run.data_series_per_s is not None:
         check_positive("data_series_per_s", run.data_series_per_s)
@@ -149,7 +149,7 @@ def global_batch_split(global_batch: int, num_devices: int, gradient_accumulatio
     check_count("num_devices", num_devices, MAX_DEVICES)
     check_count("gradient_accumulation", gradient_accumulation, 100_000)
     if global_batch % (num_devices * gradient_accumulation):
-        raise ValueError(f"global_batch {global_batch} is not divisible by devices × accumulation "
+        raise SettingError("global_batch", f"global_batch {global_batch} is not divisible by devices × accumulation "
                          f"({num_devices} × {gradient_accumulation} = {num_devices * gradient_accumulation})")
     return global_batch // (num_devices * gradient_accumulation)
 
@@ -164,7 +164,7 @@ def steps_for(global_batch: int, *, tokens: Optional[float] = None, epochs: Opti
         per_series = (context_length + 1) + (prediction_length + 1)
         return max(1, math.ceil(tokens / (global_batch * per_series)))
     if epochs is None or series is None:
-        raise ValueError("steps: give steps, tokens, or epochs with series")
+        raise SettingError("steps", "steps: give steps, tokens, or epochs with series")
     check_positive("epochs", epochs)
     check_positive("series", series)
     return max(1, math.ceil(epochs * series / global_batch))

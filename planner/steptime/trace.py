@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig
 from planner.bench.device import TORCH_DTYPES
 from planner.bench.memory_probe import pin_allocator, settle_allocator
@@ -260,7 +261,7 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+        raise SettingError("dtype", f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
