@@ -18,7 +18,7 @@ from planner.cost.service import ForecastService, plan_service
 from planner.cost.training import TrainingRun, price_training_run
 from planner.memory import MemoryBreakdown
 from planner.parallel import plan_all_strategies
-from planner.plan import Plan, breakdown_rows, plan, plan_row
+from planner.plan import Plan, breakdown_rows, grid_points, plan, plan_row
 from planner.solver import Budget, SearchSpace, SolverResult, solve
 from planner.workload import Workload
 from ui.sidebar import Settings
@@ -94,25 +94,24 @@ def plan_table(settings: Settings) -> PlanTable:
         raise ValueError("sizes: choose at least one size (or add a custom size)")
     if any(experts) and not settings.architectures:
         raise ValueError("architectures: choose at least one architecture for the MoE variants")
-    shapes = [(arch, e) for arch in settings.architectures for e in experts if e]
     variants, left_out = [], {}  # error message -> the variants it leaves out
+    usable_sizes = []
     for size in sizes:
         try:  # the backbone first: if it is wrong, no variant of this size can exist
-            dense = _config(settings, size, "dense", 0)
+            dense_config(settings, size)
+            usable_sizes.append(size)
         except ValueError as error:
             left_out.setdefault(str(error), []).append(f"every {size} variant")
+    for size, architecture, num_experts in grid_points(usable_sizes, settings.architectures, experts):
+        try:
+            config = _config(settings, size, architecture, num_experts)
+        except ValueError as error:
+            names = left_out.setdefault(str(error), [])
+            if f"{architecture} MoE-{num_experts}" not in names:
+                names.append(f"{architecture} MoE-{num_experts}")
             continue
-        configs = [dense] if 0 in experts else []
-        for architecture, num_experts in shapes:
-            try:
-                configs.append(_config(settings, size, architecture, num_experts))
-            except ValueError as error:
-                names = left_out.setdefault(str(error), [])
-                if f"{architecture} MoE-{num_experts}" not in names:
-                    names.append(f"{architecture} MoE-{num_experts}")
-        for config in configs:
-            variant_plan = plan(config, workload, size)
-            variants.append(Variant(variant_plan, plan_row(variant_plan)))
+        variant_plan = plan(config, workload, size)
+        variants.append(Variant(variant_plan, plan_row(variant_plan)))
     problems = [f"{', '.join(names)} left out: {message}" for message, names in left_out.items()]
     return PlanTable(tuple(variants), tuple(problems))
 
