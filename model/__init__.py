@@ -17,6 +17,7 @@ __all__ = [
     "dims_from_hf_config",
     "make_config",
     "resolve_dims",
+    "upcycle",
 ]
 
 
@@ -26,4 +27,9 @@ def __getattr__(name: str):
         from .build import build_model
 
         return build_model
+    if name == "upcycle":
+        from .upcycle import upcycle  # binds model.upcycle to the submodule: rebind it to the function
+
+        globals()["upcycle"] = upcycle
+        return upcycle
     raise AttributeError(f"module 'model' has no attribute {name!r}")
