@@ -14,6 +14,7 @@ from planner.memory import (
     estimate_largest_forecast_activation_bytes,
     estimate_memory,
     estimate_weights_memory,
+    WeightsMemory,
 )
 from planner.params import count_params
 from planner.workload import OPTIMIZERS, PRECISION_REGIMES, Workload
@@ -28,28 +29,39 @@ def test_weights_memory_hand_derived():
     assert weights.fp32_bytes == 4 * 8_394_496 == 33_577_984
     assert weights.fp16_bytes == weights.bf16_bytes == 2 * 8_394_496
     assert weights.int8_bytes == 8_394_496
-    assert estimate_memory(make_config("tiny")).weights == weights
+    # estimate_memory counts tiny's parameters itself: the same bytes, against the hand-derived count.
+    assert estimate_memory(make_config("tiny")).weights == WeightsMemory(
+        fp32_bytes=33_577_984, fp16_bytes=16_788_992, bf16_bytes=16_788_992, int8_bytes=8_394_496)
+
+
+@pytest.mark.parametrize("dtype, bytes_per_param", [("fp32", 4), ("fp16", 2), ("bf16", 2), ("int8", 1)])
+def test_forecast_weights_are_stored_in_the_workload_dtype(dtype, bytes_per_param):
+    forecast = estimate_memory(make_config("tiny"), Workload(dtype=dtype)).forecast
+    assert forecast.weights_bytes == bytes_per_param * TINY_DENSE_PARAMS
 
 
 @pytest.mark.parametrize(
-    "precision, optimizer, bytes_per_param",
+    "precision, optimizer, weight_bytes, gradient_bytes, moment_bytes",
     [
-        ("fp32", "adamw", 4 + 4 + 8),
-        ("fp32", "adam", 4 + 4 + 8),
-        ("amp_bf16", "adamw", 4 + 4 + 8),  # fp32 master weights and gradients: only activations shrink
-        ("amp_fp16", "adamw", 4 + 4 + 8),
-        ("bf16", "adamw", 2 + 2 + 8),  # fp32 moments
-        ("fp32", "sgd_momentum", 4 + 4 + 4),
-        ("bf16", "sgd_momentum", 2 + 2 + 4),
-        ("fp32", "adamw_8bit", 4 + 4 + 2),  # two one-byte moments
+        ("fp32", "adamw", 4, 4, 8),  # two fp32 moments
+        ("fp32", "adam", 4, 4, 8),
+        ("amp_bf16", "adamw", 4, 4, 8),  # fp32 master weights and gradients: only activations shrink
+        ("amp_fp16", "adamw", 4, 4, 8),
+        ("bf16", "adamw", 2, 2, 8),  # fp32 moments
+        ("fp32", "sgd_momentum", 4, 4, 4),  # one fp32 momentum
+        ("bf16", "sgd_momentum", 2, 2, 4),
+        ("fp32", "adamw_8bit", 4, 4, 2),  # two one-byte moments
     ],
 )
-def test_training_state_bytes_per_parameter(precision, optimizer, bytes_per_param):
+def test_training_state_bytes_per_parameter(precision, optimizer, weight_bytes, gradient_bytes, moment_bytes):
     config = make_config("tiny")
     workload = Workload(precision=precision, optimizer=optimizer)
     training = estimate_memory(config, workload).training
-    state = training.weights_bytes + training.gradients_bytes + training.optimizer_states_bytes
-    assert state == bytes_per_param * TINY_DENSE_PARAMS  # activations: against saved tensors in test_activations
+    # Each part on its own, so a byte moved from one to another is caught (activations: against saved
+    # tensors in test_activations).
+    assert training.weights_bytes == weight_bytes * TINY_DENSE_PARAMS
+    assert training.gradients_bytes == gradient_bytes * TINY_DENSE_PARAMS
+    assert training.optimizer_states_bytes == moment_bytes * TINY_DENSE_PARAMS
 
 
 def test_kv_cache_hand_derived():
@@ -66,9 +78,11 @@ def test_kv_cache_of_large_is_about_two_gib_per_series():
     assert cross_cache == 24 * 2 * 1024 * 4 * 513 * 20 == 2_017_198_080  # 1.88 GiB
 
 
-def test_kv_cache_int8_weights_cache_in_fp16():
-    fp16 = estimate_kv_cache_bytes(make_config("tiny"), Workload(dtype="fp16"))
-    assert estimate_kv_cache_bytes(make_config("tiny"), Workload(dtype="int8")) == fp16
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_kv_cache_int8_weights_cache_in_fp16(dtype):
+    # int8 weights compute in fp16: 2 bytes an element, as fp16. tiny: Ld 4 × k and v × A 256 × (P 64 | S 513) × N 20.
+    assert estimate_kv_cache_bytes(make_config("tiny"), Workload(dtype=dtype)) == (
+        4 * 2 * 256 * 2 * 64 * 20, 4 * 2 * 256 * 2 * 513 * 20)
 
 
 @pytest.mark.parametrize("architecture, num_experts", [("shared_then_expert", 0), *((a, 4) for a in ARCHITECTURES)])
@@ -118,23 +132,38 @@ def test_forecast_total_hand_derived():
 
 
 def test_active_experts_what_if_hand_derived():
-    # tiny shared_then_expert, E 8, K 2, one series: 6 idle expert heads of
-    # fc1 (256·1024 + 1024) + fc2 (1024·256 + 256) + LayerNorm 2·256 + lm_head 256·4096 parameters.
+    """tiny shared_then_expert, E 8, K 2, one series at S 513, P 64, N 20, fp32: two expert heads of eight
+    stay resident in the what-if. Weights by instantiating the model; the rest from tiny's dimensions."""
     config = make_config("tiny", num_experts=8)
+    model = build_model("tiny", num_experts=8, device="meta")
+    weights = 4 * sum(parameter.numel() for parameter in model.parameters())
+    # One expert head: fc1 (256·1024 + 1024) + fc2 (1024·256 + 256) + LayerNorm 2·256 + lm_head 256·4096.
     per_expert = (256 * 1024 + 1024) + (1024 * 256 + 256) + 2 * 256 + 256 * 4096
+    assert per_expert == sum(parameter.numel() for parameter in model.experts[0].parameters())
+    caches = 4 * 2 * 256 * 4 * (64 + 513) * 20  # Ld × keys and values × A × 4 bytes × (P + S) × N
+    encoder_output = 20 * 513 * 256 * 4  # N × S × D × 4 bytes
+    largest = 4 * 513 * 513 * (4 + 4 + 4)  # encoder attention H·S·S: above the FFN 513·1024·8 and sampling 20·4096·13
     forecast = estimate_memory(config).forecast
-    assert forecast.active_experts_weights_bytes == forecast.weights_bytes - 6 * per_expert * 4
-    assert forecast.what_if_active_experts_total_bytes == forecast.total_bytes - 6 * per_expert * 4
+    assert forecast.weights_bytes == weights
+    assert forecast.active_experts_weights_bytes == weights - 6 * per_expert * 4  # 6 idle heads
+    assert forecast.what_if_active_experts_total_bytes == weights - 6 * per_expert * 4 + caches + encoder_output + largest
 
 
 def test_active_experts_what_if_saves_nothing_for_token_routing():
+    # 513 tokens × K 2 routing slots per MoE block reach every one of the 8 experts: all stay resident.
     forecast = estimate_memory(make_config("tiny", architecture="token_ffn", num_experts=8)).forecast
-    assert forecast.active_experts_weights_bytes == forecast.weights_bytes
+    weights = 4 * sum(p.numel() for p in build_model("tiny", architecture="token_ffn", num_experts=8,
+                                                     device="meta").parameters())
+    assert forecast.active_experts_weights_bytes == forecast.weights_bytes == weights
 
 
-def test_estimate_memory_reuses_given_params():
+def test_estimate_memory_accepts_only_its_own_params():
     config = make_config("mini", architecture="expert_only", num_experts=4)
-    assert estimate_memory(config, params=count_params(config)) == estimate_memory(config)
+    weights = 4 * sum(p.numel() for p in build_model("mini", architecture="expert_only", num_experts=4,
+                                                     device="meta").parameters())
+    assert estimate_memory(config, params=count_params(config)).weights.fp32_bytes == weights
+    with pytest.raises(ValueError, match="params"):  # another config's counts would size the wrong model
+        estimate_memory(config, params=count_params(make_config("mini")))
 
 
 @settings(max_examples=40, deadline=None)
@@ -157,9 +186,14 @@ def test_memory_properties(size, architecture, num_experts, batch, context, pred
     workload = Workload(batch_size=batch, context_length=context, prediction_length=prediction,
                         num_samples=samples, dtype=dtype, precision=precision, optimizer=optimizer)
     memory = estimate_memory(config, workload)
-    assert memory.training.total_bytes >= memory.training.weights_bytes > 0
-    assert memory.forecast.total_bytes >= memory.forecast.weights_bytes > 0
     assert memory.forecast.active_experts_weights_bytes <= memory.forecast.weights_bytes
+    # More series: more activations and cache, the same weights; more sample paths: a forecast never shrinks.
+    larger = estimate_memory(config, dataclasses.replace(workload, batch_size=batch + 1))
+    assert larger.training.total_bytes > memory.training.total_bytes
+    assert larger.forecast.total_bytes > memory.forecast.total_bytes
+    assert (larger.weights, larger.training.weights_bytes) == (memory.weights, memory.training.weights_bytes)
+    more_paths = estimate_memory(config, dataclasses.replace(workload, num_samples=samples + 1))
+    assert more_paths.forecast.total_bytes > memory.forecast.total_bytes
     # The KV cache grows linearly with sample paths and with series.
     kv = sum(estimate_kv_cache_bytes(config, workload))
     assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, num_samples=2 * samples))) == 2 * kv

@@ -35,12 +35,21 @@ def test_tied_embedding_counts_once():
     encoder = 4 * (4 * d * a + 2 * d * f + 2 * d) + 32 * 4 + d
     decoder = 4 * (8 * d * a + 2 * d * f + 3 * d) + 32 * 4 + d
     assert unique == v * d + encoder + decoder == 8_394_496
-    assert every_name > unique  # the embedding is reachable under more than one name
+    # The embedding is reachable under four names (shared, encoder and decoder embed_tokens, lm_head): three
+    # extra V·D under named_parameters(remove_duplicate=False), none in the unique count.
+    assert every_name == unique + 3 * v * d
 
 
 def test_custom_size_and_hf_config_json(tmp_path):
     custom = build_model("custom", d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=1, device="meta")
-    assert custom.config.dims.num_decoder_layers == 1
+    assert custom.config.dims.num_decoder_layers == 1  # defaults to num_layers, as in T5Config
+    # Hand count (D 32, F 64, A = 2·8 = 16, one block per stack, V 4096 by default):
+    # encoder block: q, k, v, o 4·D·A + wi, wo 2·D·F + two norms 2·D; + position buckets 32·H + final norm D;
+    # decoder block: self and cross 8·D·A + 2·D·F + three norms 3·D; + 32·H + D; the tied embedding V·D once.
+    d, f, a, h, v = 32, 64, 16, 2, 4096
+    encoder = (4 * d * a + 2 * d * f + 2 * d) + 32 * h + d
+    decoder = (8 * d * a + 2 * d * f + 3 * d) + 32 * h + d
+    assert sum(p.numel() for p in custom.parameters()) == v * d + encoder + decoder == 145_760
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 1,
                                 "num_decoder_layers": 3, "vocab_size": 512, "model_type": "t5"}))
@@ -89,10 +98,18 @@ def test_unknown_size_lists_the_presets():
         make_config("huge")
 
 
-def test_debug_preset_is_small():
-    model = build_model("debug", architecture="token_ffn", num_experts=4, device="meta")
-    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+def test_debug_preset_token_ffn_hand_counted():
+    # debug: D 64, F 256, A = 4·16 = 64, H 4, 2 + 2 blocks, V 4096. token_ffn puts experts in block 1 of each
+    # stack: its FFN (wi, wo: 2·D·F) becomes a router D·E (no bias) and E expert FFNs of 2·D·F each.
     assert "debug" in PRESETS
+    model = build_model("debug", architecture="token_ffn", num_experts=4, device="meta")
+    d, f, a, h, v, e = 64, 256, 64, 4, 4096, 4
+    encoder = 2 * (4 * d * a + 2 * d * f + 2 * d) + 32 * h + d
+    decoder = 2 * (8 * d * a + 2 * d * f + 3 * d) + 32 * h + d
+    dense = v * d + encoder + decoder
+    assert dense == 492_544  # "a few hundred thousand parameters"
+    moe = dense + 2 * (-2 * d * f + d * e + e * 2 * d * f)
+    assert sum(p.numel() for p in model.parameters()) == moe == 689_664
 
 
 def test_dense_and_sparse_dispatch_compute_the_same_logits():

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from model import build_model, make_config
 from planner.activations import estimate_activation_bytes
@@ -43,7 +44,12 @@ def test_zero_stages_shard_what_they_should(strategy, expected):
 
 def test_zero3_adds_the_gathered_largest_layer():
     config = make_config("tiny", num_experts=4)
-    total, largest = instantiated_params("tiny", num_experts=4), count_largest_layer_params(config)
+    model = build_model("tiny", num_experts=4, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 gathers one module's own tensors at a time: the largest module of the real model (tiny's tied
+    # embedding, V·D = 4096·256), its fp32 weights and gradients (4 + 4 bytes) on top of the 16-byte shard.
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    assert largest == 4096 * 256
     plan = plan_devices(config, WORKLOAD, "zero3", 4)
     assert plan.model_states_bytes == 16 * math.ceil(total / 4) + 8 * largest
 
@@ -60,11 +66,44 @@ def test_expert_parallel_keeps_its_share_of_experts():
         plan_devices(make_config("small"), WORKLOAD, "expert_parallel", 8)
 
 
-@pytest.mark.parametrize("architecture", ["shared_then_expert", "expert_only", "token_ffn"])
-def test_largest_layer_matches_the_modules(architecture):
-    model = build_model("debug", architecture=architecture, num_experts=4, device="meta")
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    assert count_largest_layer_params(model.config) == largest
+# A model small enough to derive by hand (the per-block terms are those of tests/test_activations.py, here with
+# two blocks per stack): D 8, F 16, H 2 × Dk 4 (A 8), V 16; one series, context 3 and prediction 1 give S = 4
+# encoder and T = 2 decoder tokens; fp32 on CPU, where dropout masks take 4 bytes an element.
+CHECKPOINT_HAND = dict(d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=2, vocab_size=16)
+CHECKPOINT_WORKLOAD = Workload(batch_size=1, context_length=3, prediction_length=1)
+
+
+def test_checkpointed_activations_hand_derived():
+    from planner.measure import measure_saved_activation_bytes
+
+    def norm(tokens):  # T5LayerNorm: input and normalised (D each, fp32), rsqrt per token
+        return tokens * 8 * (4 + 4) + tokens * 4
+
+    # Encoder block, S = 4: attention (norm, q/k/v input, q kᵀ v copies, softmax H·S·S, its dropout mask and
+    # output, o input, residual mask), then FFN (norm, wi input, ReLU output + mask + wo input F wide, mask).
+    encoder_block = (norm(4) + 4 * 8 * 4 + 3 * 4 * 8 * 4 + 2 * 4 * 4 * 4 + 2 * 4 * 4 * (4 + 4) + 4 * 8 * 4 + 4 * 8 * 4
+                     + norm(4) + 4 * 8 * 4 + 4 * 16 * (4 + 4 + 4) + 4 * 8 * 4)
+    assert encoder_block == 1424 + 1296
+    # + embedding dropout mask, final norm and mask, int64 position buckets S×S (computed once, block 0)
+    encoder = 2 * encoder_block + 4 * 8 * 4 + norm(4) + 4 * 8 * 4 + 4 * 4 * 8
+    # Decoder block, T = 2: self-attention as above; cross-attention with q over T and kᵀ, v over S; FFN.
+    decoder_block = (norm(2) + 2 * 8 * 4 + 3 * 2 * 8 * 4 + 2 * 2 * 2 * 4 + 2 * 2 * 2 * 8 + 2 * 8 * 4 + 2 * 8 * 4
+                     + norm(2) + 2 * 8 * 4 + (2 + 2 * 4) * 8 * 4 + 2 * 2 * 4 * 4 + 2 * 2 * 4 * 8 + 2 * 8 * 4 + 2 * 8 * 4
+                     + norm(2) + 2 * 8 * 4 + 2 * 16 * 12 + 2 * 8 * 4)
+    assert decoder_block == 616 + 840 + 648
+    # + stack ends, position buckets T×T, and the encoder output the cross-attention k/v keep (once)
+    decoder = 2 * decoder_block + 2 * 8 * 4 + norm(2) + 2 * 8 * 4 + 2 * 2 * 8 + 4 * 8 * 4
+    outside = (4 + 2 + 2) * 8 + 2 * 8 * 4 + (2 * 16 * 4 + 4)  # int64 ids and targets; lm-head input; loss
+    full = outside + encoder + decoder
+    config = make_config("custom", **CHECKPOINT_HAND)
+    model = build_model("custom", **CHECKPOINT_HAND)
+    ids, labels = torch.randint(2, 16, (1, 4)), torch.randint(2, 16, (1, 2))
+    assert measure_saved_activation_bytes(model, ids, torch.ones_like(ids), labels) == full == 10_988
+    # Checkpointing per block: the blocks' tensors go; each block keeps its input (B·tokens·D fp32), and one
+    # block's tensors live again while it is recomputed: the larger stack's per-block share (blocks equal).
+    block_inputs = (2 * 4 + 2 * 2) * 1 * 8 * 4
+    expected = full - encoder - decoder + block_inputs + max(encoder / 2, decoder / 2)
+    assert estimate_checkpointed_activation_bytes(config, CHECKPOINT_WORKLOAD, device="cpu") == expected == 3_692
 
 
 def test_checkpointing_keeps_less_and_fits_decides():
@@ -125,7 +164,7 @@ def test_model_states_match_deepspeed_estimators(devices, architecture):
     {"architecture": "expert_only", "num_experts": 4},
     {"architecture": "token_ffn", "num_experts": 1024, "vocab_size": 64},
 ])
-@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize("size", ["debug", "tiny", "base"])
 def test_largest_layer_is_the_largest_module_of_the_real_model(size, moe):
     """ZeRO-3 gathers one module's own tensors at a time: the largest, found by walking the instantiated model.
     A small vocabulary or a wide router moves the largest module off the embedding."""
