@@ -21,6 +21,7 @@ from .presets import (
     RELATIVE_ATTENTION_NUM_BUCKETS,
     BackboneDims,
 )
+from .trainable import set_trainable
 
 
 def t5_config(dims: BackboneDims) -> T5Config:
@@ -52,13 +53,16 @@ def build_model_from_config(
     config: ChronosMoEConfig,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    trainable: str = "all",
 ) -> ChronosMoEModel:
-    """Build on `device` directly ("meta" gives exact sizes at zero cost: nothing data-dependent runs)."""
+    """Build on `device` directly ("meta" gives exact sizes at zero cost: nothing data-dependent runs), with
+    `requires_grad` set by the fine-tuning regime `trainable` (model.trainable)."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
         backbone = T5ForConditionalGeneration(t5_config(config.dims))
         model = ChronosMoEModel(config, backbone)
     if dtype is not None:
         model = model.to(dtype)
+    set_trainable(model, trainable)
     return model
 
 
@@ -67,9 +71,11 @@ def build_model(
     *,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    trainable: str = "all",
     **settings: Any,
 ) -> ChronosMoEModel:
     """A Chronos-MoE model: `make_config(size, **settings)` (the MoE settings and T5 overrides, with their
-    defaults and checks there), built on `device` in `dtype`. `num_experts=0` (the default) is the dense
-    Chronos-T5; `size` is a preset name, or "custom" with the T5 dimensions as settings."""
-    return build_model_from_config(make_config(size, **settings), device=device, dtype=dtype)
+    defaults and checks there), built on `device` in `dtype`, training the parameters `trainable` names.
+    `num_experts=0` (the default) is the dense Chronos-T5; `size` is a preset name, or "custom" with the T5
+    dimensions as settings."""
+    return build_model_from_config(make_config(size, **settings), device=device, dtype=dtype, trainable=trainable)

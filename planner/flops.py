@@ -24,11 +24,6 @@ from functools import cached_property
 from model.config import ChronosMoEConfig, capacity_limit
 from planner.workload import Workload
 
-# Backward of a matrix product computes the input gradient and the weight gradient, each as costly as the
-# forward product, so a training step is 3 × the forward (checked against FlopCounterMode in the tests).
-TRAIN_TO_FORWARD_FLOPS = 3
-
-
 @dataclass(frozen=True)
 class FlopBreakdown:
     """FLOPs of one pass by component. Token-level routers count as `router`, expert FFNs as `experts`,
@@ -197,6 +192,7 @@ class FlopCounts:
     forward: FlopBreakdown
     forecast: FlopBreakdown
     batch_size: int
+    backward_flops: int  # of a training step, under the workload's fine-tuning regime
 
     @property
     def forward_flops(self) -> int:
@@ -204,7 +200,9 @@ class FlopCounts:
 
     @property
     def train_flops(self) -> int:
-        return TRAIN_TO_FORWARD_FLOPS * self.forward_flops
+        """Forward + backward: 3 × the forward when everything trains (a matrix product's backward computes
+        an input and a weight gradient, each as costly as the product), less when parts are frozen."""
+        return self.forward_flops + self.backward_flops
 
     @property
     def forecast_flops(self) -> int:
@@ -213,8 +211,11 @@ class FlopCounts:
 
 def count_flops(config: ChronosMoEConfig, workload: Workload) -> FlopCounts:
     """Forward, training-step and forecast FLOPs of one batch of `workload`."""
+    from planner.backward import count_backward_flops  # it walks the forward with this module's pieces
+
     return FlopCounts(
         forward=count_forward_flops(config, workload),
         forecast=count_forecast_flops(config, workload),
         batch_size=workload.batch_size,
+        backward_flops=count_backward_flops(config, workload),
     )

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from model.build import build_model_from_config
 from model.chronos_moe import ChronosMoEModel
 from model.config import ChronosMoEConfig
-from planner.params import component_of_param
+from model.components import component_of_param
 from planner.workload import Workload
 
 # fvcore's FlopCountAnalysis counts one fused multiply-add as one "flop"; the project counts 2 (conventions.md).

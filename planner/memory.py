@@ -7,7 +7,8 @@
   gradients (only activations shrink); pure bf16 has bf16 weights and gradients with fp32 moments.
   Adam/AdamW keep two fp32 moments (8 B), SGD with momentum one (4 B), 8-bit AdamW two 1-byte moments (2 B):
   16 / 16 / 12 B with Adam, 12 B SGD fp32.
-  Every parameter is counted with a gradient and moments: over a run every expert is trained.
+  Every trainable parameter is counted with a gradient and moments (over a run every expert is trained);
+  frozen ones (a fine-tuning regime, model.trainable) have weights only.
   Activations are the bytes saved for backward (planner.activations), on CUDA unless told otherwise.
 - Forecast: weights + KV cache + the encoder output copied per sample path + the largest live activation.
   The KV cache at the end of decoding (t = P) is Ld × 2 × A × bytes × (S + t) × N × B: self-attention over the
@@ -26,7 +27,7 @@ from typing import Optional
 
 from model.config import ChronosMoEConfig
 from planner.activations import FLOAT32_BYTES, estimate_activation_bytes
-from planner.params import ParamBreakdown, count_params
+from planner.params import ParamBreakdown, count_params, count_trainable_params
 from planner.workload import DTYPE_BYTES, Workload
 
 # Training bytes per parameter: (weights, gradients) by precision regime, optimizer moments by optimizer.
@@ -101,14 +102,16 @@ def estimate_weights_memory(total_params: int) -> WeightsMemory:
     return WeightsMemory(*(total_params * DTYPE_BYTES[dtype] for dtype in ("fp32", "fp16", "bf16", "int8")))
 
 
-def estimate_training_memory(config: ChronosMoEConfig, workload: Workload, total_params: int,
+def estimate_training_memory(config: ChronosMoEConfig, workload: Workload, params: ParamBreakdown,
                              *, device: str = "cuda") -> TrainingMemory:
-    """Weights, gradients and optimizer states of every parameter, plus the activations saved for backward."""
+    """Weights of every parameter; gradients and optimizer states of the trainable ones (workload.trainable);
+    the activations saved for backward."""
     weight_bytes, gradient_bytes = WEIGHT_AND_GRADIENT_BYTES[workload.precision]
+    trainable = count_trainable_params(params, workload.trainable, config.label)
     return TrainingMemory(
-        weights_bytes=total_params * weight_bytes,
-        gradients_bytes=total_params * gradient_bytes,
-        optimizer_states_bytes=total_params * OPTIMIZER_STATE_BYTES[workload.optimizer],
+        weights_bytes=params.total_params * weight_bytes,
+        gradients_bytes=trainable * gradient_bytes,
+        optimizer_states_bytes=trainable * OPTIMIZER_STATE_BYTES[workload.optimizer],
         activations_bytes=estimate_activation_bytes(config, workload, device=device),
     )
 
@@ -193,6 +196,6 @@ def estimate_memory(config: ChronosMoEConfig, workload: Workload = Workload(),
     params = counted
     return MemoryBreakdown(
         weights=estimate_weights_memory(params.total_params),
-        training=estimate_training_memory(config, workload, params.total_params, device=device),
+        training=estimate_training_memory(config, workload, params, device=device),
         forecast=estimate_forecast_memory(config, workload, params),
     )

@@ -17,31 +17,15 @@ Where the experts live:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
 
+from model.checks import SettingError
+from model.components import COMPONENTS
 from model.config import ChronosMoEConfig
 from model.presets import RELATIVE_ATTENTION_NUM_BUCKETS, BackboneDims
+from model.trainable import nothing_trainable_message, trainable_components
 
-# Breakdown components, in display order; each is a `<name>_params` field of ParamBreakdown.
-COMPONENTS = (
-    "embedding",
-    "encoder_attention",
-    "encoder_ffn",
-    "encoder_norm",
-    "encoder_position_bias",
-    "decoder_self_attention",
-    "decoder_cross_attention",
-    "decoder_ffn",
-    "decoder_norm",
-    "decoder_position_bias",
-    "router",
-    "expert_encoder",
-    "expert_ffn",
-    "expert_head",
-)
 
 
 def count_embedding_params(dims: BackboneDims) -> int:
@@ -238,31 +222,11 @@ def count_params(config: ChronosMoEConfig) -> ParamBreakdown:
     )
 
 
-# Real parameter name → component, first match wins (the modules' names; see model/).
-_COMPONENT_PATTERNS = (
-    (r"^backbone\.(shared|lm_head|encoder\.embed_tokens|decoder\.embed_tokens)\.weight$", "embedding"),
-    (r"^router\.", "router"),
-    (r"^experts\.\d+\.encoder\.", "expert_encoder"),
-    (r"^experts\.\d+\.", "expert_head"),
-    (r"\.DenseReluDense\.router\.", "router"),
-    (r"\.DenseReluDense\.experts\.", "expert_ffn"),
-    (r"^backbone\.encoder\..*relative_attention_bias\.", "encoder_position_bias"),
-    (r"^backbone\.encoder\..*layer_norm\.", "encoder_norm"),
-    (r"^backbone\.encoder\..*\.SelfAttention\.", "encoder_attention"),
-    (r"^backbone\.encoder\..*\.DenseReluDense\.", "encoder_ffn"),
-    (r"^backbone\.decoder\..*relative_attention_bias\.", "decoder_position_bias"),
-    (r"^backbone\.decoder\..*layer_norm\.", "decoder_norm"),
-    (r"^backbone\.decoder\..*\.SelfAttention\.", "decoder_self_attention"),
-    (r"^backbone\.decoder\..*\.EncDecAttention\.", "decoder_cross_attention"),
-    (r"^backbone\.decoder\..*\.DenseReluDense\.", "decoder_ffn"),
-)
-_COMPILED_PATTERNS = tuple((re.compile(pattern), component) for pattern, component in _COMPONENT_PATTERNS)
-
-
-def component_of_param(name: str) -> Optional[str]:
-    """The breakdown component a real parameter name belongs to, or None if the planner does not know it."""
-    for pattern, component in _COMPILED_PATTERNS:
-        if pattern.search(name):
-            return component
-    return None
-
+def count_trainable_params(params: ParamBreakdown, trainable: str, label: str = "this variant") -> int:
+    """Parameters the fine-tuning regime `trainable` trains (model.trainable): the sum of its components.
+    SettingError naming `trainable` when that leaves nothing to train in `label`."""
+    components = trainable_components(trainable)
+    count = sum(value for name, value in params.components().items() if name in components)
+    if count == 0:
+        raise SettingError("trainable", nothing_trainable_message(trainable, label))
+    return count

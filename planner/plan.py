@@ -7,15 +7,18 @@ none of the MoE architectures applies to it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Optional
 
+from model.checks import SettingError
 from model.config import ChronosMoEConfig, make_config
 from model.presets import BackboneDims
+from model.trainable import nothing_trainable_message, trainable_components
 from planner.flops import FlopCounts, count_flops
 from planner.memory import MemoryBreakdown, estimate_memory
-from planner.params import ParamBreakdown, count_params
+from planner.params import ParamBreakdown, count_params, count_trainable_params
 from planner.workload import Workload
 
 DENSE = "dense"
@@ -57,9 +60,10 @@ def plan(config: ChronosMoEConfig, workload: Workload = Workload(), size: str = 
 
 @lru_cache(maxsize=64)
 def _dense_counts(dims: BackboneDims, workload: Workload) -> tuple[ParamBreakdown, FlopCounts]:
-    """The dense model's counts, shared by every variant of a size in a grid."""
+    """The dense model's counts, shared by every variant of a size in a grid. The dense model is compared
+    fully trained, whatever the variant's fine-tuning regime (a frozen-backbone regime leaves it nothing)."""
     dense = ChronosMoEConfig(dims)
-    return count_params(dense), count_flops(dense, workload)
+    return count_params(dense), count_flops(dense, dataclasses.replace(workload, trainable="all"))
 
 
 def grid_points(sizes: Iterable[str], architectures: Iterable[str],
@@ -110,8 +114,27 @@ def plan_grid(
     workload: Workload = Workload(),
     **settings: Any,
 ) -> list[Plan]:
-    """Plans for the grid `grid_configs` spans (settings: top_k, router_hidden_dim, vocab_size, ...)."""
-    return [plan(config, workload, size) for size, config in grid_configs(sizes, architectures, experts, **settings)]
+    """Plans for the grid `grid_configs` spans (settings: top_k, router_hidden_dim, vocab_size, ...), less the
+    variants the fine-tuning regime leaves nothing to train in (`untrained_variants` names them); SettingError
+    naming `trainable` when that is every variant."""
+    configs = grid_configs(sizes, architectures, experts, **settings)
+    plans = [plan(config, workload, size) for size, config in configs if trains_something(config, workload)]
+    if configs and not plans:
+        raise SettingError("trainable", nothing_trainable_message(workload.trainable, "any variant of this grid"))
+    return plans
+
+
+def trains_something(config: ChronosMoEConfig, workload: Workload) -> bool:
+    """Whether the workload's fine-tuning regime has parameters to train in this variant."""
+    components = trainable_components(workload.trainable)
+    return any(count for name, count in count_params(config).components().items() if name in components)
+
+
+def untrained_variants(sizes: Iterable[str], architectures: Iterable[str], experts: Iterable[int],
+                       workload: Workload, **settings: Any) -> list[str]:
+    """'size label' of each variant of the grid that `plan_grid` leaves out for its regime."""
+    return [f"{size} {config.label}" for size, config in grid_configs(sizes, architectures, experts, **settings)
+            if not trains_something(config, workload)]
 
 
 def _variant_columns(p: Plan) -> dict[str, Any]:
@@ -141,9 +164,11 @@ def plan_row(p: Plan) -> dict[str, Any]:
         "dtype": workload.dtype,
         "optimizer": workload.optimizer,
         "precision": workload.precision,
+        "trainable": workload.trainable,
         "total_params": params.total_params,
         "active_params": params.active_params,
         "expert_params": params.expert_params,
+        "trainable_params": count_trainable_params(params, workload.trainable, config.label),
         "params_increase_over_dense": params.total_params - p.dense_params.total_params,
         "total_params_vs_dense": params.total_params / p.dense_params.total_params,
         "active_params_vs_dense": params.active_params / p.dense_params.total_params,

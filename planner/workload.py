@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from model.checks import SettingError, check_int
+from model.trainable import normalize_trainable
 
 # Bytes per element of each number format.
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
@@ -45,6 +46,7 @@ class Workload:
     dtype: str = "fp32"  # weights' format for inference memory
     optimizer: str = "adamw"
     precision: str = "fp32"  # training regime
+    trainable: str = "all"  # which parameters learn (model.trainable): a regime or a set of components
 
     def __post_init__(self) -> None:
         for field, limit in WORKLOAD_LIMITS.items():
@@ -56,6 +58,7 @@ class Workload:
         if self.precision not in PRECISION_REGIMES:
             raise SettingError("precision",
                                f"precision must be one of {', '.join(PRECISION_REGIMES)}, got {self.precision!r}")
+        object.__setattr__(self, "trainable", normalize_trainable(self.trainable))
 
     @property
     def encoder_tokens(self) -> int:

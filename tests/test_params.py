@@ -5,7 +5,8 @@ import pytest
 
 from model.config import ARCHITECTURES, make_config
 from model.presets import PRESETS
-from planner.params import COMPONENTS, ParamBreakdown, component_of_param, count_params
+from model.components import COMPONENTS, component_of_param
+from planner.params import ParamBreakdown, count_params
 
 # tiny: D 256, F 1024, H 4 × Dk 64 (A 256), 4 + 4 blocks, V 4096.
 TINY_EMBEDDING = 4096 * 256

@@ -22,8 +22,8 @@ GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
     "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
                   "T = prediction + 1); FLOPs = 2 × multiply-accumulates", "count"),
     "Fwd ×dense": ("forward_flops_vs_dense", "Forward FLOPs over the dense model's", "ratio"),
-    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward = 3 × forward (so its ratio to "
-                    "dense is the forward's)", "count"),
+    "Train FLOPs": ("train_flops", "Training-step FLOPs: forward + backward; 3 × forward when every parameter "
+                    "trains, less with a frozen backbone (only the gradients the trainable parts need)", "count"),
     "Fcst FLOPs": ("forecast_flops", "Forecast FLOPs: encode the batch once, then N × prediction cached decoder "
                    "steps", "count"),
     "Fcst ×dense": ("forecast_flops_vs_dense", "Forecast FLOPs over the dense model's", "ratio"),

@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
+from model.components import COMPONENTS
 from model.presets import PRESETS
+from model.trainable import REGIMES
 from planner.export import FORMATS, export_metadata, render
 from planner.cli.flags import capacity_factor, count, integer_list, name_list
 from planner.output_path import check_output_path, write_output
 from planner.units import column_format
-from planner.plan import breakdown_rows, plan_grid, plan_row
+from planner.plan import breakdown_rows, plan_grid, plan_row, untrained_variants
 from planner.workload import (CONTEXT_LENGTH, DTYPE_BYTES, NUM_SAMPLES, OPTIMIZERS, PRECISION_REGIMES,
                               PREDICTION_LENGTH, Workload)
 
 SUMMARY_COLUMNS = (
-    "size", "architecture", "num_experts", "top_k", "total_params", "active_params", "total_params_vs_dense",
+    "size", "architecture", "num_experts", "top_k", "total_params", "active_params", "trainable_params",
+    "total_params_vs_dense",
     "forward_flops", "forward_flops_vs_dense", "train_flops", "forecast_flops", "forecast_flops_vs_dense",
     "weights_fp32_bytes", "train_memory_bytes", "forecast_memory_bytes",
 )
@@ -65,7 +68,7 @@ FIELD_FLAGS = {
     "steps": "--steps", "tokens": "--tokens", "epochs": "--epochs", "series": "--series",
     "devices_per_node": "--devices-per-node", "price_per_device_hour": "--price-per-hour",
     "data_series_per_s": "--data-series-per-s", "intra_link": "--intra-link", "inter_link": "--inter-link",
-    "deadline_hours": "--deadline-hours", "precision": "--precision", "dtype": "--dtype", "strategy": "--strategy",
+    "deadline_hours": "--deadline-hours", "precision": "--precision", "trainable": "--trainable", "dtype": "--dtype", "strategy": "--strategy",
     "max_batch": "--max-batch", "workers": "--workers",
 }
 
@@ -124,6 +127,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     workload.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="inference weights' format")
     workload.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     workload.add_argument("--precision", choices=PRECISION_REGIMES, default="fp32", help="training regime")
+    workload.add_argument("--trainable", default="all",
+                          help=f"which parameters learn: {', '.join(REGIMES)}, or comma-separated components "
+                               f"({', '.join(COMPONENTS)}); frozen ones get no gradient or optimizer state")
     output = OneLineParser(add_help=False)
     output.add_argument("--format", choices=FORMATS, default="table", dest="output_format")
     output.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
@@ -170,6 +176,7 @@ def _workload(args: argparse.Namespace) -> Workload:
     return Workload(
         batch_size=args.batch_size, context_length=args.context_length, prediction_length=args.prediction_length,
         num_samples=args.num_samples, dtype=args.dtype, optimizer=args.optimizer, precision=args.precision,
+        trainable=args.trainable,
     )
 
 
@@ -185,6 +192,10 @@ def _workload_metadata(workload: Workload) -> dict[str, Any]:
 def run_table(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
     workload = _workload(args)
     plans = plan_grid(args.sizes, args.architectures, args.experts, workload, **_grid_settings(args))
+    left_out = untrained_variants(args.sizes, args.architectures, args.experts, workload, **_grid_settings(args))
+    if left_out:
+        print(f"note: left out, nothing to train with --trainable {workload.trainable}: {', '.join(left_out)}",
+              file=sys.stderr)
     if args.command == "breakdown":
         rows = [row for p in plans for row in breakdown_rows(p)]
     else:
