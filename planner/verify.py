@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from model.checks import SettingError
 from model.config import ChronosMoEConfig
+from model.trainable import nothing_trainable_message
 from planner.activations import estimate_activation_bytes
 from planner.flops import count_flops
-from planner.params import count_params
-from planner.plan import DENSE, grid_configs
+from planner.params import count_params, count_trainable_params
+from planner.plan import DENSE, grid_configs, trains_something
 from planner.workload import Workload
 
 ACTIVATION_TOLERANCE = 0.03  # the issue's target for saved-activation bytes; everything else is exact
@@ -78,14 +79,19 @@ def _variant(size: str, config: ChronosMoEConfig) -> dict[str, Any]:
     }
 
 
-def verify_params(size: str, config: ChronosMoEConfig) -> list[Check]:
-    """Total, active and per-component parameters against the meta-device build."""
+def verify_params(size: str, config: ChronosMoEConfig, trainable: str = "all") -> list[Check]:
+    """Total, active, trainable and per-component parameters against the meta-device build."""
+    from model.build import build_model_from_config
     from planner.measure import measure_params
 
     variant, analytic = _variant(size, config), count_params(config)
     measured, one_expert = measure_params(config)
     total = sum(measured.values())
     checks = [_check(variant, "total_params", "meta build", analytic.total_params, total)]
+    frozen = build_model_from_config(config, device="meta", trainable=trainable)
+    checks.append(_check(variant, "trainable_params", "meta build (requires_grad)",
+                         count_trainable_params(analytic, trainable, config.label),
+                         sum(p.numel() for p in frozen.parameters() if p.requires_grad)))
     if config.is_moe:
         active = total - (config.num_experts - config.top_k) * one_expert
         checks.append(_check(variant, "active_params", "meta build", analytic.active_params, active))
@@ -117,6 +123,7 @@ def verify_flops(size: str, config: ChronosMoEConfig, workload: Workload, *, fvc
     """FLOPs (FlopCounterMode, fvcore, counted forecast) and saved-activation bytes of one variant."""
     import torch
 
+    from model.trainable import set_trainable
     from planner.measure import measure_saved_activation_bytes
     from planner.measure import (
         ShapeOnlyMatmuls,
@@ -131,6 +138,7 @@ def verify_flops(size: str, config: ChronosMoEConfig, workload: Workload, *, fvc
     capacity = CAPACITY_REASON if config.expert_capacity is not None else ""
     generator = torch.Generator().manual_seed(seed)
     model = build_shape_only(config)
+    set_trainable(model, workload.trainable)
     batch = token_batch(config, workload, generator)
     forward_flops, train_flops = measure_forward_and_train_flops(model, batch, shape_only=True)
     checks = [
@@ -173,9 +181,20 @@ def verify_variant(size: str, config: ChronosMoEConfig, workload: Workload, **op
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return verify_params(size, config) + verify_flops(size, config, workload, **options)
+        return (verify_params(size, config, workload.trainable) + verify_flops(size, config, workload, **options)
+                + [verify_reachability(size, config, workload.trainable)])
     finally:
         torch.set_num_threads(threads)
+
+
+def verify_reachability(size: str, config: ChronosMoEConfig, trainable: str) -> Check:
+    """Every trainable parameter receives a (non-zero) gradient in a real backward (planner.gradients)."""
+    from planner.gradients import check_reachability
+
+    reach = check_reachability(config, trainable)
+    return Check(**_variant(size, config), quantity="trainable_params_reached", counter="real backward (debug width)",
+                 analytic=reach.trainable_params, measured=reach.reached_params, ok=reach.ok,
+                 reason="" if reach.ok else reach.summary())
 
 
 def _estimated_cost(item: tuple[str, ChronosMoEConfig, Workload]) -> int:
@@ -236,8 +255,10 @@ def verify_grid(
     Variants are started largest first, so no worker is left with a large one at the end.
     `progress(done, total, checks)` is called as each variant finishes.
     """
-    items = [(size, config, workload, options or {})
-             for size, config in grid_configs(sizes, architectures, experts, **settings)]
+    configs = grid_configs(sizes, architectures, experts, **settings)
+    items = [(size, config, workload, options or {}) for size, config in configs if trains_something(config, workload)]
+    if configs and not items:
+        raise SettingError("trainable", nothing_trainable_message(workload.trainable, "any variant of this grid"))
     check_verify_fits([item[1] for item in items], workload)
     if workers is not None and not 1 <= workers <= (os.cpu_count() or 1):
         raise SettingError("workers", f"workers must be from 1 to this machine's {os.cpu_count() or 1} cores, got {workers}")
