@@ -151,6 +151,10 @@ except ValueError as error:
     st.error(sidebar_problem, icon=":material/error:")
 for problem in table.problems if table else ():
     st.error(problem, icon=":material/error:")
+if table and table.untrained:
+    st.info(f"Trainable {settings.trainable}: nothing to train in {', '.join(table.untrained)}, so "
+            f"{'it is' if len(table.untrained) == 1 else 'they are'} left out (ratios to dense still compare "
+            "with the dense model fully trained).", icon=":material/info:")
 
 tabs = dict(zip(TABS, st.tabs(TABS, key="tab", bind=BIND, on_change="rerun")))
 for name, draw in zip(TABS, (draw_plan, draw_breakdown, draw_charts, draw_verify, draw_budget, draw_devices,

@@ -384,3 +384,28 @@ def test_exact_values_beyond_2_to_the_53_are_drawn_digit_for_digit():
     assert all(flops > 2**53 for flops in expected)
     assert list(grid["Fcst FLOPs"]) == [f"{flops:,}" for flops in expected]
     assert list(grid["E"]) == [0, 16]  # small integers stay numbers
+
+
+def test_app_trainable_regime_counts_only_what_learns():
+    """Fine-tuning with the backbone frozen: the grid gains a Trainable column equal to the parameters that
+    require grad in the built model, training memory follows, and the dense model (nothing to train) is left
+    out with a line saying why."""
+    from model import build_model
+
+    at = run_app(sizes="tiny", experts="0, 4", trainable="experts_and_router")
+    values, _ = shown_grid(at)
+    assert list(values["Architecture"]) == ARCHITECTURES
+    for i, architecture in enumerate(ARCHITECTURES):
+        model = build_model("tiny", device="meta", architecture=architecture, num_experts=4,
+                            trainable="experts_and_router")
+        assert values["Trainable"][i] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        workload = Workload(trainable="experts_and_router")
+        config = make_config("tiny", architecture=architecture, num_experts=4)
+        assert values["Train mem"][i] == estimate_memory(config, workload).training.total_bytes
+    assert [i.value for i in at.info][0].startswith("Trainable experts_and_router: nothing to train in tiny dense, "
+                                                    "so it is left out")
+
+    at = run_app(sizes="tiny", experts="0", trainable="components", trainable_components=["decoder_ffn"])
+    values, _ = shown_grid(at)
+    assert list(values["Trainable"]) == [4 * 2 * 256 * 1024]  # Ld blocks × wi, wo of D × F
+    assert "Trainable" not in shown_grid(run_app(sizes="tiny", experts="0"))[0].columns  # everything trains

@@ -18,7 +18,7 @@ from planner.cost.service import ForecastService, plan_service
 from planner.cost.training import TrainingRun, price_training_run
 from planner.memory import MemoryBreakdown
 from planner.parallel import plan_all_strategies
-from planner.plan import Plan, breakdown_rows, grid_points, plan, plan_row
+from planner.plan import Plan, breakdown_rows, grid_points, plan, plan_row, trains_something
 from planner.solver import Budget, SearchSpace, SolverResult, solve
 from planner.workload import Workload
 from ui.sidebar import Settings
@@ -60,13 +60,14 @@ class Variant:
 class PlanTable:
     variants: tuple[Variant, ...]
     problems: tuple[str, ...]  # one line per variant left out, naming the field
+    untrained: tuple[str, ...] = ()  # variants left out because the fine-tuning regime trains nothing in them
 
 
 def workload_of(settings: Settings) -> Workload:
     return Workload(
         batch_size=settings.batch_size, context_length=settings.context_length,
         prediction_length=settings.prediction_length, num_samples=settings.num_samples,
-        dtype=settings.dtype, optimizer=settings.optimizer, precision=settings.precision,
+        dtype=settings.dtype, optimizer=settings.optimizer, precision=settings.precision, trainable=settings.trainable,
     )
 
 
@@ -94,7 +95,7 @@ def plan_table(settings: Settings) -> PlanTable:
         raise ValueError("sizes: choose at least one size (or add a custom size)")
     if any(experts) and not settings.architectures:
         raise ValueError("architectures: choose at least one architecture for the MoE variants")
-    variants, left_out = [], {}  # error message -> the variants it leaves out
+    variants, left_out, untrained = [], {}, []  # left_out: error message -> the variants it leaves out
     usable_sizes = []
     for size in sizes:
         try:  # the backbone first: if it is wrong, no variant of this size can exist
@@ -110,10 +111,13 @@ def plan_table(settings: Settings) -> PlanTable:
             if f"{architecture} MoE-{num_experts}" not in names:
                 names.append(f"{architecture} MoE-{num_experts}")
             continue
+        if not trains_something(config, workload):
+            untrained.append(f"{size} {config.label}")
+            continue
         variant_plan = plan(config, workload, size)
         variants.append(Variant(variant_plan, plan_row(variant_plan)))
     problems = [f"{', '.join(names)} left out: {message}" for message, names in left_out.items()]
-    return PlanTable(tuple(variants), tuple(problems))
+    return PlanTable(tuple(variants), tuple(problems), tuple(untrained))
 
 
 def export_rows(table: PlanTable) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import streamlit as st
 
+from model.components import COMPONENTS
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_CAPACITY_FACTOR
 from model.presets import DIMENSION_FIELDS, PRESETS
 from planner.bench import DEVICES, DTYPES, MODES, PREDICTION_DEVICES
@@ -23,6 +24,7 @@ from planner.cost.training import PRECISIONS, PRICED_GPUS
 from planner.parallel import STRATEGIES
 from planner.solver import BUDGET_KINDS, TOKEN_BLOCK_PATTERNS
 from planner.workload import DTYPE_BYTES, OPTIMIZERS, PRECISION_REGIMES
+from ui.sidebar import TRAINABLE_CHOICES
 
 PROBLEMS_KEY = "share_link_problems"
 LARGEST_NUMBER = 1e15  # no setting of the planner comes near it; Streamlit's number widgets overflow past 2^63
@@ -69,7 +71,8 @@ CHECKS: dict[str, Check] = {
     "context_length": _integer(1), "prediction_length": _integer(1), "batch_size": _integer(1),
     "num_samples": _integer(1), "expert_capacity": _capacity, "dtype": one_of(list(DTYPE_BYTES)),
     "optimizer": one_of(list(OPTIMIZERS)), "precision": one_of(list(PRECISION_REGIMES)),
-    "dispatch": one_of(list(DISPATCH_MODES)),
+    "dispatch": one_of(list(DISPATCH_MODES)), "trainable": one_of(list(TRAINABLE_CHOICES)),
+    "trainable_components": _each_of(list(COMPONENTS)),
     **{name: _integer(1) for name in DIMENSION_FIELDS},
     # Other tabs' counts, which their widgets would otherwise clamp without a word
     **{name: _integer(1) for name in ("devices_count", "cost_devices", "cost_global_batch", "cost_accumulation",

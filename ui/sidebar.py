@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import streamlit as st
 
+from model.components import COMPONENTS
 from model.config import ARCHITECTURES, DISPATCH_MODES
 from model.presets import DIMENSION_FIELDS, PRESETS, PUBLISHED_SIZES
+from model.trainable import REGIMES
 from planner.workload import (CONTEXT_LENGTH, DTYPE_BYTES, NUM_SAMPLES, OPTIMIZERS, PRECISION_REGIMES,
                               PREDICTION_LENGTH)
 from ui.uploads import MAX_UPLOAD_MB, read_upload
@@ -22,6 +24,8 @@ DEFAULT_SIZES = ("tiny", "mini", "small", "base", "large")
 DEFAULT_EXPERTS = "0, 4, 8, 16"
 CUSTOM_DIMENSIONS = DIMENSION_FIELDS  # the T5 dimensions a custom size sets
 BIND = "query-params"
+CHOSEN_COMPONENTS = "components"  # the Trainable choice that trains the components picked below it
+TRAINABLE_CHOICES = (*REGIMES, CHOSEN_COMPONENTS)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Settings:
     precision: str
     dispatch: str
     expert_capacity: Optional[float]
+    trainable: str = "all"  # a regime name or comma-separated components; checked by the planner (model.trainable)
 
 
 def _apply_upload() -> None:
@@ -100,6 +105,20 @@ def _draw_custom_dims() -> Optional[tuple[tuple[str, int], ...]]:
     return tuple(values.items()) if custom else None
 
 
+def _draw_trainable() -> str:
+    """Which parameters learn: a regime, or the components picked (an empty pick is refused by the planner)."""
+    choice = st.selectbox(
+        "Trainable", list(TRAINABLE_CHOICES), key="trainable", bind=BIND,
+        help="all: pretraining or full fine-tuning. experts_and_router: a pretrained dense backbone frozen, "
+        "routers and experts learn. experts / router: only those. components: the parts picked below. "
+        "Frozen parameters get no gradient, no optimizer state and no weight-gradient FLOPs.")
+    if choice != CHOSEN_COMPONENTS:
+        return choice
+    picked = st.multiselect("Trainable components", list(COMPONENTS), default=["router", "expert_head"],
+                            key="trainable_components", bind=BIND)
+    return ",".join(picked)
+
+
 def draw_sidebar() -> Settings:
     """Draw every knob and return what is set."""
     with st.sidebar:
@@ -140,6 +159,7 @@ def draw_sidebar() -> Settings:
         optimizer = st.selectbox("Optimizer", list(OPTIMIZERS), key="optimizer", bind=BIND)
         precision = st.selectbox("Training precision", list(PRECISION_REGIMES), key="precision", bind=BIND,
                                  help="fp32; AMP (fp32 weights, half activations); or pure bf16 weights.")
+        trainable = _draw_trainable()
 
         with st.expander("Advanced"):
             dispatch = st.selectbox("Dispatch", list(DISPATCH_MODES), key="dispatch", bind=BIND,
@@ -155,6 +175,7 @@ def draw_sidebar() -> Settings:
         sizes=tuple(sizes), custom_dims=custom_dims, architectures=tuple(architectures), experts=experts,
         top_k=int(top_k), router_hidden_dim=int(router_hidden_dim), vocab_size=int(vocab_size),
         context_length=int(context_length), prediction_length=int(prediction_length), batch_size=int(batch_size),
-        num_samples=int(num_samples), dtype=dtype, optimizer=optimizer, precision=precision, dispatch=dispatch,
+        num_samples=int(num_samples), dtype=dtype, optimizer=optimizer, precision=precision, trainable=trainable,
+        dispatch=dispatch,
         expert_capacity=expert_capacity,
     )

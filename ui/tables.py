@@ -18,6 +18,8 @@ GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
     "Total params": ("total_params", "Total parameters: every registered tensor, all E experts, tied embedding "
                      "once", "count"),
     "Active": ("active_params", "Active parameters per series: shared parts, router, K experts", "count"),
+    "Trainable": ("trainable_params", "Parameters the fine-tuning regime trains (the sidebar's Trainable): only they "
+                  "get gradients and optimizer states. Shown when not every parameter trains", "count"),
     "+ vs dense": ("params_increase_over_dense", "Total parameters minus the dense model's", "signed_count"),
     "Fwd FLOPs": ("forward_flops", "Forward FLOPs: teacher-forced forward of one batch (S = context + 1, "
                   "T = prediction + 1); FLOPs = 2 × multiply-accumulates", "count"),
@@ -38,9 +40,17 @@ _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_ex
 
 
 def grid_frame(variants: Sequence[Variant]) -> pd.DataFrame:
-    """Exact values, one row per variant, display headers."""
-    columns = {**_VARIANT_COLUMNS, **{name: key for name, (key, _, _) in GRID_COLUMNS.items()}}
+    """Exact values, one row per variant, display headers; "Trainable" only when some parameters are frozen
+    (with everything trained it repeats "Total params")."""
+    frozen = any(v.row["trainable_params"] != v.row["total_params"] for v in variants)
+    columns = {**_VARIANT_COLUMNS, **{name: key for name, (key, _, _) in GRID_COLUMNS.items()
+                                      if frozen or name != "Trainable"}}
     return pd.DataFrame([{name: v.row[key] for name, key in columns.items()} for v in variants])
+
+
+def _shown(frame: pd.DataFrame) -> list[tuple[str, tuple[str, str, str]]]:
+    """The GRID_COLUMNS this frame has."""
+    return [(name, spec) for name, spec in GRID_COLUMNS.items() if name in frame.columns]
 
 
 INT64_MAX = 2**63 - 1  # Arrow, which draws every table, holds no larger integer
@@ -69,7 +79,7 @@ def arrow_safe(frame: pd.DataFrame, exact: bool = False) -> pd.DataFrame:
 def _cell_texts(frame: pd.DataFrame, exact: bool) -> dict[str, list[str]]:
     """Every grid column's cells as they are drawn, to size the columns."""
     texts = {name: [str(v) for v in frame[name]] for name in frame.columns if name not in GRID_COLUMNS}
-    for name, (_, _, kind) in GRID_COLUMNS.items():
+    for name, (_, _, kind) in _shown(frame):
         if exact:
             texts[name] = [f"{v:,}" if isinstance(v, int) else f"{v:,.4g}" for v in frame[name]]
         else:
@@ -84,7 +94,7 @@ def grid_display(frame: pd.DataFrame, exact: bool):
     if exact:
         return arrow_safe(frame, exact=True)
     return arrow_safe(frame).style.format({name: column_format(kind, frame[name])
-                                           for name, (_, _, kind) in GRID_COLUMNS.items()})
+                                           for name, (_, _, kind) in _shown(frame)})
 
 
 def _width_px(header: str, cells: Sequence[str]) -> int:
@@ -105,7 +115,7 @@ def grid_column_config(exact: bool, frame: pd.DataFrame) -> dict[str, object]:
         "K": st.column_config.NumberColumn("K", help="Experts active per series / token",
                                            width=_width_px("K", texts["K"])),
     }
-    for name, (_, help_text, _) in GRID_COLUMNS.items():
+    for name, (_, help_text, _) in _shown(frame):
         suffix = " Exact value: turn on Exact values, or export." if not exact else ""
         width = _width_px(name, texts[name])
         if exact and _holds_integers_beyond(frame, name, EXACT_IN_BROWSER):
