@@ -19,11 +19,13 @@ from typing import Callable, Iterable, Optional, Sequence
 from model.checks import SettingError, check_int
 from model.config import ARCHITECTURES, MAX_EXPERTS, MAX_ROUTER_HIDDEN_DIM, ChronosMoEConfig, default_token_moe_blocks
 from planner.flops import count_flops
-from planner.params import count_params
+from planner.params import count_params, count_trainable_params
+from planner.plan import trains_something
 from planner.workload import Workload
 
 BUDGET_KINDS = {
     "active_params": "active parameters per series",
+    "trainable_params": "parameters the workload's fine-tuning regime trains (--trainable)",
     "forward_flops": "teacher-forced forward FLOPs per series",
     "flop_ratio": "forward FLOPs as a ratio to the dense model",
     "train_memory": "training memory per device (bytes)",
@@ -108,6 +110,8 @@ def _budget_value(candidate_config: ChronosMoEConfig, budget: Budget, workload: 
                   dense_forward_flops: int) -> float:
     if budget.kind == "active_params":
         return count_params(candidate_config).active_params
+    if budget.kind == "trainable_params":
+        return count_trainable_params(count_params(candidate_config), workload.trainable)
     if budget.kind in ("forward_flops", "flop_ratio"):
         forward = count_flops(candidate_config, workload).forward_flops
         if budget.kind == "flop_ratio":
@@ -124,7 +128,8 @@ def _budget_values(config_with: Callable[[int], ChronosMoEConfig], max_top_k: in
     """(K, budget quantity) of one shape for the K within the budget (at most max_top_k): every K from 1 to the
     largest, or a spread of them when there are very many (_reported_top_ks); empty when K = 1 exceeds it.
 
-    Active parameters and forward FLOPs are exactly affine in K under sparse dispatch (each series or token
+    Trainable parameters do not depend on K (K picks experts; it adds none). Active parameters and forward
+    FLOPs are exactly affine in K under sparse dispatch (each series or token
     runs K identical experts), so two evaluations give them all. Memory grows with K too, so the largest K
     within the budget is found by bisection (log2 of max_top_k evaluations, not one per K).
     """
@@ -137,7 +142,7 @@ def _budget_values(config_with: Callable[[int], ChronosMoEConfig], max_top_k: in
 
     if evaluate(1) > budget.limit:
         return []
-    affine = budget.kind in ("active_params", "forward_flops", "flop_ratio")
+    affine = budget.kind in ("active_params", "trainable_params", "forward_flops", "flop_ratio")
     if affine and max_top_k > 1:
         step = evaluate(2) - value[1]
         for top_k in range(3, max_top_k + 1):
@@ -237,6 +242,8 @@ def solve(
         def config_with(top_k: int) -> ChronosMoEConfig:
             return _config_for(base, architecture, experts, top_k, width, pattern)
 
+        if not trains_something(config_with(1), workload):
+            continue  # the regime trains nothing here (e.g. shared encoder parts of expert_only)
         breakdown = count_params(config_with(1))
         if tolerance is not None and abs(breakdown.total_params - target_total_params) > tolerance * target_total_params:
             continue

@@ -102,3 +102,21 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_bad_solver_input_names_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+def test_trainable_parameter_budget_counts_what_requires_grad():
+    """Fine-tuning a frozen backbone: the budget is on the parameters that learn, counted on the built model."""
+    from model import build_model
+
+    limit = 5_000_000
+    result = solve(make_config("tiny"), 30_000_000, Budget("trainable_params", limit),
+                   workload=Workload(trainable="experts_and_router"), space=SearchSpace(max_experts=8, max_top_k=2),
+                   limit=6)
+    assert result.candidates
+    for candidate in result.candidates:
+        c = candidate.config
+        model = build_model("tiny", device="meta", trainable="experts_and_router", architecture=c.architecture,
+                            num_experts=c.num_experts, top_k=c.top_k, router_hidden_dim=c.router_hidden_dim,
+                            encoder_moe_blocks=c.encoder_moe_blocks, decoder_moe_blocks=c.decoder_moe_blocks)
+        learning = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert candidate.budget_value == learning <= limit

@@ -43,6 +43,7 @@ SOLVED_PARAM = "budget_solved"  # in the address once solved, so a shared link s
 
 BUDGET_UNITS = {
     "active_params": BudgetUnit("Active parameters per series", "M", 1e6, 50.0, format_count),
+    "trainable_params": BudgetUnit("Trainable parameters (the sidebar's Trainable)", "M", 1e6, 20.0, format_count),
     "forward_flops": BudgetUnit("Forward FLOPs per series", "GFLOP", 1e9, 20.0, lambda v: format_count(v, "FLOP")),
     "flop_ratio": BudgetUnit("Forward FLOPs over dense", "×", 1.0, 1.5, format_ratio),
     "train_memory": BudgetUnit("Training memory per device", "GiB", GIB, 4.0, format_bytes),
