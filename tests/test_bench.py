@@ -382,3 +382,34 @@ def test_the_dense_run_is_labelled_dense_in_exports():
     assert (row["architecture"], row["num_experts"], row["top_k"], row["router_hidden_dim"]) == ("dense", 0, 0, 0)
     moe = BenchResult(spec=BenchSpec(**DEBUG, mode="forward", architecture="token_ffn", num_experts=4), status="refused").row()
     assert (moe["architecture"], moe["top_k"]) == ("token_ffn", 2)
+
+
+def test_a_frozen_backbone_training_step_moves_only_the_experts_and_routers():
+    """experts_and_router: AdamW holds the trainable parameters that received a gradient, the backbone keeps
+    its weights, and the traced step's optimizer updates only those shapes."""
+    spec = BenchSpec(**DEBUG, mode="train", architecture="token_ffn", num_experts=4, trainable="experts_and_router")
+    model = build_model_from_config(spec.model_config(), trainable=spec.trainable)
+    backbone = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    step = make_step(spec, model, "cpu")
+    output = step()
+    step()
+    assert all(torch.equal(p, backbone[name]) for name, p in model.named_parameters() if name in backbone)
+    learning = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    idle = sum(p.numel() for record in output.routing
+               for expert, used in enumerate(torch.bincount(record.routing.expert_indices.reshape(-1), minlength=4))
+               if used == 0 for p in model.get_submodule(record.layer).experts[expert].parameters())
+    assert step.trained_params() == learning - idle
+    assert learning == 4 * 2 * (2 * 64 * 256) + 2 * 64 * 4  # 2 MoE blocks × E × (wi, wo) + their routers
+
+
+def test_cli_leaves_out_train_runs_with_nothing_to_train(capsys):
+    args = _parse("--sizes", "debug", "--modes", "forward,train", "--experts", "0,4", "--architectures", "token_ffn",
+                  "--trainable", "experts_and_router")
+    specs = bench_specs(args)
+    assert [(s.mode, s.num_experts) for s in specs] == [("forward", 0), ("forward", 4), ("train", 4)]
+    assert specs[2].label == "debug MoE-4 (top-2, token_ffn, sparse) train (trainable experts_and_router)"
+    assert run_bench_command(_parse("--sizes", "debug", "--modes", "train", "--experts", "0",
+                                    "--trainable", "experts")) == 2
+    assert "argument --trainable: trainable experts leaves nothing to train in dense" in capsys.readouterr().err
+    assert run_bench_command(_parse("--sizes", "debug", "--trainable", "backbone")) == 2
+    assert "argument --trainable: trainable must be one of" in capsys.readouterr().err

@@ -73,7 +73,8 @@ def _draw_inputs(settings: Settings) -> dict[str, Any]:
     columns = st.columns(4)
     modes = columns[0].multiselect("Modes", list(MODES), default=["forward"], key="bench_modes", bind=BIND,
                                    help="forward: teacher-forced inference; forecast: N sample paths; train: "
-                                   "forward, backward and AdamW step with the balance loss")
+                                   "forward, backward and AdamW step with the balance loss, training the "
+                                   "sidebar's Trainable parameters")
     dispatch = columns[1].multiselect("Dispatch", list(DISPATCH_MODES), default=["sparse"], key="bench_dispatch",
                                       bind=BIND, help="dense runs every expert and masks: the reference cost")
     device = columns[2].selectbox("Device", list(DEVICES), key="bench_device", bind=BIND)
@@ -92,7 +93,8 @@ def _draw_inputs(settings: Settings) -> dict[str, Any]:
 
 
 def build_specs(inputs: dict[str, Any], settings: Settings) -> list[BenchSpec]:
-    """The grid of runs (the CLI's, dense first), at the sidebar's router width; ValueError naming the field."""
+    """The grid of runs (the CLI's, dense first), at the sidebar's router width and training regime (train runs
+    a regime trains nothing in are left out); ValueError naming the field."""
     for name in ("sizes", "modes", "dispatch"):
         if not inputs[name]:
             raise ValueError(f"{name}: choose at least one")
@@ -105,7 +107,7 @@ def build_specs(inputs: dict[str, Any], settings: Settings) -> list[BenchSpec]:
         batch_size=inputs["batch_size"], context_length=inputs["context_length"],
         prediction_length=inputs["prediction_length"], num_samples=inputs["num_samples"], device=inputs["device"],
         dtype=inputs["dtype"], warmup=inputs["warmup"], repeats=inputs["repeats"],
-        time_limit_s=float(inputs["time_limit_s"]),
+        time_limit_s=float(inputs["time_limit_s"]), trainable=settings.trainable,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Optional, Sequence
 
+from model.checks import SettingError
 from planner.bench.spec import BenchSpec
 from planner.plan import DENSE, grid_points
 
@@ -17,19 +18,33 @@ def bench_grid(sizes: Iterable[str], modes: Sequence[str], architectures: Sequen
     """The runs, dense first within each size and mode; repeated values give one run each. `settings` are
     BenchSpec fields shared by every run (top_k, batch_size, device, repeats, ...); `expert_capacity` applies
     to token_ffn runs only; `recalibrate` re-probes the device in the first run, which the others then use.
-    Raises ValueError naming a bad setting."""
+    Training runs a `trainable` regime leaves nothing to train in (the dense model under experts_and_router)
+    are left out. Raises ValueError naming a bad setting."""
     sizes = list(dict.fromkeys(sizes))
     if not sizes:
         raise ValueError("sizes: give at least one size preset")
     specs: list[BenchSpec] = []
+    refused: Optional[SettingError] = None
+
+    def add(**fields: Any) -> None:
+        nonlocal refused
+        try:
+            specs.append(BenchSpec(**fields, **settings))
+        except SettingError as error:
+            if error.field != "trainable" or fields["mode"] != "train":
+                raise
+            refused = error
+
     for size in sizes:
         for mode in dict.fromkeys(modes):
             for _, architecture, num_experts in grid_points([size], architectures, experts):
                 if architecture == DENSE:
-                    specs.append(BenchSpec(size=size, mode=mode, **settings))
+                    add(size=size, mode=mode)
                     continue
                 capacity = expert_capacity if architecture == "token_ffn" else None
                 for mode_of_dispatch in dict.fromkeys(dispatch):
-                    specs.append(BenchSpec(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
-                                           dispatch=mode_of_dispatch, expert_capacity=capacity, **settings))
+                    add(size=size, mode=mode, architecture=architecture, num_experts=num_experts,
+                        dispatch=mode_of_dispatch, expert_capacity=capacity)
+    if not specs and refused is not None:
+        raise refused
     return [dataclasses.replace(spec, recalibrate=recalibrate and index == 0) for index, spec in enumerate(specs)]

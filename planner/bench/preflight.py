@@ -17,7 +17,7 @@ from typing import Optional
 
 from planner.bench.spec import BenchSpec
 from planner.memory import estimate_memory
-from planner.params import count_params
+from planner.params import count_params, count_trainable_params
 from planner.units import GIB
 
 MEMORY_FRACTION = 0.8  # the rest is for the allocator's slack, the runtime and whatever else runs
@@ -26,10 +26,10 @@ MEMORY_FRACTION = 0.8  # the rest is for the allocator's slack, the runtime and 
 def estimate_peak_bytes(spec: BenchSpec, device: str, trained_params: Optional[int] = None) -> int:
     """The planner's peak memory of one step of `spec` on `device` ("cpu", "cuda" or "mps").
 
-    Training: the planner gives every parameter a gradient and AdamW moments, as a long run trains every
-    expert. A short run trains only the experts its series were routed to (a fresh router often sends a whole
-    batch to the same few); given `trained_params` (what the run's optimizer holds moments for), gradients
-    and moments are counted for those alone.
+    Training: the planner gives every trainable parameter (the spec's regime) a gradient and AdamW moments,
+    as a long run trains every expert. A short run trains only the experts its series were routed to (a fresh
+    router often sends a whole batch to the same few); given `trained_params` (what the run's optimizer holds
+    moments for), gradients and moments are counted for those alone.
     """
     config, workload = spec.model_config(), spec.workload()
     activation_device = "cpu" if device == "cpu" else "cuda"  # the dropout masks' width
@@ -42,7 +42,7 @@ def estimate_peak_bytes(spec: BenchSpec, device: str, trained_params: Optional[i
     training = memory.training
     if trained_params is None:
         return training.total_bytes
-    trained_share = trained_params / params.total_params
+    trained_share = trained_params / count_trainable_params(params, workload.trainable, config.label)
     return (training.weights_bytes + training.activations_bytes
             + round((training.gradients_bytes + training.optimizer_states_bytes) * trained_share))
 

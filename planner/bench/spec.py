@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig, make_config
+from planner.params import count_params, count_trainable_params
 from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
 
 MODES = ("forward", "forecast", "train")
@@ -58,6 +59,7 @@ class BenchSpec:
     time_limit_s: float = 600.0  # the whole subprocess: start-up, build, warm-up and repeats
     seed: int = 0
     recalibrate: bool = False  # re-run the device probe even when a cached one exists
+    trainable: str = "all"  # train mode: which parameters learn (model.trainable)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -74,8 +76,10 @@ class BenchSpec:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
                 or not 0 < limit <= MAX_TIME_LIMIT_S:
             raise ValueError(f"time_limit_s must be a number of seconds in (0, {MAX_TIME_LIMIT_S:g}], got {limit!r}")
-        self.model_config()  # the model settings, validated by the modules' own config
-        self.workload()
+        config, workload = self.model_config(), self.workload()  # validated by the config and the workload
+        object.__setattr__(self, "trainable", workload.trainable)  # one spelling of each regime
+        if self.mode == "train":
+            count_trainable_params(count_params(config), self.trainable, config.label)  # refused if nothing learns
 
     @property
     def memory_steps(self) -> int:
@@ -105,12 +109,14 @@ class BenchSpec:
             dtype=self.dtype,
             optimizer="adamw",
             precision=TRAIN_PRECISION[self.dtype],
+            trainable=self.trainable,
         )
 
     @property
     def label(self) -> str:
         """Short human name, e.g. 'small MoE-16 (top-2, token_ffn, sparse) forward'."""
-        return f"{self.size} {self.model_config().describe(with_dispatch=True)} {self.mode}"
+        regime = f" (trainable {self.trainable})" if self.mode == "train" and self.trainable != "all" else ""
+        return f"{self.size} {self.model_config().describe(with_dispatch=True)} {self.mode}{regime}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

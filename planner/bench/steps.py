@@ -84,7 +84,7 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep
 
     if spec.mode == "train":
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
         autocast = spec.dtype != "fp32"
 
         def train() -> MoEOutput:

@@ -80,7 +80,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     torch.manual_seed(spec.seed)
     emit("progress", stage="build", done=0, total=1)
     dtype = None if spec.mode == "train" else TORCH_DTYPES[spec.dtype]  # training: AMP keeps fp32 weights
-    model = build_model_from_config(spec.model_config(), device=device, dtype=dtype)
+    model = build_model_from_config(spec.model_config(), device=device, dtype=dtype,
+                                    trainable=spec.trainable if spec.mode == "train" else "all")
     step = make_step(spec, model, device)
     last_output: list[Any] = [None]
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH
+from planner.workload import CONTEXT_LENGTH, NUM_SAMPLES, PREDICTION_LENGTH, Workload
+from planner.plan import untrained_variants
 from model.config import ARCHITECTURES, DISPATCH_MODES, MAX_EXPERTS
 from planner.bench.grid import bench_grid
 from planner.cli.flags import capacity_factor, integer_list, name_list
@@ -77,6 +78,9 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--time-limit", type=float, default=600.0, dest="time_limit_s", help="seconds per run")
     parser.add_argument("--recalibrate", action="store_true", help="re-run the device probe")
+    parser.add_argument("--trainable", default="all",
+                        help="train mode: which parameters learn (all, experts_and_router, experts, router, or "
+                             "comma-separated components); runs with nothing to train are left out")
     parser.add_argument("--predict-for", choices=PREDICTION_DEVICES, default=None, metavar="DEVICE",
                         help="run nothing: predicted time and memory on DEVICE: " + ", ".join(PREDICTION_DEVICES))
     parser.add_argument("--compiled", action="store_true",
@@ -98,7 +102,7 @@ def bench_specs(args: argparse.Namespace) -> list[BenchSpec]:
         top_k=args.top_k, router_hidden_dim=args.router_hidden_dim, batch_size=args.batch_size,
         context_length=args.context_length, prediction_length=args.prediction_length, num_samples=args.num_samples,
         device=args.device, dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-        time_limit_s=args.time_limit_s,
+        time_limit_s=args.time_limit_s, trainable=args.trainable,
     )
 
 
@@ -156,6 +160,15 @@ def _write(text: bytes, output: Optional[Path]) -> bool:
         return False
 
 
+def _untrained_runs(args: argparse.Namespace, specs: list[BenchSpec]) -> list[str]:
+    """The training runs bench_grid left out because the regime trains nothing in them."""
+    if "train" not in args.modes:
+        return []
+    sizes = dict.fromkeys(spec.size for spec in specs)
+    workload = Workload(trainable=specs[0].trainable)
+    return untrained_variants(sizes, args.architectures, args.experts, workload)
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from planner.cli.commands import flag_for
 
@@ -175,6 +188,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         message = f"argument --sizes: {message}" if message.startswith("size ") else flag_for(error)
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    left_out = _untrained_runs(args, specs)
+    if left_out:
+        print(f"note: train runs left out, nothing to train with --trainable {specs[0].trainable}: "
+              f"{', '.join(left_out)}", file=sys.stderr)
     results = []
     for index, spec in enumerate(specs, start=1):
         result = run_benchmark(spec, progress=_print_progress(index, len(specs), spec))

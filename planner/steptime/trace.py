@@ -40,6 +40,7 @@ from torch.utils.flop_counter import flop_registry
 
 from model.checks import SettingError
 from model.config import ChronosMoEConfig
+from model.trainable import set_trainable
 from planner.bench.device import TORCH_DTYPES
 from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
@@ -265,6 +266,8 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = _shape_only_model(config, "fp32" if mode == "train" else dtype)
+    if mode == "train":
+        set_trainable(model, workload.trainable)  # frozen parameters: no gradient, no optimizer step
     batch = token_batch(config, workload, generator)
     parameters = _full_size_storages(model)
 
@@ -325,7 +328,8 @@ def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
         recorder.phase = "backward"
 
     train = mode == "train"
-    handles = [p.register_post_accumulate_grad_hook(note_trained) for p in model.parameters()] if train else []
+    handles = [p.register_post_accumulate_grad_hook(note_trained) for p in model.parameters()
+               if p.requires_grad] if train else []
     try:
         with recorder, HostReads(recorder):
             run_step(model, batch, workload, mode, dtype, generator, on_backward=start_backward)

@@ -28,7 +28,7 @@ def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: st
     identity = {"format": TRACE_FORMAT, "config": dataclasses.asdict(config), "mode": mode, "dtype": dtype,
                 "foreach_optimizer": foreach_optimizer,
                 "workload": {field: getattr(workload, field) for field in
-                             ("batch_size", "context_length", "prediction_length", "num_samples")},
+                             ("batch_size", "context_length", "prediction_length", "num_samples", "trainable")},
                 "versions": versions}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
