@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from model.checks import SettingError
 from model.config import ChronosMoEConfig
-from planner.params import ParamBreakdown, count_params, experts_per_device
+from planner.params import ParamBreakdown, count_params, experts_per_device, split_trainable_params
 from planner.workload import Workload
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
@@ -133,27 +133,32 @@ def step_collectives(config: ChronosMoEConfig, workload: Workload, strategy: str
     params = count_params(config) if params is None else params
     n, grad, weight = num_devices, GRADIENT_BYTES[precision], WEIGHT_BYTES[precision]
     total = params.total_params
+    # Only trainable parameters have gradients to reduce and updated weights to gather (model.trainable).
+    trainable = split_trainable_params(params, workload.trainable, config.label)
+    learning = trainable.total
     units = sharding_units(config)
     if strategy == "data_parallel":
-        return [Collective("all_reduce", "gradients", "backward", total * grad, n, False, buckets(total * grad))]
+        return [Collective("all_reduce", "gradients", "backward", learning * grad, n, False,
+                           buckets(learning * grad))]
     if strategy == "zero1":
-        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, False, buckets(total * grad)),
-                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False,
-                           buckets(total * weight))]
+        return [Collective("reduce_scatter", "gradients", "backward", learning * grad, n, False,
+                           buckets(learning * grad)),
+                Collective("all_gather", "updated weights", "optimizer", learning * weight, n, False,
+                           buckets(learning * weight))]
     if strategy == "zero2":
-        return [Collective("reduce_scatter", "gradients", "backward", total * grad, n, True, units),
-                Collective("all_gather", "updated weights", "optimizer", total * weight, n, False, units)]
+        return [Collective("reduce_scatter", "gradients", "backward", learning * grad, n, True, units),
+                Collective("all_gather", "updated weights", "optimizer", learning * weight, n, False, units)]
     if strategy == "zero3":
         return [Collective("all_gather", "weights (forward)", "forward", total * weight, n, True, units),
                 Collective("all_gather", "weights (backward)", "backward", total * weight, n, True, units),
-                Collective("reduce_scatter", "gradients", "backward", total * grad, n, True, units)]
+                Collective("reduce_scatter", "gradients", "backward", learning * grad, n, True, units)]
     if strategy == "expert_parallel":
-        expert_params = params.num_experts * params.params_per_expert
-        shared = (total - expert_params) * grad
-        collectives = [Collective("all_reduce", "shared gradients", "backward", shared, n, False, buckets(shared))]
+        shared = trainable.shared * grad
+        collectives = [Collective("all_reduce", "shared gradients", "backward", shared, n, False, buckets(shared))
+                       ] if shared else []  # nothing shared trains when only the experts do
         replicas = n // params.num_experts if n > params.num_experts else 1
-        if replicas > 1:
-            local = experts_per_device(params.num_experts, n) * params.params_per_expert
+        if replicas > 1 and trainable.per_expert:
+            local = experts_per_device(params.num_experts, n) * trainable.per_expert
             collectives.append(Collective("all_reduce", "expert gradients (replicas)", "backward", local * grad,
                                           replicas, False, buckets(local * grad)))
         for purpose, size in routed_bytes_per_micro_step(config, workload, precision):

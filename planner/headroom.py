@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from model.config import ChronosMoEConfig
 from planner.communication import GRADIENT_BYTES, routed_bytes_per_micro_step
-from planner.params import ParamBreakdown
+from planner.params import ParamBreakdown, split_trainable_params
 from planner.workload import Workload
 
 MIB = 2**20
@@ -81,11 +81,12 @@ def communication_buffer_bytes(config: ChronosMoEConfig, workload: Workload, str
         return 0
     nccl = NCCL_BUFFER_BYTES * NCCL_CHANNELS_ASSUMED * 2
     grad = GRADIENT_BYTES[precision]
+    trainable = split_trainable_params(params, workload.trainable, config.label)  # what gets a gradient
     if strategy == "data_parallel":
-        return nccl + params.total_params * grad
+        return nccl + trainable.total * grad
     if strategy in ("zero1", "zero2", "zero3"):
         return nccl + largest_layer_params * grad
-    shared = params.total_params - params.num_experts * params.params_per_expert
+    shared = trainable.shared
     routed = max((size for _, size in routed_bytes_per_micro_step(config, workload, precision)), default=0)
     return nccl + shared * grad + 2 * routed
 

@@ -9,7 +9,8 @@ decides which of them each device keeps whole and which it keeps a 1/n shard of:
 - expert_parallel: the E experts are split across the n devices (ceil(E/n) per device) and the shared
   parameters replicated; tokens travel to their experts, so with balanced routing each device processes as
   many expert slots as on one device, and its activations are those of its own batch.
-The workload's batch is per device. Activation checkpointing (per block) keeps only each block's input and
+Gradients and optimizer states exist for the trainable parameters only (the workload's fine-tuning regime,
+model.trainable); weights for all. The workload's batch is per device. Activation checkpointing (per block) keeps only each block's input and
 recomputes one block at a time; routers, heads and the loss are kept as without it. Whether a plan fits a
 GPU is planner.headroom's rule: its bytes plus the CUDA context, the allocator's reserve and communication
 buffers.
@@ -40,6 +41,7 @@ from planner.params import (
     expert_head_linears,
     experts_per_device,
     ffn_linears,
+    split_trainable_params,
     lm_head_linear,
     token_router_linear,
 )
@@ -170,17 +172,19 @@ def plan_devices(
     # mixed_fp16 computes in half precision, so its activations are autocast's.
     activation_workload = dataclasses.replace(workload, precision="amp_fp16" if regime == "mixed_fp16" else regime)
 
+    trainable = split_trainable_params(params, workload.trainable, config.label)  # gradients and moments
     if strategy == "expert_parallel":
-        held = params.with_experts(experts_per_device(params.num_experts, num_devices))
-        sharded = {"weights": held, "gradients": held, "optimizer": held}
+        experts = experts_per_device(params.num_experts, num_devices)
+        held, learning = params.with_experts(experts), trainable.with_experts(experts)
+        sharded = {"weights": held, "gradients": learning, "optimizer": learning}
     else:
         stage = _ZERO_STAGE[strategy]
-        total = params.total_params
 
-        def shard(first_stage: int) -> int:
-            return math.ceil(total / num_devices) if stage >= first_stage else total
+        def shard(count: int, first_stage: int) -> int:
+            return math.ceil(count / num_devices) if stage >= first_stage else count
 
-        sharded = {"optimizer": shard(1), "gradients": shard(2), "weights": shard(3)}
+        sharded = {"optimizer": shard(trainable.total, 1), "gradients": shard(trainable.total, 2),
+                   "weights": shard(params.total_params, 3)}
     gathered = 0
     if strategy == "zero3" and num_devices > 1:
         gathered = count_largest_layer_params(config) * (per_param.weights + per_param.gradients)

@@ -24,7 +24,7 @@ from model.checks import SettingError
 from model.components import COMPONENTS
 from model.config import ChronosMoEConfig
 from model.presets import RELATIVE_ATTENTION_NUM_BUCKETS, BackboneDims
-from model.trainable import nothing_trainable_message, trainable_components
+from model.trainable import EXPERT_COMPONENTS, nothing_trainable_message, trainable_components
 
 
 
@@ -222,11 +222,36 @@ def count_params(config: ChronosMoEConfig) -> ParamBreakdown:
     )
 
 
-def count_trainable_params(params: ParamBreakdown, trainable: str, label: str = "this variant") -> int:
-    """Parameters the fine-tuning regime `trainable` trains (model.trainable): the sum of its components.
+@dataclass(frozen=True)
+class TrainableSplit:
+    """The trainable parameters of a regime, split as expert parallelism places them."""
+
+    shared: int  # outside the experts: replicated on every device
+    per_expert: int  # one expert's trainable share (every expert is the same shape)
+    num_experts: int
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.per_expert * self.num_experts
+
+    def with_experts(self, held: int) -> int:
+        """What a device holding `held` experts trains."""
+        return self.shared + self.per_expert * held
+
+
+def split_trainable_params(params: ParamBreakdown, trainable: str, label: str = "this variant") -> TrainableSplit:
+    """The parameters the fine-tuning regime `trainable` trains (model.trainable), by its components.
     SettingError naming `trainable` when that leaves nothing to train in `label`."""
     components = trainable_components(trainable)
-    count = sum(value for name, value in params.components().items() if name in components)
-    if count == 0:
+    counts = params.components()
+    experts = sum(counts[name] for name in EXPERT_COMPONENTS if name in components)
+    split = TrainableSplit(sum(counts[name] for name in components if name not in EXPERT_COMPONENTS),
+                           experts // params.num_experts if params.num_experts else 0, params.num_experts)
+    if split.total == 0:
         raise SettingError("trainable", nothing_trainable_message(trainable, label))
-    return count
+    return split
+
+
+def count_trainable_params(params: ParamBreakdown, trainable: str, label: str = "this variant") -> int:
+    """Parameters the fine-tuning regime `trainable` trains: the sum of its components."""
+    return split_trainable_params(params, trainable, label).total

@@ -171,3 +171,41 @@ def test_largest_layer_is_the_largest_module_of_the_real_model(size, moe):
     model = build_model(size, device="meta", **moe)
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
     assert count_largest_layer_params(make_config(size, **moe)) == largest
+
+
+def _learning(size: str, trainable: str, **moe) -> int:
+    """Parameters that require grad in the built model (meta device)."""
+    model = build_model(size, device="meta", trainable=trainable, **moe)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_sharded_gradients_and_moments_count_only_trainable_parameters():
+    """ZeRO-2 over 4 devices with the backbone frozen: weights whole (every parameter), gradients and AdamW
+    moments a quarter of what requires grad."""
+    moe = dict(architecture="token_ffn", num_experts=8)
+    workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="experts_and_router")
+    plan = plan_devices(make_config("tiny", **moe), workload, "zero2", 4)
+    learning = _learning("tiny", "experts_and_router", **moe)
+    assert plan.weights_bytes == 4 * instantiated_params("tiny", **moe)
+    assert (plan.gradients_bytes, plan.optimizer_states_bytes) == (4 * math.ceil(learning / 4),
+                                                                   8 * math.ceil(learning / 4))
+
+
+def test_expert_parallel_trains_its_own_experts_and_the_shared_trainable_parts():
+    """8 experts on 4 devices: each holds 2; under `experts` it trains those 2 experts' parameters only."""
+    moe = dict(architecture="shared_then_expert", num_experts=8)
+    model = build_model("tiny", device="meta", trainable="experts", **moe)
+    two_experts = sum(p.numel() for name, p in model.named_parameters()
+                      if p.requires_grad and name.split(".")[:2] in (["experts", "0"], ["experts", "1"]))
+    workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="experts")
+    plan = plan_devices(make_config("tiny", **moe), workload, "expert_parallel", 4)
+    assert plan.gradients_bytes == 4 * two_experts and plan.optimizer_states_bytes == 8 * two_experts
+
+
+def test_gradient_all_reduce_carries_only_trainable_gradients():
+    from planner.communication import step_collectives
+
+    moe = dict(architecture="expert_only", num_experts=4)
+    workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="router")
+    [all_reduce] = step_collectives(make_config("tiny", **moe), workload, "data_parallel", 8, "fp32")
+    assert all_reduce.buffer_bytes == 4 * _learning("tiny", "router", **moe)
