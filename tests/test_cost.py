@@ -255,3 +255,15 @@ def test_steps_from_tokens_or_epochs_and_batch_split():
 def test_bad_run_input_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         TrainingRun(make_config("tiny"), **{"gpu": "a100-40gb", **changes})
+
+
+def test_fine_tuning_run_prices_fewer_gradients_and_a_smaller_optimizer_step():
+    """Frozen backbone: the traced step computes only the gradients the regime needs and AdamW steps only the
+    trainable parameters, so the step is faster and the optimizer's share shrinks; the whole-run memory holds
+    moments only for what learns."""
+    config = make_config("tiny", architecture="token_ffn", num_experts=8)
+    full = price_training_run(TrainingRun(config, "h100-sxm", steps=100))
+    frozen = price_training_run(TrainingRun(config, "h100-sxm", steps=100, trainable="experts_and_router"))
+    assert frozen.compute_s < full.compute_s and frozen.optimizer_s < full.optimizer_s
+    with pytest.raises(ValueError, match="trainable router leaves nothing to train in dense"):
+        TrainingRun(make_config("tiny"), "h100-sxm", trainable="router")

@@ -93,7 +93,7 @@ def _training_inputs(table: PlanTable, settings: Settings) -> tuple[Variant, Tra
                       gradient_accumulation=accumulation, steps=int(steps), context_length=settings.context_length,
                       prediction_length=settings.prediction_length, strategy=strategy,
                       activation_checkpointing=checkpointing, precision=precision, optimizer=settings.optimizer,
-                      compiled=compiled, overlap_communication=overlap, data_series_per_s=ceiling or None,
+                      trainable=settings.trainable, compiled=compiled, overlap_communication=overlap, data_series_per_s=ceiling or None,
                       price_per_device_hour=price or None)
     return variant, run
 

@@ -68,6 +68,9 @@ def add_run_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser]) 
     parser.add_argument("--series", type=whole_number, default=None, help="series in the data set (with --epochs)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default tf32")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adamw")
+    parser.add_argument("--trainable", default="all",
+                        help="which parameters learn: all, experts_and_router, experts, router, or comma-separated "
+                             "components (fine-tuning: fewer gradients, optimizer states and backward FLOPs)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="data_parallel")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
@@ -140,7 +143,7 @@ def _template(args: argparse.Namespace) -> tuple[str, TrainingRun, Any]:
         gradient_accumulation=accumulation, steps=steps, context_length=context, prediction_length=prediction,
         strategy=args.strategy, activation_checkpointing=args.checkpointing,
         precision=args.precision or (imported.run_precision if imported else "tf32"),
-        optimizer=args.optimizer or (imported.workload.optimizer if imported else "adamw"),
+        optimizer=args.optimizer or (imported.workload.optimizer if imported else "adamw"), trainable=args.trainable,
         compiled=args.compile or bool(imported and imported.torch_compile),
         overlap_communication=not args.no_overlap, data_series_per_s=args.data_series_per_s,
         price_per_device_hour=args.price_per_hour, intra_link=args.intra_link, inter_link=args.inter_link)
@@ -151,7 +154,8 @@ def run_run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     label, template, imported = _template(args)
     metadata: dict[str, Any] = {"variant": label, "context_length": template.context_length,
                                 "prediction_length": template.prediction_length, "steps": template.steps,
-                                "precision": template.precision, "optimizer": template.optimizer}
+                                "precision": template.precision, "optimizer": template.optimizer,
+                                "trainable": template.trainable}
     if imported is not None:
         metadata.update(config_file=args.config, ignored_keys=", ".join(imported.ignored_keys) or "none")
     gpus, counts = args.gpu or [template.gpu], args.devices or [template.num_devices]

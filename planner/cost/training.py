@@ -38,7 +38,7 @@ from planner.cost.prices import PRICES
 from planner.flops import count_flops
 from planner.headroom import Headroom
 from planner.parallel import DEVICE_MEMORY, STRATEGIES, device_plan_headroom, plan_devices
-from planner.params import count_params, experts_per_device
+from planner.params import count_params, count_trainable_params, experts_per_device
 from planner.steptime import StepTime, gpu_preset, predict_step_time
 from planner.steptime.ops import StepTrace
 from planner.workload import CONTEXT_LENGTH, OPTIMIZERS, PREDICTION_LENGTH, Workload
@@ -71,6 +71,7 @@ class TrainingRun:
     activation_checkpointing: bool = False
     precision: str = "tf32"
     optimizer: str = "adamw"
+    trainable: str = "all"  # which parameters learn (model.trainable): fine-tuning prices fewer gradients
     compiled: bool = False
     overlap_communication: bool = True
     data_series_per_s: Optional[float] = None  # the input pipeline's ceiling; None: unlimited
@@ -92,7 +93,7 @@ class TrainingRun:
     def micro_workload(self) -> Workload:
         return Workload(batch_size=self.per_device_batch, context_length=self.context_length,
                         prediction_length=self.prediction_length, optimizer=self.optimizer,
-                        precision=MEMORY_REGIME[self.precision])
+                        precision=MEMORY_REGIME[self.precision], trainable=self.trainable)
 
     def price(self) -> float:
         return PRICES[self.gpu].usd_per_device_hour if self.price_per_device_hour is None else self.price_per_device_hour
@@ -140,7 +141,9 @@ def validate_run(run: TrainingRun) -> None:
         check_positive("data_series_per_s", run.data_series_per_s)
     if run.price_per_device_hour is not None:
         check_positive("price_per_device_hour", run.price_per_device_hour)
-    run.micro_workload()  # the workload's own checks (lengths)
+    workload = run.micro_workload()  # the workload's own checks (lengths, trainable)
+    object.__setattr__(run, "trainable", workload.trainable)  # one spelling of each regime
+    count_trainable_params(count_params(run.config), run.trainable, run.config.label)  # refused if nothing learns
 
 
 def global_batch_split(global_batch: int, num_devices: int, gradient_accumulation: int = 1) -> int:
@@ -294,7 +297,8 @@ def price_training_run(run: TrainingRun, micro: Optional[MicroStep] = None) -> R
              "data": data_s if data_s > busy_s else 0.0}
 
     flops = count_flops(run.config, Workload(batch_size=run.global_batch, context_length=run.context_length,
-                                             prediction_length=run.prediction_length)).train_flops
+                                             prediction_length=run.prediction_length,
+                                             trainable=run.trainable)).train_flops
     peak = gpu_preset(run.gpu).matmul_peaks[MATMUL_PEAK[run.precision]]
     mfu = flops / (step_s * run.num_devices * peak)
 
