@@ -81,6 +81,7 @@ def upcycle(
     top_k: int = 2,
     router_init: str = "normal",
     size: Optional[str] = None,
+    trainable: str = "all",
     **settings: Any,
 ) -> ChronosMoEModel:
     """An MoE ChronosMoEModel (in training mode, fp32, on the CPU) whose weights come from a dense Chronos-T5.
@@ -89,7 +90,9 @@ def upcycle(
     `save_pretrained` writes and amazon/chronos-t5-* ship), a dense ChronosMoEModel, or a
     T5ForConditionalGeneration. The dimensions come from the source (`dims_from_hf_config`); `size`, when
     given, must name the preset they equal. `settings` are make_config's MoE settings (router_hidden_dim,
-    dispatch, expert_capacity, encoder_moe_blocks, ...), not dimensions.
+    dispatch, expert_capacity, encoder_moe_blocks, ...), not dimensions. `trainable` sets requires_grad by
+    the fine-tuning regime (model.trainable): "all" continues training everything, "experts_and_router" keeps
+    the copied backbone frozen.
 
     shared_then_expert: encoder, decoder and router input are the dense model's; each expert head starts as
     close to T5's head as its shape allows: fc2 weight and bias 0 (the MLP branch adds nothing, as in a
@@ -127,7 +130,7 @@ def upcycle(
     config = make_config("custom", architecture=architecture, num_experts=num_experts, top_k=top_k,
                          vocab_size=dims.vocab_size, **{name: getattr(dims, name) for name in DIMENSION_FIELDS},
                          **settings)
-    model = build_model_from_config(config)
+    model = build_model_from_config(config, trainable=trainable)
     with torch.no_grad():
         _copy_dense_weights(model, load_state())
         _init_new_parts(model, router_init)

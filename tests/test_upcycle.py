@@ -205,3 +205,19 @@ def test_upcycle_refuses_an_moe_source(checkpoints):
     with pytest.raises(ValueError) as error:
         upcycle(moe, architecture="token_ffn", num_experts=E)
     assert_one_line_naming(error, "source")
+
+
+def test_upcycle_then_fine_tune_only_the_experts_and_router(checkpoints):
+    """The usual recipe: upcycle, freeze the copied backbone, train routers and experts; one AdamW step moves
+    them and leaves every copied backbone weight as the checkpoint had it."""
+    dense, directory = checkpoints["debug"]
+    moe = upcycle(directory, architecture="token_ffn", num_experts=E, trainable="experts_and_router")
+    frozen = {name: p.detach().clone() for name, p in moe.named_parameters() if not p.requires_grad}
+    assert frozen and all(".experts." not in name and ".router." not in name for name in frozen)
+    optimizer = torch.optim.AdamW([p for p in moe.parameters() if p.requires_grad], lr=1e-2)
+    input_ids, attention_mask, decoder_input_ids = batch()
+    moe.train()(input_ids, attention_mask, labels=decoder_input_ids).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(p, frozen[name]) for name, p in moe.named_parameters() if name in frozen)
+    assert any(not torch.equal(p, dense.get_parameter(name.replace(".experts.0", "")))
+               for name, p in moe.named_parameters() if ".experts.0.wi" in name)
