@@ -27,6 +27,7 @@ from planner.activations import estimate_activation_bytes
 from planner.flops import count_flops
 from planner.params import count_params, count_trainable_params
 from planner.plan import DENSE, grid_configs, trains_something
+from planner.units import GIB
 from planner.workload import Workload
 
 ACTIVATION_TOLERANCE = 0.03  # the target for saved-activation bytes; everything else is exact
@@ -233,8 +234,8 @@ def check_verify_fits(configs, workload: Workload) -> None:
                   for config in configs), default=0)
     if needed > VERIFY_MEMORY_SHARE * available:
         raise ValueError(f"argument --context-length/--batch-size: verifying this grid needs about "
-                         f"{needed / 2**30:,.1f} GiB (the largest variant's weights and saved activations) and this machine has "
-                         f"{available / 2**30:,.1f} GiB available; lower --context-length or --batch-size, or "
+                         f"{needed / GIB:,.1f} GiB (the largest variant's weights and saved activations) and this machine has "
+                         f"{available / GIB:,.1f} GiB available; lower --context-length or --batch-size, or "
                          f"verify smaller --sizes")
 
 

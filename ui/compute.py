@@ -20,6 +20,7 @@ from planner.memory import MemoryBreakdown
 from planner.parallel import plan_all_strategies
 from planner.plan import Plan, breakdown_rows, grid_points, plan, plan_row, trains_something
 from planner.solver import Budget, SearchSpace, SolverResult, solve
+from planner.units import GIB
 from planner.workload import Workload
 from ui.sidebar import Settings
 
@@ -173,7 +174,7 @@ def device_plans(config: ChronosMoEConfig, workload: Workload, num_devices: int,
     """planner.parallel.plan_all_strategies: one row per strategy × activation checkpointing, with `fits`.
     ValueError naming the field (num_devices, precision); a device memory ≤ 0 is refused here."""
     if device_memory_bytes <= 0:
-        raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / 2**30:g} GiB")
+        raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / GIB:g} GiB")
     return plan_all_strategies(config, workload, num_devices, device_memory_bytes=device_memory_bytes,
                                precision=precision)
 

@@ -18,6 +18,7 @@ from typing import Optional
 from model.config import ChronosMoEConfig
 from planner.bench.cache import cache_dir
 from planner.steptime.ops import StepTrace
+from planner.units import GIB
 from planner.workload import Workload
 
 TRACE_FORMAT = 3  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes)
@@ -61,8 +62,8 @@ def check_traceable(config: ChronosMoEConfig, workload: Workload) -> None:
 
     largest, total = largest_tensor_bytes(config, workload), psutil.virtual_memory().total
     if largest > total:
-        raise ValueError(f"this step is too large to time: one of its tensors would hold {largest / 2**30:,.0f} GiB, "
-                         f"more than this machine's {total / 2**30:,.0f} GiB, so its ops cannot be traced; lower the "
+        raise ValueError(f"this step is too large to time: one of its tensors would hold {largest / GIB:,.0f} GiB, "
+                         f"more than this machine's {total / GIB:,.0f} GiB, so its ops cannot be traced; lower the "
                          f"batch per device or the context length")
 
 
