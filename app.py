@@ -7,7 +7,7 @@ import streamlit as st
 
 from ui.bench_tab import draw_bench
 from ui.budget_tab import SOLVED_PARAM, draw_budget
-from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table
+from ui.compute import PlanTable, Variant, breakdown_export_rows, export_rows, plan_table, reachability
 from ui.conventions import CONVENTIONS_MARKDOWN
 from ui.cost_tab import draw_cost
 from ui.devices_tab import draw_devices
@@ -61,6 +61,10 @@ def draw_breakdown(table: PlanTable, settings: Settings) -> None:
     label = st.selectbox("Variant", labels, index=first_moe, key="variant", bind=BIND)
     variant = table.variants[labels.index(label)]
     _metrics(variant)
+    if settings.trainable != "all":
+        ok, line = reachability(variant.plan.config, settings.trainable)
+        (st.success if ok else st.warning)(f"Trainable {settings.trainable}: {line}.",
+                                           icon=":material/check:" if ok else ":material/warning:")
 
     left, right = st.columns([2, 3])
     with left:

@@ -409,3 +409,14 @@ def test_app_trainable_regime_counts_only_what_learns():
     values, _ = shown_grid(at)
     assert list(values["Trainable"]) == [4 * 2 * 256 * 1024]  # Ld blocks × wi, wo of D × F
     assert "Trainable" not in shown_grid(run_app(sizes="tiny", experts="0"))[0].columns  # everything trains
+
+
+def test_breakdown_says_whether_every_trainable_parameter_gets_a_gradient():
+    """A real backward (planner.gradients; torch loads on first use, hence the longer timeout)."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in dict(sizes="tiny", experts="4", architectures="shared_then_expert", trainable="router",
+                           tab="Breakdown").items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.success[0].value.startswith("Trainable router: every trainable parameter receives a gradient")

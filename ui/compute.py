@@ -159,6 +159,15 @@ def memory_parts(memory: MemoryBreakdown) -> dict[str, dict[str, int]]:
 APP_SOLVE_TIME_LIMIT_S = 10.0  # a page waits no longer for the solver
 
 
+@st.cache_data(max_entries=64, show_spinner="Checking that every trainable parameter gets a gradient…")
+def reachability(config: ChronosMoEConfig, trainable: str) -> tuple[bool, str]:
+    """(ok, one line) of planner.gradients' real backward for this variant and regime."""
+    from planner.gradients import check_reachability  # torch loads only when a regime is chosen
+
+    reach = check_reachability(config, trainable)
+    return reach.ok, reach.summary()
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def solve_budget(base: ChronosMoEConfig, target_total_params: int, budget: Budget, architectures: tuple[str, ...],
                  workload: Workload, space: SearchSpace, tolerance: Optional[float]) -> SolverResult:
