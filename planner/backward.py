@@ -44,6 +44,7 @@ from planner.flops import (
     count_attention_core_flops,
     count_expert_slots,
     count_linear_flops,
+    count_running_experts,
     experts_run,
 )
 from planner.workload import Workload
@@ -227,7 +228,7 @@ class GradientWalk:
         logits = self.linear(n, "router", tokens, dims.d_model, config.num_experts, ROUTER, saves=None)
         weights = self.top_k(logits, tokens, ROUTER)
         slots = count_expert_slots(config, tokens)
-        running = min(config.num_experts, slots)
+        running = count_running_experts(config, tokens)
         hidden = self.linear(n, "expert_ffn", slots, dims.d_model, dims.d_ff, EXPERTS,
                              saves=None if dense else MATMUL_INPUT, weights=running)  # sparse: the gathered rows
         hidden = self.unary(self.unary(hidden, EXPERTS, COMPUTE, slots * dims.d_ff), EXPERTS, COMPUTE_MASK,
@@ -302,11 +303,6 @@ class GradientWalk:
             self._save(EXPERTS, MATMUL_INPUT, rows * elements, readers=self.config.num_experts)
         return None
 
-    def running_experts(self, batch: int) -> int:
-        """Experts that run at least once on B series: all E dense; at most min(E, B·K) sparse."""
-        config = self.config
-        return config.num_experts if config.dispatch == "dense" else min(config.num_experts, batch * config.top_k)
-
     def training_forward(self, workload: Workload) -> bool:
         """Walk one teacher-forced forward; True when the loss requires grad (something trainable reaches it)."""
         config, dims = self.config, self.config.dims
@@ -315,7 +311,8 @@ class GradientWalk:
         embedded = self.trains("embedding")
         if embedded:  # the embedding keeps the encoder's and the decoder's token ids
             self._save(INPUTS, INDEX, b * (s + t))
-        slots, running = b * experts_run(config), self.running_experts(b)
+        # Sample-level routing: B·X expert runs of one series each, on at most `running` distinct experts.
+        slots, running = (b * experts_run(config), count_running_experts(config, b)) if config.is_moe else (0, 0)
         weights = False
         if architecture == "expert_only":
             weights = self.context_router(embedded, b, s)

@@ -72,6 +72,13 @@ def experts_run(config: ChronosMoEConfig) -> int:
     return config.top_k if config.dispatch == "sparse" else config.num_experts
 
 
+def count_running_experts(config: ChronosMoEConfig, rows: int) -> int:
+    """Experts that run at least once on `rows` routed series or tokens: every E with dense dispatch; at
+    most min(E, rows·K) sparse (an upper bound: rows may share experts). A capacity factor keeps at least
+    one slot per expert, so it does not lower this."""
+    return config.num_experts if config.dispatch == "dense" else min(config.num_experts, rows * config.top_k)
+
+
 def count_expert_slots(config: ChronosMoEConfig, tokens: int) -> int:
     """(token, expert) pairs a token_ffn block processes in one call over `tokens` tokens.
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 from model.config import ChronosMoEConfig
 from planner.activations import FLOAT32_BYTES, estimate_activation_bytes
+from planner.flops import count_running_experts
 from planner.params import ParamBreakdown, count_params, count_trainable_params
 from planner.workload import DTYPE_BYTES, Workload
 
@@ -160,13 +161,12 @@ def count_resident_expert_params(config: ChronosMoEConfig, workload: Workload, p
 
     Sample-level routing needs at most min(E, B·K) experts; token-level routing sees B·S tokens per MoE
     block in the encoder pass alone, so min(E, B·S·K) — in practice every expert, and paging saves nothing.
+    Dense dispatch runs every expert.
     """
     if not config.is_moe:
         return params.total_params
-    routed = workload.batch_size * config.top_k
-    if config.architecture == "token_ffn":
-        routed *= workload.encoder_tokens
-    return params.with_experts(min(config.num_experts, routed))
+    rows = workload.batch_size * (workload.encoder_tokens if config.architecture == "token_ffn" else 1)
+    return params.with_experts(count_running_experts(config, rows))
 
 
 def estimate_forecast_memory(config: ChronosMoEConfig, workload: Workload, params: ParamBreakdown) -> ForecastMemory:

@@ -198,3 +198,15 @@ def test_memory_properties(size, architecture, num_experts, batch, context, pred
     kv = sum(estimate_kv_cache_bytes(config, workload))
     assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, num_samples=2 * samples))) == 2 * kv
     assert sum(estimate_kv_cache_bytes(config, dataclasses.replace(workload, batch_size=3 * batch))) == 3 * kv
+
+
+def test_dense_dispatch_keeps_every_expert_resident_in_the_active_experts_what_if():
+    """Dense dispatch runs every expert on every series, so paging experts in saves nothing: the what-if's
+    weights are all the parameters, counted on the built model."""
+    from model import build_model
+
+    config = make_config("tiny", architecture="shared_then_expert", num_experts=8, dispatch="dense")
+    forecast = estimate_memory(config, Workload(batch_size=1)).forecast
+    every = sum(p.numel() for p in build_model("tiny", device="meta", architecture="shared_then_expert",
+                                               num_experts=8).parameters())
+    assert forecast.active_experts_weights_bytes == 4 * every
