@@ -82,23 +82,24 @@ def test_a_frozen_backbone_computes_far_fewer_gradients():
     assert count_flops(config, Workload(**WORKLOAD)).backward_flops == 2 * count_flops(config, workload).forward_flops
 
 
-@pytest.mark.parametrize("moe,regime", [({}, "decoder_ffn"), (dict(architecture="token_ffn", num_experts=4),
-                                                             "experts_and_router"),
-                                        (dict(architecture="shared_then_expert", num_experts=4), "router")])
-def test_gradients_and_optimizer_states_are_what_adamw_allocates(moe, regime):
-    """One real AdamW step on the debug model: the gradients that exist and the state AdamW creates."""
-    config, workload = make_config("debug", **moe), Workload(**WORKLOAD, trainable=regime)
-    model = build_model("debug", trainable=regime, **moe)
-    model.config = config
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-    loss = model(*token_batch(config, workload)[:2], labels=token_batch(config, workload)[2]).loss
-    loss.backward()
+@pytest.mark.parametrize("case", FLOP_CASES, ids=_id)
+def test_gradients_and_optimizer_states_are_what_adamw_allocates(case):
+    """One real AdamW step: the gradients that exist and the moments AdamW creates. Dense dispatch runs every
+    expert, so every trainable parameter gets its gradient in one step, as over a run."""
+    size, moe, regime = case
+    workload = Workload(**WORKLOAD, trainable=regime)
+    settings = {**moe, "dispatch": "dense"} if moe else {}
+    config = make_config(size, **settings)
+    torch.manual_seed(0)
+    model = build_model(size, trainable=regime, **settings)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    input_ids, attention_mask, labels = token_batch(config, workload, torch.Generator().manual_seed(0))
+    model(input_ids, attention_mask, labels=labels).loss.backward()
     optimizer.step()
     gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     state_bytes = sum(value.numel() * value.element_size() for state in optimizer.state.values()
                       for key, value in state.items() if key in ("exp_avg", "exp_avg_sq"))
-    training = estimate_memory(config, workload, device="cpu").training
+    training = estimate_memory(make_config(size, **moe), workload, device="cpu").training
     assert (training.gradients_bytes, training.optimizer_states_bytes) == (gradient_bytes, state_bytes)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
