@@ -52,8 +52,8 @@ class Reachability:
     def summary(self) -> str:
         """One line for tables and the app."""
         if self.ok:
-            return (f"every trainable parameter receives a gradient ({self.reached_params:,} of "
-                    f"{self.trainable_params:,} in the check's narrow model)")
+            return ("every trainable parameter receives a gradient (a real backward of this variant's layers "
+                    "at the debug width)")
         parts = []
         if self.unreached:
             parts.append(f"no gradient reaches {_names(self.unreached)}")

@@ -40,11 +40,12 @@ _VARIANT_COLUMNS = {"Size": "size", "Architecture": "architecture", "E": "num_ex
 
 
 def grid_frame(variants: Sequence[Variant]) -> pd.DataFrame:
-    """Exact values, one row per variant, display headers; "Trainable" only when some parameters are frozen
-    (with everything trained it repeats "Total params")."""
+    """Exact values, one row per variant, display headers. "Trainable" only when some parameters are frozen
+    (with everything trained it repeats "Total params"); it then takes the place of "+ vs dense", so the grid
+    still fits a laptop screen (the export keeps both)."""
     frozen = any(v.row["trainable_params"] != v.row["total_params"] for v in variants)
-    columns = {**_VARIANT_COLUMNS, **{name: key for name, (key, _, _) in GRID_COLUMNS.items()
-                                      if frozen or name != "Trainable"}}
+    hidden = "+ vs dense" if frozen else "Trainable"
+    columns = {**_VARIANT_COLUMNS, **{name: key for name, (key, _, _) in GRID_COLUMNS.items() if name != hidden}}
     return pd.DataFrame([{name: v.row[key] for name, key in columns.items()} for v in variants])
 
 
