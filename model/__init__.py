@@ -16,6 +16,7 @@ __all__ = [
     "build_model",
     "dims_from_hf_config",
     "make_config",
+    "make_expert_parallel",
     "resolve_dims",
     "upcycle",
 ]
@@ -27,6 +28,10 @@ def __getattr__(name: str):
         from .build import build_model
 
         return build_model
+    if name == "make_expert_parallel":
+        from .expert_parallel import make_expert_parallel
+
+        return make_expert_parallel
     if name == "upcycle":
         from .upcycle import upcycle  # binds model.upcycle to the submodule: rebind it to the function
 

@@ -1,0 +1,168 @@
+"""Expert parallel on torch.distributed itself (architecture.md §7): 2 gloo ranks, spawned from pytest.
+
+Each rank holds ceil(E/2) experts and its own slice of a batch; its logits and losses must equal the
+single-process model's on that slice, and after backward + average_gradients every parameter it holds must
+have the single-process model's gradient of the mean of the slices' losses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from model import build_model
+from model.checks import SettingError
+from model.expert_parallel import (
+    ExpertPlacement,
+    average_gradients,
+    expert_parallel_dispatch,
+    experts_of_rank,
+    held_parameter_count,
+    make_expert_parallel,
+)
+from model.routing import RoutingDecision
+from planner.params import count_params, experts_per_device
+
+from .conftest import ARCHITECTURES
+
+WORLD_SIZE = 2
+SLICE = 3  # series per rank
+TIMEOUT = timedelta(seconds=60)  # a rank stuck in a collective fails instead of hanging
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _batch():
+    """The whole batch (every rank builds the same one): some left padding, so router pooling is masked."""
+    generator = torch.Generator().manual_seed(1)
+    batch = WORLD_SIZE * SLICE
+    input_ids = torch.randint(2, 4096, (batch, 17), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    attention_mask[4, :9] = 0
+    input_ids[attention_mask == 0] = 0
+    labels = torch.randint(2, 4096, (batch, 6), generator=generator)
+    return input_ids, attention_mask, labels
+
+
+def _slice(batch, rank):
+    return tuple(tensor[rank * SLICE:(rank + 1) * SLICE] for tensor in batch)
+
+
+def _check_architecture(rank, architecture, num_experts):
+    torch.manual_seed(0)
+    reference = build_model("debug", architecture=architecture, num_experts=num_experts, top_k=2).eval()
+    torch.manual_seed(0)
+    parallel = make_expert_parallel(
+        build_model("debug", architecture=architecture, num_experts=num_experts, top_k=2).eval()
+    )
+    case = f"{architecture} E={num_experts} rank {rank}"
+
+    # What the rank holds: its experts and the shared parts, as the planner counts them.
+    held = experts_of_rank(num_experts, WORLD_SIZE, rank)
+    assert list(parallel.placement.held) == list(held), case
+    breakdown = count_params(reference.config)
+    assert held_parameter_count(parallel) == breakdown.with_experts(len(held)), case
+    if rank == 0:  # the busiest rank
+        assert held_parameter_count(parallel) == breakdown.with_experts(experts_per_device(num_experts, WORLD_SIZE))
+
+    batch = _batch()
+    mine = _slice(batch, rank)
+    output = parallel(mine[0], mine[1], labels=mine[2])
+    expected_outputs = [reference(*_slice(batch, r)[:2], labels=_slice(batch, r)[2]) for r in range(WORLD_SIZE)]
+    expected = expected_outputs[rank]
+    torch.testing.assert_close(output.logits, expected.logits, msg=lambda m: f"{case} logits: {m}")
+    torch.testing.assert_close(output.loss, expected.loss, msg=lambda m: f"{case} loss: {m}")
+    torch.testing.assert_close(output.aux_loss, expected.aux_loss, msg=lambda m: f"{case} aux: {m}")
+
+    output.loss.backward()
+    average_gradients(parallel)
+    (sum(out.loss for out in expected_outputs) / WORLD_SIZE).backward()
+    reference_params = dict(reference.named_parameters())
+    held_names = [name for name, _ in parallel.named_parameters()]
+    assert any(".experts." in f".{name}" for name in held_names) or not held, case
+    for name, parameter in parallel.named_parameters():
+        expected_grad = reference_params[name].grad
+        if expected_grad is None:
+            assert parameter.grad is None, f"{case}: {name} has a gradient the reference lacks"
+        else:
+            assert parameter.grad is not None, f"{case}: {name} has no gradient"
+            torch.testing.assert_close(parameter.grad, expected_grad, msg=lambda m: f"{case} grad {name}: {m}")
+
+    # Forecasting: the same sampled tokens (every rank decodes together; same generator seed).
+    with torch.no_grad():
+        tokens = parallel.sample_tokens(mine[0], mine[1], 3, 2, generator=torch.Generator().manual_seed(5))
+        expected_tokens = reference.sample_tokens(mine[0], mine[1], 3, 2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(tokens, expected_tokens), case
+
+
+def _check_exchange_with_idle_rank(rank):
+    """Every row goes to rank 0's experts: rank 1 receives nothing, yet both ranks' backward runs the
+    reverse all_to_alls (no hang), even though the inputs need no gradient and only experts do."""
+    torch.manual_seed(0)
+    experts = [nn.Linear(4, 5) for _ in range(3)]
+    placement = ExpertPlacement(3, WORLD_SIZE, rank)
+    held = [experts[j] for j in placement.held]
+    inputs = torch.randn(4, 4) + rank  # no grad
+    indices = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
+    weights = torch.full((4, 2), 0.5)
+    routing = RoutingDecision(indices, weights, torch.full((4, 3), 1 / 3))
+    out = expert_parallel_dispatch(inputs, routing, held, placement, 5, experts_need_grad=True)
+    expected = 0.5 * experts[0](inputs) + 0.5 * experts[1](inputs)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()  # rank 1: no parameters in the graph, but its collectives still run
+    if rank == 0:
+        assert held[0].weight.grad is not None
+
+
+def _worker(rank, port, cases):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
+    try:
+        _check_exchange_with_idle_rank(rank)
+        for architecture, num_experts in cases:
+            _check_architecture(rank, architecture, num_experts)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(cases):
+    # join=True: an exception in a rank is raised here (with its traceback) and the other rank is terminated.
+    mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD_SIZE, join=True)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_expert_parallel_matches_single_process(architecture):
+    _spawn([(architecture, 4), (architecture, 3)])
+
+
+def test_placement_is_ceil_per_rank():
+    assert [list(experts_of_rank(4, 2, r)) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [list(experts_of_rank(3, 2, r)) for r in range(2)] == [[0, 1], [2]]
+    assert [list(experts_of_rank(2, 3, r)) for r in range(3)] == [[0], [1], []]
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"num_experts": 0}, "num_experts"),
+    ({"num_experts": 4, "dispatch": "dense"}, "dispatch"),
+    ({"num_experts": 4, "architecture": "token_ffn", "expert_capacity": 1.25}, "expert_capacity"),
+])
+def test_refuses_what_it_does_not_support(settings, field):
+    with pytest.raises(SettingError) as refused:
+        make_expert_parallel(build_model("debug", **settings))
+    assert refused.value.field == field
+    assert "\n" not in str(refused.value)
