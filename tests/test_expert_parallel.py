@@ -60,14 +60,13 @@ def _slice(batch, rank):
     return tuple(tensor[rank * SLICE:(rank + 1) * SLICE] for tensor in batch)
 
 
-def _check_architecture(rank, architecture, num_experts):
+def _check_architecture(rank, architecture, num_experts, trainable="all"):
+    settings = dict(architecture=architecture, num_experts=num_experts, top_k=2, trainable=trainable)
     torch.manual_seed(0)
-    reference = build_model("debug", architecture=architecture, num_experts=num_experts, top_k=2).eval()
+    reference = build_model("debug", **settings).eval()
     torch.manual_seed(0)
-    parallel = make_expert_parallel(
-        build_model("debug", architecture=architecture, num_experts=num_experts, top_k=2).eval()
-    )
-    case = f"{architecture} E={num_experts} rank {rank}"
+    parallel = make_expert_parallel(build_model("debug", **settings).eval())
+    case = f"{architecture} E={num_experts} trainable={trainable} rank {rank}"
 
     # What the rank holds: its experts and the shared parts, as the planner counts them.
     held = experts_of_rank(num_experts, WORLD_SIZE, rank)
@@ -126,28 +125,44 @@ def _check_exchange_with_idle_rank(rank):
         assert held[0].weight.grad is not None
 
 
-def _worker(rank, port, cases):
+CASES = [(architecture, num_experts) for architecture in ARCHITECTURES for num_experts in (4, 3)]
+CASES.append(("expert_only", 3, "experts"))  # frozen embedding: the experts' inputs need no gradient, they do
+
+
+def _worker(rank, port, results):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
     try:
         _check_exchange_with_idle_rank(rank)
-        for architecture, num_experts in cases:
-            _check_architecture(rank, architecture, num_experts)
+        for case in CASES:
+            _check_architecture(rank, *case)
+            with open(os.path.join(results, f"{case}-{rank}"), "w") as done:
+                done.write("ok")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(cases):
-    # join=True: an exception in a rank is raised here (with its traceback) and the other rank is terminated.
-    mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD_SIZE, join=True)
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """One 2-rank run of every case (starting ranks costs seconds). A failing rank stops the run: spawn
+    with join=True raises its traceback here and terminates the other rank; the gloo timeout bounds a hang."""
+    results = tmp_path_factory.mktemp("expert_parallel")
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(results)), nprocs=WORLD_SIZE, join=True)
+    except Exception as error:  # reported by the cases it stopped
+        return results, error
+    return results, None
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_expert_parallel_matches_single_process(architecture):
-    _spawn([(architecture, 4), (architecture, 3)])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
+def test_expert_parallel_matches_single_process(spawned, case):
+    results, error = spawned
+    for rank in range(WORLD_SIZE):
+        assert (results / f"{case}-{rank}").exists(), f"rank {rank} did not pass {case}: {error}"
+    assert error is None, error
 
 
 def test_placement_is_ceil_per_rank():
