@@ -36,6 +36,7 @@ from planner.output_path import check_output_path
 from planner.units import GIB
 
 OUTPUT_FORMATS = ("table", "md", "csv", "json")
+DISTRIBUTED_STRATEGIES = ("data_parallel", "zero2", "zero3", "expert_parallel")
 # What the table and Markdown formats show (CSV and JSON carry every field, in bytes and seconds).
 SUMMARY_COLUMNS = ("label", "status", "median_s", "p95_s", "min_s", "cpu_median_s", "predicted_time_s", "time_ratio",
                    "cpu_time_ratio", "predicted_matmul_s", "predicted_memory_bound_s", "predicted_overhead_s",
@@ -88,6 +89,10 @@ def add_bench_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action="store_true", help="with --predict-for: fp32 matmuls in TF32 (GPUs)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    parser.add_argument("--strategy", choices=DISTRIBUTED_STRATEGIES, default=None,
+                        help="train on --ranks local processes (planner.bench.distributed): DDP, FSDP2 zero2/zero3 "
+                             "or expert parallel; one row per rank beside plan_devices and step_collectives")
+    parser.add_argument("--ranks", type=int, default=None, help="with --strategy: the number of ranks (≥ 2)")
     parser.set_defaults(handler=run_bench_command)
     return parser
 
@@ -169,9 +174,43 @@ def _untrained_runs(args: argparse.Namespace, specs: list[BenchSpec]) -> list[st
     return untrained_variants(sizes, args.architectures, args.experts, workload)
 
 
+def run_distributed_bench(args: argparse.Namespace) -> int:
+    """--strategy/--ranks: every run of the grid on N ranks (planner.bench.distributed); exit status as above."""
+    from planner.bench.distributed import distributed_specs, error_row, run_distributed
+    from planner.cli.commands import flag_for
+
+    try:
+        check_output_path(args.output)
+        if args.predict_for:
+            raise ValueError("argument --strategy: --predict-for runs nothing; measured runs only")
+        specs = distributed_specs(bench_specs(args), args.strategy, args.ranks)
+    except ValueError as error:
+        message = str(error)
+        message = f"argument --sizes: {message}" if message.startswith("size ") else flag_for(error)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    rows, summaries, results = [], [], []
+    for index, spec in enumerate(specs, start=1):
+        print(f"[{index}/{len(specs)}] {spec.label}: running", file=sys.stderr, flush=True)
+        result = run_distributed(spec)
+        results.append(result)
+        rows += result.rows if result.ok else [error_row(result)]
+        summaries.append(result.summary)
+        print(f"[{index}/{len(specs)}] {result.summary}", file=sys.stderr, flush=True)
+    metadata = {"strategy": args.strategy, "ranks": args.ranks}
+    text = render(rows, args.output_format, export_metadata(metadata) if args.output_format in ("csv", "json")
+                  else {})
+    if args.output_format in ("table", "md"):
+        text += b"\n" + "\n".join(summaries).encode("utf-8") + b"\n"
+    written = _write(text, args.output)
+    return 0 if written and all(r.ok for r in results) else 1
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from planner.cli.commands import flag_for
 
+    if args.strategy is not None or args.ranks is not None:
+        return run_distributed_bench(args)
     try:
         check_output_path(args.output)
         specs = bench_specs(args)

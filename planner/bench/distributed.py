@@ -1,0 +1,340 @@
+"""The distributed training benchmark: N local ranks on torch.distributed itself, per rank beside the planner.
+
+    from planner.bench import BenchSpec
+    from planner.bench.distributed import DistributedSpec, run_distributed
+
+    spec = DistributedSpec(BenchSpec(size="debug", mode="train", batch_size=2), strategy="zero3", ranks=2)
+    result = run_distributed(spec)        # -> DistributedResult, never raises for what happens in the run
+    result.status, result.message, result.rows, result.summary
+
+Strategies: data_parallel (DDP), zero2 / zero3 (FSDP2 `fully_shard`, reshard_after_forward False / True),
+expert_parallel (model.expert_parallel: make_expert_parallel + average_gradients). AdamW, fp32. One launcher
+subprocess (planner.bench.distributed_worker) spawns the ranks: gloo on CPU, nccl with one GPU per rank. It
+runs like every benchmark (planner.bench.runner): one at a time (the benchmark lock), its own process group
+killed whole at the time limit or on cancel, every rank dying with the launcher, a rank's error ending the
+run with its message.
+
+Per rank: parameter, gradient and optimizer-state bytes from the local tensors' storages, the peak resident
+memory above the rank's baseline, step times, and the collectives of one steady-state step (counts from
+CommDebugMode, bytes from the tensors each collective is passed), each beside planner.parallel.plan_devices
+(per-device bytes) and planner.communication.step_collectives. `documented_*` columns are the planner's
+figure plus the differences the README lists (FSDP2's dim-0 padding, AdamW's step counters, ZeRO-2's
+resident shard, experts without gradient); `states_exact` says whether all three measured values equal them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from planner.bench.lock import BenchLock, cancel_requested, clear_cancel_request
+from planner.bench.runner import PROJECT_ROOT, STDERR_TAIL_CHARS, BenchProgress, _crash_message, _follow, _kill, \
+    _read_events
+from planner.bench.spec import BenchSpec
+from planner.communication import step_collectives
+from planner.parallel import plan_devices
+from planner.params import count_params, split_trainable_params
+from planner.units import GIB
+
+STRATEGIES = ("data_parallel", "zero2", "zero3", "expert_parallel")
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+RANKS_PER_CORE = 2  # at most twice the cores: more ranks only time-share them
+# A rank's own resident memory beside the planner's bytes: the interpreter, torch, gloo and the model code
+# (measured: about 440 MiB per rank on torch 2.13 CPU). The memory preflight adds it per rank.
+RANK_PROCESS_BYTES = 512 * 2**20
+MEMORY_FRACTION = 0.8
+FP32_BYTES = 4
+ADAMW_STEP_BYTES = 4  # AdamW's `step`, one fp32 scalar tensor per parameter with state
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """One distributed run: the variant, workload (per-rank batch) and limits of `bench`, on `ranks` ranks."""
+
+    bench: BenchSpec
+    strategy: str
+    ranks: int
+    device: str = "cpu"  # resolved: "cpu" (gloo) or "cuda" (nccl, one GPU per rank)
+
+    @property
+    def label(self) -> str:
+        return f"{self.bench.size} {self.bench.model_config().describe()} {self.strategy} ×{self.ranks}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bench": self.bench.to_dict(), "strategy": self.strategy, "ranks": self.ranks, "device": self.device}
+
+
+@dataclass
+class DistributedResult:
+    spec: DistributedSpec
+    status: str  # ok, refused, timeout, cancelled, error
+    message: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    traceback: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def summary(self) -> str:
+        return summary_line(self)
+
+
+# --- checks before anything runs ----------------------------------------------------------------------------
+
+def resolve_distributed_device(requested: str) -> str:
+    """cpu (gloo) or cuda (nccl); mps has no distributed backend here."""
+    if requested == "mps":
+        raise ValueError("argument --device: the distributed benchmark runs on cpu (gloo) or cuda (nccl), not mps")
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("argument --device: cuda was asked for but no CUDA device is present")
+    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def predicted_rank_bytes(spec: DistributedSpec) -> int:
+    """The planner's per-device total (model states and activations) for this run."""
+    bench = spec.bench
+    return plan_devices(bench.model_config(), bench.workload(), spec.strategy, spec.ranks,
+                        device="cpu" if spec.device == "cpu" else "cuda").total_bytes
+
+
+def check_distributed(spec: DistributedSpec, *, cores: Optional[int] = None, available_bytes: Optional[int] = None,
+                      gpus: Optional[int] = None) -> None:
+    """ValueError, one line naming the flag, for a run that cannot or should not start (the preflight)."""
+    bench = spec.bench
+    if spec.strategy not in STRATEGIES:
+        raise ValueError(f"argument --strategy: must be one of {', '.join(STRATEGIES)}, got {spec.strategy!r}")
+    if isinstance(spec.ranks, bool) or not isinstance(spec.ranks, int) or spec.ranks < 2:
+        raise ValueError(f"argument --ranks: --strategy needs --ranks N with N ≥ 2 (one rank is the single-process "
+                         f"benchmark), got {spec.ranks!r}")
+    if bench.mode != "train":
+        raise ValueError("argument --modes: --strategy runs training steps; use --modes train")
+    if bench.dtype != "fp32":
+        raise ValueError(f"argument --dtype: the distributed benchmark trains in fp32, got {bench.dtype}")
+    config = bench.model_config()
+    if spec.strategy == "expert_parallel":
+        if not config.is_moe:
+            raise ValueError("argument --strategy: expert_parallel needs experts; a dense model (--experts 0) "
+                             "has none: give --experts without 0")
+        if config.dispatch != "sparse":
+            raise ValueError("argument --dispatch: expert_parallel runs sparse dispatch only")
+        if config.expert_capacity is not None:
+            raise ValueError("argument --expert-capacity: expert_parallel does not support an expert capacity")
+    if spec.device == "cuda":
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if spec.ranks > gpus:
+            raise ValueError(f"argument --ranks: {spec.ranks} ranks need {spec.ranks} GPUs (one each); "
+                             f"this machine has {gpus}")
+    else:
+        cores = cores if cores is not None else (os.cpu_count() or 1)
+        if spec.ranks > RANKS_PER_CORE * cores:
+            raise ValueError(f"argument --ranks: {spec.ranks} ranks is more than {RANKS_PER_CORE} per core on this "
+                             f"machine's {cores} cores (at most {RANKS_PER_CORE * cores})")
+        if available_bytes is None:
+            import psutil
+
+            available_bytes = psutil.virtual_memory().available
+        per_rank = predicted_rank_bytes(spec) + RANK_PROCESS_BYTES
+        needed, limit = spec.ranks * per_rank, MEMORY_FRACTION * available_bytes
+        if needed > limit:
+            fitting = int(limit // per_rank)
+            raise ValueError(
+                f"argument --ranks: {spec.ranks} ranks of {spec.label} need a predicted {needed / GIB:.2f} GiB "
+                f"({per_rank / GIB:.2f} GiB each: the plan plus {RANK_PROCESS_BYTES / GIB:.2f} GiB per process), "
+                f"more than {MEMORY_FRACTION:.0%} of the {available_bytes / GIB:.2f} GiB available; "
+                + (f"at most {fitting} fit" if fitting >= 2 else "not even 2 fit: a smaller size or batch"))
+
+
+def distributed_specs(specs: list[BenchSpec], strategy: Optional[str], ranks: Optional[int]) -> list[DistributedSpec]:
+    """The CLI's grid as distributed runs, every one checked (ValueError naming the flag)."""
+    if strategy is None:
+        raise ValueError("argument --ranks: --ranks needs --strategy (data_parallel, zero2, zero3 or expert_parallel)")
+    if ranks is None:
+        raise ValueError("argument --ranks: --strategy needs --ranks N with N ≥ 2")
+    if not specs:
+        raise ValueError("argument --modes: --strategy runs training steps; use --modes train")
+    device = resolve_distributed_device(specs[0].device)
+    runs = [DistributedSpec(spec, strategy, ranks, device) for spec in specs]
+    for run in runs:
+        check_distributed(run)
+    return runs
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+def _run_launcher(spec: DistributedSpec, progress, cancel_event, lock_fd: int, deadline: float):
+    from planner.bench.worker import PARENT_PID_ENV
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env[PARENT_PID_ENV] = str(os.getpid())
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "planner.bench.distributed_worker"], cwd=PROJECT_ROOT, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+            pass_fds=(lock_fd,),
+        )
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read_events, args=(process.stdout, events), daemon=True)
+        reader.start()
+        try:
+            try:
+                process.stdin.write(json.dumps(spec.to_dict()))
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            outcome, final = _follow(process, events, progress, cancel_event, deadline)
+        finally:
+            _kill(process)  # the launcher's whole process group: every rank with it
+            reader.join(timeout=5)
+            process.stdout.close()
+        stderr.seek(0)
+        return outcome, final, stderr.read()[-STDERR_TAIL_CHARS:]
+
+
+def run_distributed(spec: DistributedSpec, progress: Optional[Callable[[BenchProgress], None]] = None,
+                    cancel_event: Optional[threading.Event] = None) -> DistributedResult:
+    """Run `spec` (after any other benchmark), within its time limit; never raises for what happens in it."""
+    report = progress or (lambda update: None)
+    try:
+        check_distributed(spec)
+    except ValueError as error:
+        return DistributedResult(spec, "refused", str(error))
+    limit = spec.bench.time_limit_s
+    deadline = time.monotonic() + limit
+    with BenchLock(spec.label, cancel_event, None, max_wait_s=limit) as lock:
+        if lock.timed_out:
+            return DistributedResult(spec, "timeout", f"waited its time limit of {limit:g} s for another benchmark")
+        if not lock.acquired:
+            return DistributedResult(spec, "cancelled", "cancelled while waiting for another benchmark")
+        clear_cancel_request()
+        report(BenchProgress("starting"))
+        start = time.monotonic()
+        outcome, final, stderr_tail = _run_launcher(spec, report, cancel_event, lock.fileno(), deadline)
+        wall = time.monotonic() - start
+        report(BenchProgress("done"))
+    if outcome == "timeout":
+        return DistributedResult(spec, "timeout", f"killed at its time limit of {limit:g} s (every rank)", wall_s=wall)
+    if outcome == "cancelled" or cancel_requested():
+        return DistributedResult(spec, "cancelled", "cancelled by request; every rank was killed", wall_s=wall)
+    if outcome != "measured":
+        message = final.get("message") or _crash_message(final.get("returncode"), stderr_tail)
+        return DistributedResult(spec, "error", message, wall_s=wall, traceback=final.get("traceback", stderr_tail))
+    return DistributedResult(spec, "ok", rows=rank_rows(spec, final["ranks"]), wall_s=wall)
+
+
+# --- rows: measured beside predicted ---------------------------------------------------------------------------
+
+def predicted_collectives(spec: DistributedSpec) -> dict[str, dict[str, int]]:
+    """step_collectives per kind: {kind: {"count": calls, "bytes": buffer bytes}} for one step (one micro-step)."""
+    bench = spec.bench
+    totals: dict[str, dict[str, int]] = {}
+    for collective in step_collectives(bench.model_config(), bench.workload(), spec.strategy, spec.ranks,
+                                       bench.workload().precision):
+        entry = totals.setdefault(collective.kind, {"count": 0, "bytes": 0})
+        entry["count"] += collective.calls
+        entry["bytes"] += collective.buffer_bytes
+    return totals
+
+
+def documented_bytes(spec: DistributedSpec, measured: dict[str, Any], plan) -> dict[str, int]:
+    """The planner's per-device bytes plus the documented differences (README, "Distributed benchmark")."""
+    n, strategy = spec.ranks, spec.bench
+    strategy = spec.strategy
+    params = count_params(spec.bench.model_config())
+    flat_shard = math.ceil(params.total_params / n)
+    steps = ADAMW_STEP_BYTES * measured["step_tensors"]
+    if strategy in ("zero2", "zero3"):
+        padding = measured["padded_numel"] - flat_shard  # FSDP2 pads every parameter's dim 0 to a multiple of n
+        weights = FP32_BYTES * measured["padded_numel"]  # zero2: the resident shard (the planner: whole weights)
+        return {"param": weights, "grad": plan.gradients_bytes + FP32_BYTES * padding,
+                # moments are zeros_like the DTensor: its unpadded local shard
+                "optimizer": plan.optimizer_states_bytes + 2 * FP32_BYTES * (measured["moment_numel"] - flat_shard)
+                + steps}
+    untrained = measured["param_numel"] - measured["grad_numel"]  # parameters no step gave a gradient
+    return {"param": plan.weights_bytes, "grad": plan.gradients_bytes - FP32_BYTES * untrained,
+            "optimizer": plan.optimizer_states_bytes - 2 * FP32_BYTES * untrained + steps}
+
+
+def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    bench = spec.bench
+    config, workload = bench.model_config(), bench.workload()
+    plan = plan_devices(config, workload, spec.strategy, spec.ranks, device="cpu" if spec.device == "cpu" else "cuda")
+    predicted = predicted_collectives(spec)
+    rows = []
+    for measured in ranks:
+        documented = documented_bytes(spec, measured, plan)
+        values = {"param": measured["param_bytes"], "grad": measured["grad_bytes"],
+                  "optimizer": measured["optimizer_bytes"]}
+        counts, sizes = measured["collective_counts"], measured["collective_bytes"]
+        times = measured["times_s"]
+        row: dict[str, Any] = {
+            "label": spec.label, "size": bench.size, "variant": config.describe(), "strategy": spec.strategy,
+            "ranks": spec.ranks, "rank": measured["rank"], "device": measured["device"],
+            "batch_size": bench.batch_size, "context_length": bench.context_length,
+            "prediction_length": bench.prediction_length, "status": "ok",
+            "measured_param_bytes": values["param"], "predicted_param_bytes": plan.weights_bytes,
+            "documented_param_bytes": documented["param"],
+            "measured_grad_bytes": values["grad"], "predicted_grad_bytes": plan.gradients_bytes,
+            "documented_grad_bytes": documented["grad"],
+            "measured_optimizer_bytes": values["optimizer"], "predicted_optimizer_bytes": plan.optimizer_states_bytes,
+            "documented_optimizer_bytes": documented["optimizer"],
+            "states_exact": all(values[k] == documented[k] for k in values),
+            "padding_params": measured["padded_numel"] - math.ceil(count_params(config).total_params / spec.ranks)
+            if spec.strategy in ("zero2", "zero3") else 0,
+            "peak_memory_bytes": measured["peak_memory_bytes"], "predicted_peak_bytes": plan.total_bytes,
+            "memory_ratio": measured["peak_memory_bytes"] / plan.total_bytes if plan.total_bytes else None,
+            "step_time_s": statistics.median(times) if times else None,
+            "collective_bytes": sum(sizes.values()),
+            "predicted_collective_bytes": sum(entry["bytes"] for entry in predicted.values()),
+        }
+        for kind in COLLECTIVE_KINDS:
+            row[f"{kind}_count"] = counts.get(kind, 0)
+            row[f"predicted_{kind}_count"] = predicted.get(kind, {}).get("count", 0)
+            row[f"{kind}_bytes"] = sizes.get(kind, 0)
+            row[f"predicted_{kind}_bytes"] = predicted.get(kind, {}).get("bytes", 0)
+        row["held_experts"] = ",".join(map(str, measured.get("held_experts", []))) or None
+        row["comm_debug_counts"] = ";".join(f"{op}={count}" for op, count in sorted(measured["comm_debug_counts"].items()))
+        row["memory_method"] = measured["memory_method"]
+        row["loss"] = measured["losses"][-1] if measured["losses"] else None
+        rows.append(row)
+    return rows
+
+
+def summary_line(result: DistributedResult) -> str:
+    spec = result.spec
+    if not result.ok:
+        return f"{spec.label}: {result.status}: {result.message}"
+    rows = result.rows
+    exact = sum(row["states_exact"] for row in rows)
+    ratios = [row["memory_ratio"] for row in rows if row["memory_ratio"] is not None]
+    step = statistics.median(row["step_time_s"] for row in rows if row["step_time_s"] is not None)
+    measured = sum(row["collective_bytes"] for row in rows) / len(rows)
+    return (f"{spec.label}: model states as documented on {exact}/{len(rows)} ranks; peak memory / predicted "
+            f"{min(ratios):.2f}–{max(ratios):.2f}; step {step * 1000:.1f} ms (median); collectives "
+            f"{measured:,.0f} B per rank per step measured, {rows[0]['predicted_collective_bytes']:,} B predicted; "
+            f"{result.wall_s:.1f} s")
+
+
+def error_row(result: DistributedResult) -> dict[str, Any]:
+    return {"label": result.spec.label, "strategy": result.spec.strategy, "ranks": result.spec.ranks,
+            "status": result.status, "message": result.message}
