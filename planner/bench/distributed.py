@@ -258,8 +258,7 @@ def predicted_collectives(spec: DistributedSpec) -> dict[str, dict[str, int]]:
 
 def documented_bytes(spec: DistributedSpec, measured: dict[str, Any], plan) -> dict[str, int]:
     """The planner's per-device bytes plus the documented differences (README, "Distributed benchmark")."""
-    n, strategy = spec.ranks, spec.bench
-    strategy = spec.strategy
+    n, strategy = spec.ranks, spec.strategy
     params = count_params(spec.bench.model_config())
     flat_shard = math.ceil(params.total_params / n)
     steps = ADAMW_STEP_BYTES * measured["step_tensors"]
@@ -270,9 +269,11 @@ def documented_bytes(spec: DistributedSpec, measured: dict[str, Any], plan) -> d
                 # moments are zeros_like the DTensor: its unpadded local shard
                 "optimizer": plan.optimizer_states_bytes + 2 * FP32_BYTES * (measured["moment_numel"] - flat_shard)
                 + steps}
-    untrained = measured["param_numel"] - measured["grad_numel"]  # parameters no step gave a gradient
-    return {"param": plan.weights_bytes, "grad": plan.gradients_bytes - FP32_BYTES * untrained,
-            "optimizer": plan.optimizer_states_bytes - 2 * FP32_BYTES * untrained + steps}
+    # An expert no row reached in the last step has no gradient; one no row reached in any step has no moments.
+    no_grad = measured["param_numel"] - measured["grad_numel"]
+    no_state = measured["param_numel"] - measured["moment_numel"]
+    return {"param": plan.weights_bytes, "grad": plan.gradients_bytes - FP32_BYTES * no_grad,
+            "optimizer": plan.optimizer_states_bytes - 2 * FP32_BYTES * no_state + steps}
 
 
 def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
