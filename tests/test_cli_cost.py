@@ -10,7 +10,6 @@ from model import make_config
 from planner.cli import main
 from planner.cost.service import ForecastService, plan_service
 from planner.cost.training import TrainingRun, price_training_run
-from planner.parallel import STRATEGIES
 from planner.params import count_params
 
 YAML = """\

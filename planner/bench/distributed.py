@@ -24,7 +24,6 @@ resident shard, experts without gradient); `states_exact` says whether all three
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from planner.bench.runner import PROJECT_ROOT, STDERR_TAIL_CHARS, BenchProgress,
 from planner.bench.spec import BenchSpec
 from planner.communication import step_collectives
 from planner.parallel import plan_devices
-from planner.params import count_params, split_trainable_params
+from planner.params import count_params
 from planner.units import GIB
 
 STRATEGIES = ("data_parallel", "zero2", "zero3", "expert_parallel")

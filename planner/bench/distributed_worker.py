@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from planner.bench.worker import PARENT_PID_ENV, PR_SET_PDEATHSIG, die_with_parent
+from planner.bench.worker import PR_SET_PDEATHSIG, die_with_parent
 
 RANK_TIMEOUT_S = 120  # a rank stuck in a collective fails (gloo's timeout) rather than waiting for the runner
 
