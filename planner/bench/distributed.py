@@ -24,21 +24,16 @@ resident shard, experts without gradient); `states_exact` says whether all three
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from planner.bench.lock import BenchLock, cancel_requested, clear_cancel_request
-from planner.bench.runner import PROJECT_ROOT, STDERR_TAIL_CHARS, BenchProgress, _crash_message, _follow, _kill, \
-    _read_events
+from planner.bench.runner import BenchProgress, _crash_message, run_guarded
 from planner.bench.spec import BenchSpec
 from planner.communication import step_collectives
 from planner.parallel import plan_devices
@@ -179,35 +174,9 @@ def distributed_specs(specs: list[BenchSpec], strategy: Optional[str], ranks: Op
 # --- the run -------------------------------------------------------------------------------------------------
 
 def _run_launcher(spec: DistributedSpec, progress, cancel_event, lock_fd: int, deadline: float):
-    from planner.bench.worker import PARENT_PID_ENV
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    env[PARENT_PID_ENV] = str(os.getpid())
-    with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "planner.bench.distributed_worker"], cwd=PROJECT_ROOT, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
-            pass_fds=(lock_fd,),
-        )
-        import queue
-
-        events: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_read_events, args=(process.stdout, events), daemon=True)
-        reader.start()
-        try:
-            try:
-                process.stdin.write(json.dumps(spec.to_dict()))
-                process.stdin.close()
-            except BrokenPipeError:
-                pass
-            outcome, final = _follow(process, events, progress, cancel_event, deadline)
-        finally:
-            _kill(process)  # the launcher's whole process group: every rank with it
-            reader.join(timeout=5)
-            process.stdout.close()
-        stderr.seek(0)
-        return outcome, final, stderr.read()[-STDERR_TAIL_CHARS:]
+    """The launcher (planner.bench.distributed_worker) in its own session: killing its process group at the time
+    limit or on cancel ends every rank with it."""
+    return run_guarded("planner.bench.distributed_worker", spec.to_dict(), progress, cancel_event, lock_fd, deadline)
 
 
 def run_distributed(spec: DistributedSpec, progress: Optional[Callable[[BenchProgress], None]] = None,

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from planner.bench.worker import PR_SET_PDEATHSIG, die_with_parent
+from planner.bench.worker import PR_SET_PDEATHSIG, open_protocol
 
 RANK_TIMEOUT_S = 120  # a rank stuck in a collective fails (gloo's timeout) rather than waiting for the runner
 
@@ -318,15 +318,7 @@ def run(spec: dict, emit) -> None:
 
 
 def main() -> None:
-    die_with_parent()
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    def emit(event: str, **fields: Any) -> None:
-        protocol.write(json.dumps({"event": event, **fields}) + "\n")
-        protocol.flush()
-
+    emit = open_protocol()
     try:
         run(json.loads(sys.stdin.read()), emit)
     except Exception as error:  # noqa: BLE001

@@ -78,7 +78,14 @@ def _read_events(stream, events: "queue.Queue[Optional[dict]]") -> None:
 
 def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optional[threading.Event],
                 lock_fd: int, deadline: float) -> tuple[str, dict, str]:
-    """(outcome, final event, stderr tail): outcome is the final event's name, or timeout / cancelled / crashed.
+    """One single-process run in `planner.bench.worker` (see run_guarded)."""
+    return run_guarded("planner.bench.worker", spec.to_dict(), progress, cancel_event, lock_fd, deadline)
+
+
+def run_guarded(module: str, request: dict, progress: ProgressCallback, cancel_event: Optional[threading.Event],
+                lock_fd: int, deadline: float) -> tuple[str, dict, str]:
+    """Run `python -m module` with `request` (JSON) on its stdin and follow its events until `deadline`:
+    (outcome, final event, stderr tail), outcome the final event's name, or timeout / cancelled / crashed.
     The worker inherits the locked file (`lock_fd`), so the lock lasts as long as it does, and dies with this
     process (worker.PARENT_PID_ENV)."""
     from planner.bench.worker import PARENT_PID_ENV
@@ -88,7 +95,7 @@ def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optio
     env[PARENT_PID_ENV] = str(os.getpid())
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "planner.bench.worker"], cwd=PROJECT_ROOT, env=env, text=True,
+            [sys.executable, "-m", module], cwd=PROJECT_ROOT, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
             pass_fds=(lock_fd,),
         )
@@ -97,13 +104,14 @@ def _run_worker(spec: BenchSpec, progress: ProgressCallback, cancel_event: Optio
         reader.start()
         try:
             try:
-                process.stdin.write(json.dumps(spec.to_dict()))
+                process.stdin.write(json.dumps(request))
                 process.stdin.close()
             except BrokenPipeError:  # the worker died at once; its stderr will say why
                 pass
             outcome, final = _follow(process, events, progress, cancel_event, deadline)
         finally:
-            _kill(process)  # also when the caller's progress callback raised (an app rerun, Ctrl-C)
+            _kill(process)  # its whole process group (a launcher's ranks too), also when the caller's progress
+            # callback raised (an app rerun, Ctrl-C)
             reader.join(timeout=5)  # the pipe reaches its end once the process group is gone
             process.stdout.close()
         stderr.seek(0)

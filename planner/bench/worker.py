@@ -145,10 +145,11 @@ def _describe_model(device_model) -> dict[str, Any] | None:
             "measured_on": getattr(device_model, "measured_on", "")}
 
 
-def main(stdin: TextIO = sys.stdin) -> None:
+def open_protocol() -> Callable[..., None]:
+    """The worker's end of the runner's protocol: `emit(event, **fields)` writes one JSON line to a private
+    copy of stdout; fd 1 then points at stderr, so whatever torch, transformers or C extensions print cannot
+    corrupt it. Also makes this process die with its parent (die_with_parent)."""
     die_with_parent()
-    # The protocol gets its own copy of stdout; fd 1 then points at stderr, so whatever torch, transformers
-    # or C extensions print cannot corrupt it.
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -157,6 +158,11 @@ def main(stdin: TextIO = sys.stdin) -> None:
         protocol.write(json.dumps({"event": event, **fields}) + "\n")
         protocol.flush()
 
+    return emit
+
+
+def main(stdin: TextIO = sys.stdin) -> None:
+    emit = open_protocol()
     try:
         spec = BenchSpec.from_dict(json.loads(stdin.read()))
     except ValueError as error:
