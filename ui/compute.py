@@ -15,9 +15,10 @@ import streamlit as st
 from model.config import MAX_EXPERTS, ChronosMoEConfig, make_config
 from planner.cost.search import SearchSpace as CostSearchSpace, search_plans
 from planner.cost.service import ForecastService, plan_service
+from planner.communication import Link, collective_time_s, step_collectives
 from planner.cost.training import TrainingRun, price_training_run
 from planner.memory import MemoryBreakdown
-from planner.parallel import plan_all_strategies
+from planner.parallel import STRATEGIES, plan_all_strategies
 from planner.plan import Plan, breakdown_rows, grid_points, plan, plan_row, trains_something
 from planner.solver import Budget, SearchSpace, SolverResult, solve
 from planner.units import GIB
@@ -186,6 +187,25 @@ def device_plans(config: ChronosMoEConfig, workload: Workload, num_devices: int,
         raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / GIB:g} GiB")
     return plan_all_strategies(config, workload, num_devices, device_memory_bytes=device_memory_bytes,
                                precision=precision)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def step_communication(config: ChronosMoEConfig, workload: Workload, num_devices: int, precision: str,
+                       link: Link) -> list[dict[str, Any]]:
+    """planner.communication.step_collectives of every strategy (expert_parallel for MoE only): one row per
+    collective one device runs in a training step, with the bytes it sends (Collective.bytes_sent) and its time
+    on `link` (collective_time_s). ValueError naming the field."""
+    rows = []
+    for strategy in STRATEGIES:
+        if strategy == "expert_parallel" and not config.is_moe:
+            continue
+        for collective in step_collectives(config, workload, strategy, num_devices, precision):
+            rows.append({"strategy": strategy, "collective": collective.kind, "purpose": collective.purpose,
+                         "phase": collective.phase, "every_micro_step": collective.per_micro_step,
+                         "calls": collective.calls, "devices": collective.group_size,
+                         "buffer_bytes": collective.buffer_bytes, "bytes_sent_per_device": collective.bytes_sent(),
+                         "seconds": collective_time_s(collective, link)})
+    return rows
 
 
 @st.cache_data(max_entries=64, show_spinner="Tracing the step and pricing the run…")

@@ -1,7 +1,10 @@
 """The Devices tab: what each of N devices holds during a training step under data parallel, ZeRO-1/2/3
-(FSDP) and expert parallelism, with and without activation checkpointing, and whether it fits a chosen GPU.
+(FSDP) and expert parallelism, with and without activation checkpointing, and whether it fits a chosen GPU;
+what each device sends per step and how long that takes on an interconnect; and a measurement of the same on
+N local processes (ui.devices_measure).
 
-The numbers are planner.parallel's (cached in ui.compute); the workload is the sidebar's, its batch per device.
+The numbers are planner.parallel's and planner.communication's (cached in ui.compute); the workload is the
+sidebar's, its batch per device.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from planner.parallel import GPU_MEMORY_BYTES
+from planner.communication import Link
+from planner.cost.interconnects import DEFAULT_INTRA, INTERCONNECTS
+from planner.cost.links import run_link
+from planner.parallel import DEVICE_MEMORY, GPU_MEMORY_BYTES
 from planner.workload import PRECISION_REGIMES
-from ui.compute import PlanTable, device_plans, workload_of
+from ui.compute import PlanTable, Variant, device_plans, step_communication, workload_of
+from ui.devices_measure import draw_measure
 from ui.exports import draw_downloads
-from planner.units import GIB, format_bytes
+from planner.units import GIB, format_bytes, format_seconds
 from ui.sidebar import BIND, Settings
 
 CUSTOM_GPU = "custom"
@@ -40,6 +47,24 @@ PART_COLORS = ("#1f4e9c", "#3f7fd6", "#7b3fb0", "#9e9e9e", "#f08c00")
 FIT_LABELS = {"fits": "✓ fits", "tight": "⚠ tight", "does not fit": "✗ does not fit"}
 FIT_COLORS = {"✓ fits": "#1b6e3a", "⚠ tight": "#a05a00", "✗ does not fit": "#b00020"}
 LIMIT_OFF_CHART = 3  # a device limit this many times the tallest bar is written, not drawn (bars would vanish)
+GPU_KEYS = {label: key for key, (label, _) in DEVICE_MEMORY.items()}
+CUSTOM_LINK = "pcie4"  # a custom device's default interconnect: the common PCIe card's
+# Shown column -> (row key of ui.compute.step_communication, help).
+COMMUNICATION_COLUMNS = {
+    "Strategy": ("strategy", None),
+    "Collective": ("collective", "NCCL-style ring collective"),
+    "Purpose": ("purpose", "What travels"),
+    "Phase": ("phase", "The compute it could overlap with"),
+    "When": ("when", "Every micro-step, or once per optimizer step (after gradient accumulation)"),
+    "Calls": ("calls", "Separate calls it is split into (DDP's 25 MiB buckets, FSDP's units), each paying the "
+              "ring's latency"),
+    "Devices": ("devices", "Devices in its group"),
+    "Buffer": ("buffer_bytes", "The full buffer: all-reduce and reduce-scatter input, all-gather output, all-to-all "
+               "what is sent"),
+    "Sent per device": ("bytes_sent_per_device", "By the ring: all-reduce 2(n−1)/n of the buffer, the others "
+                        "(n−1)/n"),
+    "Time": ("seconds", "α-β ring time on the chosen interconnect"),
+}
 
 
 def _row_label(row: dict[str, Any]) -> str:
@@ -110,6 +135,75 @@ def _draw_inputs(table: PlanTable, settings: Settings) -> tuple:
     return table.variants[labels.index(label)], int(num_devices), gpu, memory_bytes, precision
 
 
+def interconnect_link(gpu: str, preset: str, num_devices: int) -> Link:
+    """The preset as planner.cost.links builds a run's link: an intra-node preset carries a ring inside one node
+    of the N devices; an inter-node preset one with a device per node (the node's own link faster)."""
+    gpu_key = GPU_KEYS.get(gpu, CUSTOM_GPU)
+    if INTERCONNECTS[preset].scope == "intra":
+        return run_link(gpu_key, num_devices, num_devices, intra=preset)
+    return run_link(gpu_key, num_devices, 1, intra=DEFAULT_INTRA.get(gpu_key, CUSTOM_LINK), inter=preset)
+
+
+def communication_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per collective of each strategy's step, exact bytes and seconds (the Styler formats them)."""
+    shown = [{**row, "when": "every micro-step" if row["every_micro_step"] else "per optimizer step"}
+             for row in rows]
+    return pd.DataFrame([{name: row[key] for name, (key, _) in COMMUNICATION_COLUMNS.items()} for row in shown],
+                        columns=list(COMMUNICATION_COLUMNS))
+
+
+def least_sent_line(totals: pd.DataFrame, link: Link) -> str:
+    """Which strategy sends least per device per step (ties named together), and which is quickest on `link`."""
+    least = totals[totals["Sent per device"] == totals["Sent per device"].min()]
+    quickest = totals.loc[totals["Time"].idxmin()]
+    names = ", ".join(least["Strategy"])
+    return (f"{names} {'sends' if len(least) == 1 else 'send'} least: "
+            f"{format_bytes(least['Sent per device'].iloc[0])} per device per step; on {link.name} the quickest is "
+            f"{quickest['Strategy']} ({format_seconds(quickest['Time'])}, its calls' latency included).")
+
+
+def _draw_communication(variant: Variant, settings: Settings, gpu: str, num_devices: int, precision: str) -> None:
+    st.subheader("Communication per training step")
+    presets = list(INTERCONNECTS)
+    default = DEFAULT_INTRA.get(GPU_KEYS.get(gpu, ""), CUSTOM_LINK)
+    left, right = st.columns([2, 3])
+    preset = left.selectbox(
+        "Interconnect", presets, index=presets.index(default), key="devices_link", bind=BIND,
+        help="planner.cost.interconnects' presets (default: the GPU's own link inside one node). "
+        + "; ".join(f"{key}: {link.name}" for key, link in INTERCONNECTS.items()))
+    try:
+        link = interconnect_link(gpu, preset, num_devices)
+        rows = step_communication(variant.plan.config, workload_of(settings), num_devices, precision, link)
+    except ValueError as error:
+        st.error(str(error), icon=":material/error:")
+        return
+    ring = "inside one node" if INTERCONNECTS[preset].scope == "intra" else "one device per node"
+    left.caption(f"{link.name}, {ring}: {link.bytes_per_s / 1e9:.1f} GB/s bus bandwidth (the datasheet's rate × "
+                 f"the share NCCL reaches), {link.latency_s * 1e6:.1f} µs per ring step. What one of {num_devices} "
+                 "devices sends in a training step (planner.communication.step_collectives) at the sidebar's batch "
+                 "per device, without gradient accumulation.")
+    if not rows:
+        right.info("One device sends nothing: choose N above 1.", icon=":material/info:")
+        return
+    frame = communication_frame(rows)
+    totals = frame.groupby("Strategy", sort=False, as_index=False)[["Calls", "Sent per device", "Time"]].sum()
+    formats = {"Buffer": format_bytes, "Sent per device": format_bytes, "Time": format_seconds}
+    right.dataframe(totals.style.format(formats, subset=["Sent per device", "Time"]), hide_index=True,
+                    key="devices_comm_totals", height=(len(totals) + 1) * 35 + 3,
+                    column_config={"Calls": st.column_config.NumberColumn(help="Every collective's calls"),
+                                   "Sent per device": st.column_config.NumberColumn(help="Per step, all collectives"),
+                                   "Time": st.column_config.NumberColumn(help=f"Per step on {link.name}")})
+    st.info(least_sent_line(totals, link), icon=":material/swap_horiz:")
+    st.dataframe(frame.style.format(formats), hide_index=True, key="devices_comm_table",
+                 height=(min(len(frame), 24) + 1) * 35 + 3,
+                 column_config={name: st.column_config.Column(help=text, width=300 if name == "Purpose" else None)
+                                for name, (_, text) in COMMUNICATION_COLUMNS.items() if text})
+    export = [{"variant": variant.label, "num_devices": num_devices, "precision": precision, "interconnect": preset,
+               **row} for row in rows]
+    draw_downloads(export, settings, f"communication per training step of {variant.label}", key="devices_comm",
+                   extra={"link": link.name, "link_bytes_per_s": link.bytes_per_s, "link_latency_s": link.latency_s})
+
+
 def draw_devices(table: PlanTable, settings: Settings) -> None:
     st.markdown("What one of N devices holds during a training step: data parallel replicates everything; "
                 "ZeRO-1/2/3 shard optimizer states, then gradients, then weights (ZeRO-3 = FSDP); expert "
@@ -151,3 +245,5 @@ def draw_devices(table: PlanTable, settings: Settings) -> None:
     export = [{"variant": variant.label, "gpu": gpu, "device_memory_bytes": memory_bytes, "precision": precision,
                **row} for row in rows]
     draw_downloads(export, settings, f"per-device training memory of {variant.label}", key="devices")
+    _draw_communication(variant, settings, gpu, num_devices, precision)
+    draw_measure(variant, settings, precision)
