@@ -322,10 +322,12 @@ def average_gradients(model: ExpertParallelChronosMoE) -> None:
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for parameter in shared:
         by_dtype.setdefault(parameter.dtype, []).append(parameter)
-    device = shared[0].device if shared else torch.device("cpu")
-    has_grad = torch.tensor([p.grad is not None for p in shared], dtype=torch.float32, device=device)
-    dist.all_reduce(has_grad, group=placement.group)
-    flags = dict(zip(map(id, shared), has_grad.tolist()))
+    if not shared:  # nothing replicated learns (e.g. trainable="experts"), on every rank alike: nothing to send
+        flags = {}
+    else:
+        has_grad = torch.tensor([p.grad is not None for p in shared], dtype=torch.float32, device=shared[0].device)
+        dist.all_reduce(has_grad, group=placement.group)
+        flags = dict(zip(map(id, shared), has_grad.tolist()))
     for dtype, parameters in by_dtype.items():
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
         dist.all_reduce(flat, group=placement.group)

@@ -15,9 +15,28 @@ recomputes one block at a time; routers, heads and the loss are kept as without 
 GPU is planner.headroom's rule: its bytes plus the CUDA context, the allocator's reserve and communication
 buffers.
 
-`mixed_fp16` is the regime DeepSpeed's estimators assume: fp16 weights and gradients, with an fp32 copy of
-the gradients, fp32 master weights and fp32 Adam moments (2 + 2 + 16 bytes per parameter). The tests check
-it against DeepSpeed's own `estimate_zero2/3_model_states_mem_needs_all_live`.
+Two layouts of the same states:
+- PyTorch's (every regime but `mixed_fp16`), as the engines this project runs allocate them
+  (planner.bench.distributed measures them on real ranks, planner.fsdp_check under FSDPMemTracker), tensor by
+  tensor from planner.params.parameter_tensors:
+  - zero2 / zero3 are FSDP2 (`fully_shard`): each parameter is sharded on dim 0 in chunks of ceil(dim0/n) rows,
+    and every rank allocates the padded chunk (ceil(dim0/n) × the other dims) for its weights and gradients;
+    AdamW's moments are `zeros_like` the rank's own rows (unpadded: rank r holds
+    max(0, min(ceil(dim0/n), dim0 − r·ceil(dim0/n))) rows, so the last ranks may hold fewer). ZeRO-2 is
+    `reshard_after_forward=False`: between steps only the padded shard is resident (`weights_bytes`), and from
+    each unit's forward to its backward the whole unit is gathered, n padded chunks per parameter
+    (`gathered_layer_bytes`: all units at once at the end of the forward);
+  - Adam/AdamW keep a `step` counter per parameter tensor with state, a 4-byte fp32 scalar
+    (`ADAMW_STEP_BYTES`), in the optimizer states;
+  - data_parallel is DDP: its gradient buckets are a second copy of the gradients (`bucket_bytes`,
+    `gradient_as_bucket_view=False`, the default);
+  - expert_parallel is model.expert_parallel: rank r holds experts [r·c, min(E, (r+1)·c)), c = ceil(E/n).
+  Values that depend on the rank are given for `rank` (default 0: the largest shard and the most experts).
+- DeepSpeed's (`mixed_fp16`, the regime its estimators assume): fp16 weights and gradients, with an fp32 copy
+  of the gradients, fp32 master weights and fp32 Adam moments (2 + 2 + 16 bytes per parameter), partitions of
+  the flat count (ceil(P/n)), ZeRO-2 keeping the fp16 weights whole. The tests check it against DeepSpeed's
+  own `estimate_zero2/3_model_states_mem_needs_all_live`. zero1, which no PyTorch engine here runs, uses
+  this flat layout in every regime.
 """
 
 from __future__ import annotations
@@ -41,15 +60,22 @@ from planner.params import (
     expert_head_linears,
     experts_per_device,
     ffn_linears,
+    experts_of_device,
+    fsdp_shard_numel,
+    parameter_tensors,
     split_trainable_params,
     lm_head_linear,
     token_router_linear,
 )
+from model.trainable import trainable_components
 from planner.workload import Workload
 from planner.units import GIB
 
 STRATEGIES = ("data_parallel", "zero1", "zero2", "zero3", "expert_parallel")
 _ZERO_STAGE = {"data_parallel": 0, "zero1": 1, "zero2": 2, "zero3": 3, "expert_parallel": 0}
+ADAMW_STEP_BYTES = 4  # torch.optim.Adam/AdamW's `step`: one fp32 scalar tensor per parameter with state
+STEP_COUNTER_OPTIMIZERS = ("adam", "adamw")
+DEEPSPEED_REGIME = "mixed_fp16"
 
 # Memory a program can allocate, as torch.cuda reports it (a little under the marketed size), by the GPU
 # presets' keys (planner.steptime.devices) with the label the Devices tab and `plan --gpu` show. The H200's is
@@ -107,7 +133,13 @@ def count_largest_layer_params(config: ChronosMoEConfig) -> int:
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """What one of `num_devices` devices holds during a training step, in bytes."""
+    """What one of `num_devices` devices (the one of rank `rank`) holds during a training step, in bytes.
+
+    `weights_bytes` are resident between steps (ZeRO-2/3: the shard); `gathered_layer_bytes` what is gathered
+    whole during the step on top of it (ZeRO-3: the largest layer's weights and gradients; ZeRO-2 in PyTorch's
+    layout: every unit's weights, gathered from its forward to its backward). `bucket_bytes` are DDP's
+    gradient buckets: allocated beside the gradients, part of `peak_bytes`, left out of `total_bytes` because
+    planner.headroom adds them with the other communication buffers when it decides whether a plan fits."""
 
     strategy: str
     num_devices: int
@@ -115,8 +147,10 @@ class DevicePlan:
     weights_bytes: int
     gradients_bytes: int
     optimizer_states_bytes: int
-    gathered_layer_bytes: int  # ZeRO-3: the largest layer's weights and gradients, gathered whole
+    gathered_layer_bytes: int
     activations_bytes: int
+    rank: int = 0
+    bucket_bytes: int = 0
 
     @property
     def model_states_bytes(self) -> int:
@@ -125,6 +159,11 @@ class DevicePlan:
     @property
     def total_bytes(self) -> int:
         return self.model_states_bytes + self.activations_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Everything the process allocates for the step: the model states, activations and DDP's buckets."""
+        return self.total_bytes + self.bucket_bytes
 
 
 def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
@@ -159,11 +198,14 @@ def plan_devices(
     precision: Optional[str] = None,
     params: Optional[ParamBreakdown] = None,
     device: str = "cuda",
+    rank: int = 0,
 ) -> DevicePlan:
-    """Per-device memory of one training step. `precision` defaults to the workload's regime."""
+    """Per-device memory of one training step, on device `rank` (default 0, the one that holds the most).
+    `precision` defaults to the workload's regime; the layout is PyTorch's, or DeepSpeed's for mixed_fp16."""
     if strategy not in STRATEGIES:
         raise SettingError("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     check_int("num_devices", num_devices, 1, 1_000_000)
+    check_int("rank", rank, 0, num_devices - 1)
     if strategy == "expert_parallel" and not config.is_moe:
         raise SettingError("strategy", "strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
     params = count_params(config) if params is None else params
@@ -171,22 +213,45 @@ def plan_devices(
     per_param = state_bytes_per_param(regime, workload.optimizer)
     # mixed_fp16 computes in half precision, so its activations are autocast's.
     activation_workload = dataclasses.replace(workload, precision="amp_fp16" if regime == "mixed_fp16" else regime)
+    n = num_devices
 
     trainable = split_trainable_params(params, workload.trainable, config.label)  # gradients and moments
+    learns = trainable_components(workload.trainable)
+    tensors = parameter_tensors(config)
+    torch_layout = regime != DEEPSPEED_REGIME
+    step_bytes = ADAMW_STEP_BYTES if torch_layout and workload.optimizer in STEP_COUNTER_OPTIMIZERS else 0
+    gathered = bucket = 0
     if strategy == "expert_parallel":
-        experts = experts_per_device(params.num_experts, num_devices)
-        held, learning = params.with_experts(experts), trainable.with_experts(experts)
-        sharded = {"weights": held, "gradients": learning, "optimizer": learning}
+        held_experts = set(experts_of_device(params.num_experts, n, rank))
+        held = [t for t in tensors if t.expert is None or t.expert in held_experts]
+        learning = [t for t in held if t.component in learns]
+        weights = sum(t.numel for t in held) * per_param.weights
+        gradients = sum(t.numel for t in learning) * per_param.gradients
+        optimizer = sum(t.numel for t in learning) * per_param.optimizer + step_bytes * len(learning)
+    elif strategy in ("zero2", "zero3") and torch_layout:
+        shards = [(fsdp_shard_numel(t.shape, n, rank), t.component in learns) for t in tensors]
+        padded = sum(pad for (pad, _), _ in shards)
+        learning_padded = sum(pad for (pad, _), learn in shards if learn)
+        learning_held = sum(own for (_, own), learn in shards if learn)
+        weights = padded * per_param.weights
+        gradients = learning_padded * per_param.gradients
+        optimizer = learning_held * per_param.optimizer + step_bytes * sum(learn for _, learn in shards)
+        if strategy == "zero2" and n > 1:
+            gathered = n * padded * per_param.weights
     else:
         stage = _ZERO_STAGE[strategy]
 
         def shard(count: int, first_stage: int) -> int:
-            return math.ceil(count / num_devices) if stage >= first_stage else count
+            return math.ceil(count / n) if stage >= first_stage else count
 
-        sharded = {"optimizer": shard(trainable.total, 1), "gradients": shard(trainable.total, 2),
-                   "weights": shard(params.total_params, 3)}
-    gathered = 0
-    if strategy == "zero3" and num_devices > 1:
+        learning_tensors = sum(t.component in learns for t in tensors)
+        weights = shard(params.total_params, 3) * per_param.weights
+        gradients = shard(trainable.total, 2) * per_param.gradients
+        optimizer = shard(trainable.total, 1) * per_param.optimizer
+        if strategy == "data_parallel":
+            optimizer += step_bytes * learning_tensors
+            bucket = gradients if n > 1 else 0  # DDP's buckets: a copy of every gradient it reduces
+    if strategy == "zero3" and n > 1:
         gathered = count_largest_layer_params(config) * (per_param.weights + per_param.gradients)
     if activation_checkpointing:
         activations = estimate_checkpointed_activation_bytes(config, activation_workload, device=device)
@@ -196,11 +261,13 @@ def plan_devices(
         strategy=strategy,
         num_devices=num_devices,
         activation_checkpointing=activation_checkpointing,
-        weights_bytes=sharded["weights"] * per_param.weights,
-        gradients_bytes=sharded["gradients"] * per_param.gradients,
-        optimizer_states_bytes=sharded["optimizer"] * per_param.optimizer,
+        weights_bytes=weights,
+        gradients_bytes=gradients,
+        optimizer_states_bytes=optimizer,
         gathered_layer_bytes=gathered,
         activations_bytes=activations,
+        rank=rank,
+        bucket_bytes=bucket,
     )
 
 

@@ -17,11 +17,14 @@ Where the experts live:
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 from model.checks import SettingError
-from model.components import COMPONENTS
+from model.components import COMPONENTS, component_of_param
 from model.config import ChronosMoEConfig
 from model.presets import RELATIVE_ATTENTION_NUM_BUCKETS, BackboneDims
 from model.trainable import EXPERT_COMPONENTS, nothing_trainable_message, trainable_components
@@ -171,8 +174,16 @@ class ParamBreakdown:
 
 def experts_per_device(num_experts: int, num_devices: int) -> int:
     """Experts one device holds under expert parallelism: the E experts dealt round the devices, so the
-    busiest holds ceil(E / n) (every expert is whole on one device; with n > E, replicas hold one)."""
+    busiest holds ceil(E / n) (every expert is whole on one device; with n > E, rank 0 still holds one)."""
     return -(-num_experts // num_devices)
+
+
+def experts_of_device(num_experts: int, num_devices: int, rank: int) -> range:
+    """The experts device `rank` holds, as model.expert_parallel places them: [r·c, min(E, (r+1)·c)),
+    c = ceil(E/n); rank 0 holds the most, and with n > E the last ranks hold none (experts are not
+    replicated)."""
+    per_device = experts_per_device(num_experts, num_devices)
+    return range(min(num_experts, rank * per_device), min(num_experts, (rank + 1) * per_device))
 
 
 def count_params(config: ChronosMoEConfig) -> ParamBreakdown:
@@ -255,3 +266,110 @@ def split_trainable_params(params: ParamBreakdown, trainable: str, label: str = 
 def count_trainable_params(params: ParamBreakdown, trainable: str, label: str = "this variant") -> int:
     """Parameters the fine-tuning regime `trainable` trains: the sum of its components."""
     return split_trainable_params(params, trainable, label).total
+
+
+# --- the parameter tensors one by one ----------------------------------------------------------------------------
+
+_EXPERT_ID = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor of the built model: its `named_parameters()` name and shape. What per-tensor
+    layouts need (FSDP2 shards each tensor on dim 0; AdamW keeps a `step` per tensor; DDP buckets tensors)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def component(self) -> Optional[str]:
+        return component_of_param(self.name)
+
+    @property
+    def expert(self) -> Optional[int]:
+        """The expert it belongs to (its global id), None for a shared tensor."""
+        match = _EXPERT_ID.search(self.name)
+        return int(match.group(1)) if match else None
+
+
+def fsdp_shard_rows(dim0: int, num_devices: int, rank: int = 0) -> tuple[int, int]:
+    """FSDP2's dim-0 sharding of one parameter: (rows every rank allocates, padded; rows `rank` holds).
+    torch.chunk's split: chunks of ceil(dim0/n) rows, the last ones shorter or empty."""
+    chunk = -(-dim0 // num_devices)
+    return chunk, max(0, min(chunk, dim0 - rank * chunk))
+
+
+def fsdp_shard_numel(shape: tuple[int, ...], num_devices: int, rank: int = 0) -> tuple[int, int]:
+    """(padded elements every rank allocates, elements `rank` holds) of one parameter of `shape`."""
+    rest = math.prod(shape[1:])
+    padded, held = fsdp_shard_rows(shape[0], num_devices, rank)
+    return padded * rest, held * rest
+
+
+def _linear_tensors(prefix: str, linear: Linear) -> list[ParamTensor]:
+    """nn.Linear registers weight (out, in), then bias (out,)."""
+    tensors = [ParamTensor(f"{prefix}.weight", (linear.out_features, linear.in_features))]
+    return tensors + ([ParamTensor(f"{prefix}.bias", (linear.out_features,))] if linear.bias else [])
+
+
+def _t5_stack_tensors(prefix: str, config: ChronosMoEConfig, decoder: bool) -> list[ParamTensor]:
+    """A T5Stack (without its tied embed_tokens): per block the attention layer(s) and the FFN layer, each
+    sub-module before its layer_norm (registration order), block 0's relative-attention bias after o; then
+    the final norm. token_ffn's MoE blocks have a router and E expert FFNs in place of the dense FFN."""
+    dims = config.dims
+    norm = (dims.d_model,)
+    moe_blocks = config.token_moe_decoder_blocks if decoder else config.token_moe_encoder_blocks
+    token_moe = config.is_moe and config.architecture == "token_ffn"
+    tensors: list[ParamTensor] = []
+    attentions = ("SelfAttention", "EncDecAttention") if decoder else ("SelfAttention",)
+    for block in range(dims.num_decoder_layers if decoder else dims.num_layers):
+        layer = f"{prefix}.block.{block}.layer"
+        for index, attention in enumerate(attentions):
+            for name, linear in zip("qkvo", attention_linears(dims)):
+                tensors += _linear_tensors(f"{layer}.{index}.{attention}.{name}", linear)
+            if block == 0 and attention == "SelfAttention":
+                tensors.append(ParamTensor(f"{layer}.{index}.{attention}.relative_attention_bias.weight",
+                                           (RELATIVE_ATTENTION_NUM_BUCKETS, dims.num_heads)))
+            tensors.append(ParamTensor(f"{layer}.{index}.layer_norm.weight", norm))
+        ffn = f"{layer}.{len(attentions)}.DenseReluDense"
+        if token_moe and block in moe_blocks:
+            tensors += _linear_tensors(f"{ffn}.router", token_router_linear(config))
+            for expert in range(config.num_experts):
+                for name, linear in zip(("wi", "wo"), ffn_linears(dims)):
+                    tensors += _linear_tensors(f"{ffn}.experts.{expert}.{name}", linear)
+        else:
+            for name, linear in zip(("wi", "wo"), ffn_linears(dims)):
+                tensors += _linear_tensors(f"{ffn}.{name}", linear)
+        tensors.append(ParamTensor(f"{layer}.{len(attentions)}.layer_norm.weight", norm))
+    return tensors + [ParamTensor(f"{prefix}.final_layer_norm.weight", norm)]
+
+
+def parameter_tensors(config: ChronosMoEConfig) -> tuple[ParamTensor, ...]:
+    """Every parameter tensor `model.build_model_from_config(config)` registers, in `named_parameters()` order
+    (tied tensors once: the shared embedding is the LM head), derived from the config alone."""
+    dims = config.dims
+    arch = config.architecture if config.is_moe else "dense"
+    tensors = [ParamTensor("backbone.shared.weight", (dims.vocab_size, dims.d_model))]
+    if arch != "expert_only":
+        tensors += _t5_stack_tensors("backbone.encoder", config, decoder=False)
+    tensors += _t5_stack_tensors("backbone.decoder", config, decoder=True)
+    if arch in ("shared_then_expert", "expert_only"):
+        hidden, output = context_router_linears(config)
+        tensors += _linear_tensors("router.hidden", hidden) + _linear_tensors("router.output", output)
+    for expert in range(config.num_experts if arch in ("shared_then_expert", "expert_only") else 0):
+        prefix = f"experts.{expert}"
+        if arch == "shared_then_expert":
+            fc1, fc2, lm_head = expert_head_linears(config)
+            tensors += _linear_tensors(f"{prefix}.fc1", fc1) + _linear_tensors(f"{prefix}.fc2", fc2)
+            tensors += [ParamTensor(f"{prefix}.norm.weight", (dims.d_model,)),
+                        ParamTensor(f"{prefix}.norm.bias", (dims.d_model,))]
+            tensors += _linear_tensors(f"{prefix}.lm_head", lm_head)
+        else:
+            tensors += _t5_stack_tensors(f"{prefix}.encoder", config, decoder=False)  # plain T5 blocks
+            tensors += _linear_tensors(f"{prefix}.lm_head", lm_head_linear(dims))
+    return tuple(tensors)
+

@@ -27,19 +27,56 @@ def instantiated_params(size: str, **moe) -> int:
 
 def test_data_parallel_fp32_adam_is_sixteen_bytes_per_parameter():
     config = make_config("small", num_experts=8)
+    model = build_model("small", num_experts=8, device="meta")
     plan = plan_devices(config, WORKLOAD, "data_parallel", 8)
-    assert plan.model_states_bytes == 16 * instantiated_params("small", num_experts=8)
+    # 16 bytes per parameter, plus AdamW's fp32 `step` (4 bytes) per parameter tensor; DDP's buckets are a
+    # second copy of the gradients, outside the model states and inside the peak.
+    tensors = sum(1 for _ in model.parameters())
+    assert plan.model_states_bytes == 16 * instantiated_params("small", num_experts=8) + 4 * tensors
+    assert plan.bucket_bytes == plan.gradients_bytes == 4 * instantiated_params("small", num_experts=8)
+    assert plan.peak_bytes == plan.total_bytes + plan.bucket_bytes
 
 
-@pytest.mark.parametrize(("strategy", "expected"), [
-    # fp32 + AdamW: weights 4, gradients 4, moments 8 bytes per parameter; n = 4.
-    ("zero1", lambda p: 4 * p + 4 * p + 8 * math.ceil(p / 4)),
-    ("zero2", lambda p: 4 * p + (4 + 8) * math.ceil(p / 4)),
-])
-def test_zero_stages_shard_what_they_should(strategy, expected):
+def test_zero_stages_shard_what_they_should():
     config = make_config("tiny", architecture="token_ffn", num_experts=4)
     total = instantiated_params("tiny", architecture="token_ffn", num_experts=4)
-    assert plan_devices(config, WORKLOAD, strategy, 4).model_states_bytes == expected(total)
+    tensors = sum(1 for _ in build_model("tiny", architecture="token_ffn", num_experts=4, device="meta").parameters())
+    # fp32 + AdamW: weights 4, gradients 4, moments 8 bytes per parameter; n = 4. ZeRO-1 partitions the flat
+    # count (DeepSpeed's layout); ZeRO-2 is FSDP2's: every dim 0 of tiny token_ffn (256, 1024, 4096, 32, the
+    # routers' 4) divides by 4, so the shard is P/4, plus AdamW's 4-byte step per tensor, and the whole
+    # weights gathered for the step on top of the resident shard.
+    assert plan_devices(config, WORKLOAD, "zero1", 4).model_states_bytes == 4 * total + 4 * total + 8 * math.ceil(
+        total / 4)
+    zero2 = plan_devices(config, WORKLOAD, "zero2", 4)
+    assert (zero2.weights_bytes, zero2.gathered_layer_bytes) == (total, 4 * total)
+    assert zero2.model_states_bytes == 4 * total + (4 + 4 + 8) * (total // 4) + 4 * tensors
+
+
+def _fsdp2_shards(model, n, rank):
+    """FSDP2's shard of every parameter on `rank`, by torch.chunk on dim 0 as fully_shard splits it:
+    (padded elements: the first chunk's, every rank allocates that much; elements rank `rank` holds)."""
+    padded = held = 0
+    for parameter in model.parameters():
+        chunks = torch.chunk(torch.empty(parameter.shape[0]), n)
+        rest = parameter.numel() // parameter.shape[0]
+        padded += chunks[0].numel() * rest
+        held += (chunks[rank].numel() if rank < len(chunks) else 0) * rest
+    return padded, held
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_fsdp2_pads_dim0_and_the_last_rank_holds_fewer_moment_rows(rank):
+    """debug token_ffn MoE-4 on 3 devices: D = 64, F = 256, V = 4096, 32 position buckets and 4-row routers do not
+    divide by 3. Weights and gradients are the padded chunks on every rank, the moments the rank's own rows."""
+    model = build_model("debug", architecture="token_ffn", num_experts=4, device="meta")
+    padded, held = _fsdp2_shards(model, 3, rank)
+    tensors = sum(1 for _ in model.parameters())
+    plan = plan_devices(model.config, WORKLOAD, "zero3", 3, rank=rank)
+    assert (plan.weights_bytes, plan.gradients_bytes) == (4 * padded, 4 * padded)
+    assert plan.optimizer_states_bytes == 8 * held + 4 * tensors
+    assert padded > math.ceil(sum(p.numel() for p in model.parameters()) / 3)
+    with pytest.raises(ValueError, match="rank"):
+        plan_devices(model.config, WORKLOAD, "zero3", 3, rank=3)
 
 
 def test_zero3_adds_the_gathered_largest_layer():
@@ -51,7 +88,9 @@ def test_zero3_adds_the_gathered_largest_layer():
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
     assert largest == 4096 * 256
     plan = plan_devices(config, WORKLOAD, "zero3", 4)
-    assert plan.model_states_bytes == 16 * math.ceil(total / 4) + 8 * largest
+    # tiny's dims all divide by 4 (no FSDP2 padding); AdamW's 4-byte step per parameter tensor.
+    tensors = sum(1 for _ in model.parameters())
+    assert plan.model_states_bytes == 16 * math.ceil(total / 4) + 8 * largest + 4 * tensors
 
 
 def test_expert_parallel_keeps_its_share_of_experts():
@@ -59,9 +98,11 @@ def test_expert_parallel_keeps_its_share_of_experts():
     model = build_model("small", num_experts=16, device="meta")
     one_expert = sum(p.numel() for p in model.experts[0].parameters())
     plan = plan_devices(config, WORKLOAD, "expert_parallel", 8)
-    # 16 experts over 8 devices: each holds 2, and every shared part
+    # 16 experts over 8 devices: each holds 2, and every shared part (and AdamW's 4-byte step per held tensor)
     held = sum(p.numel() for p in model.parameters()) - (16 - 2) * one_expert
-    assert plan.weights_bytes == 4 * held and plan.model_states_bytes == 16 * held
+    held_tensors = sum(1 for name, _ in model.named_parameters()
+                       if not name.startswith("experts.") or name.split(".")[1] in ("0", "1"))
+    assert plan.weights_bytes == 4 * held and plan.model_states_bytes == 16 * held + 4 * held_tensors
     with pytest.raises(ValueError, match="expert_parallel needs experts"):
         plan_devices(make_config("small"), WORKLOAD, "expert_parallel", 8)
 
@@ -186,9 +227,13 @@ def test_sharded_gradients_and_moments_count_only_trainable_parameters():
     workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="experts_and_router")
     plan = plan_devices(make_config("tiny", **moe), workload, "zero2", 4)
     learning = _learning("tiny", "experts_and_router", **moe)
-    assert plan.weights_bytes == 4 * instantiated_params("tiny", **moe)
+    model = build_model("tiny", device="meta", trainable="experts_and_router", **moe)
+    learning_tensors = sum(p.requires_grad for p in model.parameters())
+    # FSDP2's ZeRO-2: the resident shard of every weight (tiny's dims divide by 4), gradients and moments of
+    # what learns, AdamW's step per learning tensor
+    assert plan.weights_bytes == instantiated_params("tiny", **moe)
     assert (plan.gradients_bytes, plan.optimizer_states_bytes) == (4 * math.ceil(learning / 4),
-                                                                   8 * math.ceil(learning / 4))
+                                                                   8 * math.ceil(learning / 4) + 4 * learning_tensors)
 
 
 def test_expert_parallel_trains_its_own_experts_and_the_shared_trainable_parts():
@@ -199,7 +244,10 @@ def test_expert_parallel_trains_its_own_experts_and_the_shared_trainable_parts()
                       if p.requires_grad and name.split(".")[:2] in (["experts", "0"], ["experts", "1"]))
     workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="experts")
     plan = plan_devices(make_config("tiny", **moe), workload, "expert_parallel", 4)
-    assert plan.gradients_bytes == 4 * two_experts and plan.optimizer_states_bytes == 8 * two_experts
+    two_experts_tensors = sum(1 for name, p in model.named_parameters()
+                              if p.requires_grad and name.split(".")[:2] in (["experts", "0"], ["experts", "1"]))
+    assert plan.gradients_bytes == 4 * two_experts
+    assert plan.optimizer_states_bytes == 8 * two_experts + 4 * two_experts_tensors
 
 
 def test_gradient_all_reduce_carries_only_trainable_gradients():
@@ -209,3 +257,23 @@ def test_gradient_all_reduce_carries_only_trainable_gradients():
     workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="router")
     [all_reduce] = step_collectives(make_config("tiny", **moe), workload, "data_parallel", 8, "fp32")
     assert all_reduce.buffer_bytes == 4 * _learning("tiny", "router", **moe)
+
+
+@pytest.mark.parametrize("size", ["debug", "tiny"])
+@pytest.mark.parametrize("moe", [{}, {"architecture": "token_ffn", "num_experts": 4},
+                                 {"architecture": "shared_then_expert", "num_experts": 4}])
+def test_ddp_bucket_count_is_torchs_assignment(size, moe):
+    """DDP's steady-state buckets: torch's own `_compute_bucket_assignment_by_size` with its 1 MiB first bucket
+    and 25 MiB after, over the real model's parameters in the order DDP uses (dense: rebuilt in gradient-ready
+    order, the reverse of registration; MoE, find_unused_parameters: registration order)."""
+    import torch.distributed as dist
+
+    from planner.communication import ddp_buckets
+
+    model = build_model(size, device="meta", **moe)
+    parameters = [torch.empty(p.shape) for p in model.parameters()]
+    ordered = parameters if moe else parameters[::-1]
+    expected, _ = dist._compute_bucket_assignment_by_size(ordered, [dist._DEFAULT_FIRST_BUCKET_BYTES, 25 * 2**20])
+    buckets = ddp_buckets(model.config, WORKLOAD, "fp32")
+    assert len(buckets) == len(expected)
+    assert sorted(buckets) == sorted(sum(ordered[i].numel() * 4 for i in bucket) for bucket in expected)

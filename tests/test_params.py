@@ -86,3 +86,37 @@ def test_count_params_equals_meta_modules(size, architecture):
         expected = {c: n for c, n in analytic.components().items() if n}
         assert measured == expected, (size, architecture, num_experts)
         assert one_expert == analytic.params_per_expert
+
+
+@pytest.mark.parametrize("size", ["debug", "tiny"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("num_experts", [0, 4])
+def test_parameter_tensors_are_the_built_models_in_registration_order(size, architecture, num_experts):
+    from model import build_model
+    from planner.params import parameter_tensors
+
+    model = build_model(size, device="meta", architecture=architecture, num_experts=num_experts)
+    expected = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    assert [(t.name, t.shape) for t in parameter_tensors(model.config)] == expected
+    assert sum(t.numel for t in parameter_tensors(model.config)) == count_params(model.config).total_params
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large"])
+def test_parameter_tensors_of_the_larger_sizes(size):
+    from model import build_model
+    from planner.params import parameter_tensors
+
+    for architecture in ARCHITECTURES:
+        model = build_model(size, device="meta", architecture=architecture, num_experts=8)
+        expected = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        assert [(t.name, t.shape) for t in parameter_tensors(model.config)] == expected, architecture
+
+
+def test_a_parameter_tensor_knows_its_component_and_expert():
+    from planner.params import parameter_tensors
+
+    tensors = {t.name: t for t in parameter_tensors(make_config("debug", architecture="token_ffn", num_experts=4))}
+    expert = tensors["backbone.decoder.block.1.layer.2.DenseReluDense.experts.3.wo.weight"]
+    assert (expert.component, expert.expert, expert.shape, expert.numel) == ("expert_ffn", 3, (64, 256), 64 * 256)
+    router = tensors["backbone.encoder.block.1.layer.1.DenseReluDense.router.weight"]
+    assert (router.component, router.expert) == ("router", None)

@@ -14,17 +14,19 @@ runs like every benchmark (planner.bench.runner): one at a time (the benchmark l
 killed whole at the time limit or on cancel, every rank dying with the launcher, a rank's error ending the
 run with its message.
 
-Per rank: parameter, gradient and optimizer-state bytes from the local tensors' storages, the peak resident
-memory above the rank's baseline, step times, and the collectives of one steady-state step (counts from
+Per rank: parameter, gradient and optimizer-state bytes from the local tensors' storages, the peak memory
+above the rank's baseline, step times, and the collectives of one steady-state step (counts from
 CommDebugMode, bytes from the tensors each collective is passed), each beside planner.parallel.plan_devices
-(per-device bytes) and planner.communication.step_collectives. `documented_*` columns are the planner's
-figure plus the differences the README lists (FSDP2's dim-0 padding, AdamW's step counters, ZeRO-2's
-resident shard, experts without gradient); `states_exact` says whether all three measured values equal them.
+for that rank (`rank=r`: FSDP2's padded shards, the rank's own rows of the moments, its experts) and
+planner.communication.step_collectives. `states_exact`: all three measured values equal the rank's plan;
+`<kind>_exact`: the count and the bytes of that kind of collective equal the planner's (all_to_all: the
+count on the rank, the bytes summed over the ranks, since what a rank routes depends on its batch);
+`collectives_exact`: every kind. The predicted peak is `DevicePlan.peak_bytes` (the model states,
+activations and DDP's buckets).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import threading
@@ -47,8 +49,6 @@ RANKS_PER_CORE = 2  # at most twice the cores: more ranks only time-share them
 # (measured: about 440 MiB per rank on torch 2.13 CPU). The memory preflight adds it per rank.
 RANK_PROCESS_BYTES = 512 * 2**20
 MEMORY_FRACTION = 0.8
-FP32_BYTES = 4
-ADAMW_STEP_BYTES = 4  # AdamW's `step`, one fp32 scalar tensor per parameter with state
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,10 @@ def resolve_distributed_device(requested: str) -> str:
 
 
 def predicted_rank_bytes(spec: DistributedSpec) -> int:
-    """The planner's per-device total (model states and activations) for this run."""
+    """The planner's per-device peak (model states, activations, DDP's buckets) for this run, on rank 0."""
     bench = spec.bench
     return plan_devices(bench.model_config(), bench.workload(), spec.strategy, spec.ranks,
-                        device="cpu" if spec.device == "cpu" else "cuda").total_bytes
+                        device="cpu" if spec.device == "cpu" else "cuda").peak_bytes
 
 
 def check_distributed(spec: DistributedSpec, *, cores: Optional[int] = None, available_bytes: Optional[int] = None,
@@ -224,66 +224,55 @@ def predicted_collectives(spec: DistributedSpec) -> dict[str, dict[str, int]]:
     return totals
 
 
-def documented_bytes(spec: DistributedSpec, measured: dict[str, Any], plan) -> dict[str, int]:
-    """The planner's per-device bytes plus the documented differences (README, "Distributed benchmark")."""
-    n, strategy = spec.ranks, spec.strategy
-    params = count_params(spec.bench.model_config())
-    flat_shard = math.ceil(params.total_params / n)
-    steps = ADAMW_STEP_BYTES * measured["step_tensors"]
-    if strategy in ("zero2", "zero3"):
-        padding = measured["padded_numel"] - flat_shard  # FSDP2 pads every parameter's dim 0 to a multiple of n
-        weights = FP32_BYTES * measured["padded_numel"]  # zero2: the resident shard (the planner: whole weights)
-        return {"param": weights, "grad": plan.gradients_bytes + FP32_BYTES * padding,
-                # moments are zeros_like the DTensor: its unpadded local shard
-                "optimizer": plan.optimizer_states_bytes + 2 * FP32_BYTES * (measured["moment_numel"] - flat_shard)
-                + steps}
-    # An expert no row reached in the last step has no gradient; one no row reached in any step has no moments.
-    no_grad = measured["param_numel"] - measured["grad_numel"]
-    no_state = measured["param_numel"] - measured["moment_numel"]
-    return {"param": plan.weights_bytes, "grad": plan.gradients_bytes - FP32_BYTES * no_grad,
-            "optimizer": plan.optimizer_states_bytes - 2 * FP32_BYTES * no_state + steps}
-
-
 def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     bench = spec.bench
     config, workload = bench.model_config(), bench.workload()
-    plan = plan_devices(config, workload, spec.strategy, spec.ranks, device="cpu" if spec.device == "cpu" else "cuda")
+    device = "cpu" if spec.device == "cpu" else "cuda"
     predicted = predicted_collectives(spec)
+    total_params = count_params(config).total_params
+    routed_sum = sum(measured["collective_bytes"].get("all_to_all", 0) for measured in ranks)
+    routed_exact = routed_sum == spec.ranks * predicted.get("all_to_all", {}).get("bytes", 0)
     rows = []
     for measured in ranks:
-        documented = documented_bytes(spec, measured, plan)
+        plan = plan_devices(config, workload, spec.strategy, spec.ranks, device=device, rank=measured["rank"])
         values = {"param": measured["param_bytes"], "grad": measured["grad_bytes"],
                   "optimizer": measured["optimizer_bytes"]}
+        planned = {"param": plan.weights_bytes, "grad": plan.gradients_bytes, "optimizer": plan.optimizer_states_bytes}
         counts, sizes = measured["collective_counts"], measured["collective_bytes"]
         times = measured["times_s"]
         row: dict[str, Any] = {
             "label": spec.label, "size": bench.size, "variant": config.describe(), "strategy": spec.strategy,
             "ranks": spec.ranks, "rank": measured["rank"], "device": measured["device"],
             "batch_size": bench.batch_size, "context_length": bench.context_length,
-            "prediction_length": bench.prediction_length, "status": "ok",
-            "measured_param_bytes": values["param"], "predicted_param_bytes": plan.weights_bytes,
-            "documented_param_bytes": documented["param"],
-            "measured_grad_bytes": values["grad"], "predicted_grad_bytes": plan.gradients_bytes,
-            "documented_grad_bytes": documented["grad"],
-            "measured_optimizer_bytes": values["optimizer"], "predicted_optimizer_bytes": plan.optimizer_states_bytes,
-            "documented_optimizer_bytes": documented["optimizer"],
-            "states_exact": all(values[k] == documented[k] for k in values),
-            "padding_params": measured["padded_numel"] - math.ceil(count_params(config).total_params / spec.ranks)
+            "prediction_length": bench.prediction_length, "trainable": bench.trainable, "status": "ok",
+            "measured_param_bytes": values["param"], "predicted_param_bytes": planned["param"],
+            "measured_grad_bytes": values["grad"], "predicted_grad_bytes": planned["grad"],
+            "measured_optimizer_bytes": values["optimizer"], "predicted_optimizer_bytes": planned["optimizer"],
+            "states_exact": values == planned,
+            # FSDP2's dim-0 padding on this rank's shard: elements beyond ceil(P/n), now inside the plan
+            "padding_params": measured["padded_numel"] - -(-total_params // spec.ranks)
             if spec.strategy in ("zero2", "zero3") else 0,
-            "peak_memory_bytes": measured["peak_memory_bytes"], "predicted_peak_bytes": plan.total_bytes,
-            "memory_ratio": measured["peak_memory_bytes"] / plan.total_bytes if plan.total_bytes else None,
+            "peak_memory_bytes": measured["peak_memory_bytes"], "predicted_peak_bytes": plan.peak_bytes,
+            "memory_ratio": measured["peak_memory_bytes"] / plan.peak_bytes if plan.peak_bytes else None,
             "step_time_s": statistics.median(times) if times else None,
             "collective_bytes": sum(sizes.values()),
             "predicted_collective_bytes": sum(entry["bytes"] for entry in predicted.values()),
         }
+        exact = []
         for kind in COLLECTIVE_KINDS:
+            expected = predicted.get(kind, {"count": 0, "bytes": 0})
             row[f"{kind}_count"] = counts.get(kind, 0)
-            row[f"predicted_{kind}_count"] = predicted.get(kind, {}).get("count", 0)
+            row[f"predicted_{kind}_count"] = expected["count"]
             row[f"{kind}_bytes"] = sizes.get(kind, 0)
-            row[f"predicted_{kind}_bytes"] = predicted.get(kind, {}).get("bytes", 0)
+            row[f"predicted_{kind}_bytes"] = expected["bytes"]
+            bytes_exact = routed_exact if kind == "all_to_all" else sizes.get(kind, 0) == expected["bytes"]
+            row[f"{kind}_exact"] = counts.get(kind, 0) == expected["count"] and bytes_exact
+            exact.append(row[f"{kind}_exact"])
+        row["collectives_exact"] = all(exact)
         row["held_experts"] = ",".join(map(str, measured.get("held_experts", []))) or None
         row["comm_debug_counts"] = ";".join(f"{op}={count}" for op, count in sorted(measured["comm_debug_counts"].items()))
         row["memory_method"] = measured["memory_method"]
+        row["file_backed_growth_bytes"] = measured.get("file_backed_growth_bytes")
         row["loss"] = measured["losses"][-1] if measured["losses"] else None
         rows.append(row)
     return rows
@@ -295,10 +284,12 @@ def summary_line(result: DistributedResult) -> str:
         return f"{spec.label}: {result.status}: {result.message}"
     rows = result.rows
     exact = sum(row["states_exact"] for row in rows)
+    collectives = sum(row["collectives_exact"] for row in rows)
     ratios = [row["memory_ratio"] for row in rows if row["memory_ratio"] is not None]
     step = statistics.median(row["step_time_s"] for row in rows if row["step_time_s"] is not None)
     measured = sum(row["collective_bytes"] for row in rows) / len(rows)
-    return (f"{spec.label}: model states as documented on {exact}/{len(rows)} ranks; peak memory / predicted "
+    return (f"{spec.label}: model states exact on {exact}/{len(rows)} ranks, collectives on {collectives}/{len(rows)}; "
+            f"peak memory / predicted "
             f"{min(ratios):.2f}–{max(ratios):.2f}; step {step * 1000:.1f} ms (median); collectives "
             f"{measured:,.0f} B per rank per step measured, {rows[0]['predicted_collective_bytes']:,} B predicted; "
             f"{result.wall_s:.1f} s")

@@ -14,7 +14,15 @@ Each rank (gloo on CPU, nccl on CUDA, one device per rank): builds the variant w
 runs `warmup + repeats` AdamW training steps on its own batch of synthetic series (timed: the repeats), then
 one more under CommDebugMode whose collectives it counts, and reports the bytes it holds, measured from its
 local tensors' storages (each storage once: FSDP2's padded shards, DDP's full tensors, the expert-parallel
-rank's held parameters), its peak resident memory above its baseline, and its step times.
+rank's held parameters), its peak memory above its baseline, and its step times.
+
+Peak memory on CPU: the peak resident set (VmHWM, reset at the baseline) minus the resident set at the
+baseline, less the file-backed pages mapped since (RssFile: the code of libtorch, gloo and the kernels'
+libraries, paged in the first time each op runs, about 17 MB a rank, which is not memory the step allocates).
+The baseline is taken after the process group is up and every collective kind the strategy uses has run
+once on a tiny tensor (gloo's own set-up is not the step's). File-backed pages stop growing after the first
+step (`file_backed_after_warmup_bytes` says by how much they grew later), so the peak's file-backed part is
+the final one.
 """
 
 from __future__ import annotations
@@ -170,6 +178,37 @@ def _wrap(model, spec: dict, config, device: str):
     return make_expert_parallel(model), model
 
 
+def _status_bytes(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (VmRSS, VmHWM, RssFile, ...); empty where there is no /proc."""
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    values[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+def _warm_up_collectives(strategy: str, device: str) -> None:
+    """One tiny call of every collective kind `strategy` issues, before the memory baseline: gloo's (or
+    NCCL's) first use of each sets up buffers that belong to the process group, not to the step."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    one = torch.ones(world, device=device)
+    dist.all_reduce(one)
+    dist.all_gather([torch.empty_like(one) for _ in range(world)], one)
+    if strategy in ("zero2", "zero3"):
+        dist.all_gather_into_tensor(torch.empty(world * world, device=device), one)
+        dist.reduce_scatter_tensor(torch.empty(1, device=device), one)
+    if strategy == "expert_parallel":
+        dist.all_to_all_single(torch.empty_like(one), one)
+
+
 def rank_main(rank: int, spec: dict, port: int, results: str, launcher_pid: int) -> None:
     _die_with(launcher_pid)
     import torch
@@ -210,10 +249,12 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     config = bench.model_config()
     probe = PeakMemoryProbe(device.split(":")[0])
     pin_allocator()
+    _warm_up_collectives(spec["strategy"], device)
     dist.barrier()
-    probe.start()  # after the imports and the process group: the baseline is everything but the run
+    probe.start()  # after the imports, the process group and its first collectives: everything but the run
+    file_backed = _status_bytes("RssFile").get("RssFile")
     torch.manual_seed(bench.seed)  # every rank builds the same model
-    model = build_model_from_config(config, device=device)
+    model = build_model_from_config(config, device=device, trainable=bench.trainable)
     padded_numel = fsdp_padded_numel(model, spec["ranks"])  # FSDP2's per-rank shard, dim 0 padded
     wrapped, inner = _wrap(model, spec, config, device)
     param_tensors = sum(1 for _ in inner.parameters())  # after the wrap: expert parallel drops experts
@@ -240,6 +281,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
             torch.cuda.synchronize()
 
     times, losses = [], []
+    file_backed_after_first = None
     for index in range(bench.warmup + bench.repeats):
         dist.barrier()  # every rank starts the step together: the time is the step's, not a wait for a peer
         started = time.perf_counter()
@@ -247,6 +289,8 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         synchronize()
         if index >= bench.warmup:
             times.append(time.perf_counter() - started)
+        if index == 0:
+            file_backed_after_first = _status_bytes("RssFile").get("RssFile")
     # Sizes after a step: FSDP2 has resharded, the gradients are the reduced (sharded) ones.
     measured = {
         "param_bytes": storage_bytes(inner.parameters()),
@@ -260,7 +304,14 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         "param_tensors": param_tensors, "padded_numel": padded_numel,
         "grad_tensors": sum(1 for p in inner.parameters() if p.grad is not None),
     }
-    peak = probe.peak_bytes()
+    peak, method = probe.peak_bytes(), probe.method
+    file_backed_end = _status_bytes("RssFile").get("RssFile")
+    file_growth = later_growth = None
+    if probe.method.startswith("cpu") and None not in (file_backed, file_backed_end, file_backed_after_first):
+        file_growth = file_backed_end - file_backed
+        later_growth = file_backed_end - file_backed_after_first
+        peak = max(0, peak - file_growth)
+        method += ", less the file-backed pages mapped since the baseline"
     comm = make_comm_mode()
     dist.barrier()
     with comm:
@@ -268,7 +319,8 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     synchronize()
     result = {
         "rank": rank, "device": device, "threads": torch.get_num_threads(), **measured,
-        "peak_memory_bytes": peak, "memory_method": probe.method, "baseline_bytes": probe.baseline_bytes,
+        "peak_memory_bytes": peak, "memory_method": method, "baseline_bytes": probe.baseline_bytes,
+        "file_backed_growth_bytes": file_growth, "file_backed_after_warmup_bytes": later_growth,
         "times_s": times, "losses": losses,
         "collective_counts": dict(comm.kind_counts), "collective_bytes": dict(comm.kind_bytes),
         "comm_debug_counts": {str(op): count for op, count in comm.get_comm_counts().items()},
