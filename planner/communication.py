@@ -35,7 +35,8 @@ Data parallel's gradients go in DDP's buckets: torch's `_compute_bucket_assignme
 of `_DEFAULT_FIRST_BUCKET_BYTES` (1 MiB) and then `bucket_cap_mb` (25 MiB), each bucket closed once it reaches
 its limit; a dense model's buckets are rebuilt after the first step in the order gradients become ready
 (the reverse of registration), an MoE model's (`find_unused_parameters=True`: experts a batch misses get no
-gradient) stay in registration order. ZeRO-1 keeps the 25 MiB buckets; ZeRO-2/3 (FSDP-style) communicate one
+gradient) stay in registration order, and DDP all-reduces its map of used parameters (an int32 per parameter
+tensor) once per step beside them. ZeRO-1 keeps the 25 MiB buckets; ZeRO-2/3 (FSDP-style) communicate one
 unit at a time: each T5 block
 (every expert encoder's blocks for expert_only) and one unit for the rest (embedding, routers, heads).
 Bandwidth is the link's rate times its achievable share (NCCL's bus bandwidth). Inside one node the link is
@@ -68,6 +69,7 @@ DDP_BUCKET_BYTES = 25 * 2**20  # torch.nn.parallel.DistributedDataParallel's buc
 DDP_FIRST_BUCKET_BYTES = 2**20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 INDEX_BYTES = 8  # int64: expert parallel's row counts and attention masks
 FLAG_BYTES = 4  # expert parallel's has-gradient flags, fp32
+USED_MAP_BYTES = 4  # DDP's local_used_map (find_unused_parameters): one int32 per parameter
 
 
 def buckets(buffer_bytes: int) -> int:
@@ -274,8 +276,14 @@ def step_collectives(config: ChronosMoEConfig, workload: Workload, strategy: str
     learning = trainable.total
     units = sharding_units(config)
     if strategy == "data_parallel":
-        return [Collective("all_reduce", "gradients", "backward", learning * grad, n, False,
-                           len(ddp_buckets(config, workload, precision)))]
+        collectives = [Collective("all_reduce", "gradients", "backward", learning * grad, n, False,
+                                  len(ddp_buckets(config, workload, precision)))]
+        if config.is_moe:  # find_unused_parameters: DDP all-reduces its map of used parameters, an int32 each
+            learns = trainable_components(workload.trainable)
+            tensors = sum(1 for t in parameter_tensors(config) if t.component in learns)
+            collectives.append(Collective("all_reduce", "used-parameter map", "backward", USED_MAP_BYTES * tensors,
+                                          n, False))
+        return collectives
     if strategy == "zero1":
         return [Collective("reduce_scatter", "gradients", "backward", learning * grad, n, False,
                            buckets(learning * grad)),

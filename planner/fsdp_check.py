@@ -21,13 +21,11 @@ planner is asked about the same config, and every expert gets a gradient). The l
 `bincount` is swapped, on the instance only, for the same count written as `scatter_add` (E numbers, the
 same value, nothing saved for backward).
 
-What is compared (per rank, bytes; rank 0 holds the largest shard, and FSDP2 allocates the padded shard on
-every rank):
-- sharded parameters, gradients, optimizer states: FSDP2 shards each parameter on dim 0 padded to a multiple
-  of n (rank 0 holds ceil(dim0 / n) rows of each); the planner takes ceil(total / n) of the flat count. The
-  difference is exactly the padding, Σ ceil(dim0/n)·rest − ceil(Σ numel / n) elements (× 4 bytes for
-  weights and gradients, × 8 for the two AdamW moments), plus AdamW's `step` counter, one fp32 scalar per
-  parameter tensor, which the planner does not count.
+What is compared (rank 0's bytes, which the planner's default `rank=0` describes):
+- sharded parameters, gradients, optimizer states: equal to plan_devices' exactly. The planner shards each
+  parameter tensor (planner.params.parameter_tensors) as FSDP2 does, on dim 0 in padded chunks of
+  ceil(dim0 / n) rows, and counts AdamW's `step` counter, one fp32 scalar per parameter tensor; ZeRO-2's
+  weights are the resident shard plus every unit gathered after the forward (`gathered_layer_bytes`).
 - the peak, term by term (see compare_with_plan).
 """
 
@@ -60,7 +58,6 @@ MATRIX_WORLD_SIZES = (8, 64)
 MATRIX_WORKLOAD = Workload(batch_size=8)
 FP32_BYTES = 4
 LOSS_BYTES = 4  # the fp32 scalar loss
-ADAMW_STEP_BYTES = 4  # AdamW's `step`: one fp32 scalar tensor per parameter (not capturable, not fused)
 
 # The tracker's categories (torch.distributed._tools.fsdp2_mem_tracker._FSDPRefType values).
 CATEGORIES = ("Sharded Param", "Unsharded Param", "Buffer", "Sharded Grad", "Unsharded Grad", "Activation", "Temp",
@@ -265,23 +262,18 @@ def compare_with_plan(measured: dict, config: ChronosMoEConfig) -> list[dict]:
                      "cause": cause})
 
     row("parameter count", measured["params"], planner_params, 0, "the planner counts the built module's parameters")
-    pad_cause = (f"FSDP2 pads each parameter's dim 0 to a multiple of {n}: {padding} elements more than "
-                 f"ceil(total/{n}) on rank 0")
+    layout = (f"the planner shards every parameter tensor as FSDP2 does (dim 0 in chunks of ceil(dim0/{n}) rows, "
+              f"padded: {padding} elements beyond ceil(total/{n}) on rank 0)")
     if strategy == "zero3":
-        row("sharded weights", measured["sharded_params"], plan.weights_bytes, padding * FP32_BYTES, pad_cause)
+        row("sharded weights", measured["sharded_params"], plan.weights_bytes, 0, layout)
     else:
-        # ZeRO-2 in FSDP2: the 1/n shard stays resident, and after forward every unit stays gathered until its
-        # backward; the planner keeps the weights whole once.
-        gathered = measured["unsharded_params_after_forward"]
-        row("weights (shard + gathered after forward)", measured["sharded_params"] + gathered, plan.weights_bytes,
-            measured["sharded_params"] + (n * measured["padded_params"] - measured["params"]) * FP32_BYTES,
-            "FSDP2's ZeRO-2 keeps the padded 1/n shard resident beside the gathered parameters, and gathers the "
-            f"padded shards ({n}·ceil(dim0/{n}) rows of each parameter)")
-    row("sharded gradients", measured["sharded_grads"], plan.gradients_bytes, padding * FP32_BYTES, pad_cause)
-    row("optimizer states", measured["optimizer_states"], plan.optimizer_states_bytes,
-        2 * padding * FP32_BYTES + ADAMW_STEP_BYTES * measured["param_tensors"],
-        pad_cause + f" (×2 moments), plus AdamW's fp32 step counter per parameter tensor "
-                    f"({measured['param_tensors']} tensors)")
+        row("weights: resident shard", measured["sharded_params"], plan.weights_bytes, 0, layout)
+        row("weights: units gathered after forward", measured["unsharded_params_after_forward"],
+            plan.gathered_layer_bytes, 0, f"ZeRO-2 (reshard_after_forward=False) keeps every unit gathered from its "
+            f"forward to its backward: {n} padded chunks of each parameter")
+    row("sharded gradients", measured["sharded_grads"], plan.gradients_bytes, 0, layout)
+    row("optimizer states", measured["optimizer_states"], plan.optimizer_states_bytes, 0,
+        layout + f"; both moments, and AdamW's fp32 step counter per parameter tensor ({measured['param_tensors']})")
     batch, source, target = measured["batch_size"], measured["encoder_tokens"], measured["decoder_tokens"]
     logits = batch * target * config.dims.vocab_size * FP32_BYTES
     tracked_inputs = batch * (source + target) * INDEX_BYTES
@@ -293,17 +285,15 @@ def compare_with_plan(measured: dict, config: ChronosMoEConfig) -> list[dict]:
         "loss scalars the output keeps")
     gathered_fsdp = sum(measured[f"peak_{name}"] for name in
                         ("Unsharded Param", "Unsharded Grad", "All Gather", "Reduce Scatter"))
-    row("at peak: gathered units and collective buffers", gathered_fsdp,
-        plan.gathered_layer_bytes + (plan.weights_bytes if strategy == "zero2" else 0), None,
+    row("at peak: gathered units and collective buffers", gathered_fsdp, plan.gathered_layer_bytes, None,
         f"FSDP2 gathers whole units (a block: {measured['largest_block_params']} params; the root, never resharded "
         f"after forward: {measured['root_params']}) with their all-gather / reduce-scatter buffers; the planner "
-        "one largest module's weights and gradients (ZeRO-3) or the whole weights (ZeRO-2)")
+        "one largest module's weights and gradients (ZeRO-3) or every unit's gathered weights (ZeRO-2)")
     row("at peak: activations, temporaries and inputs",
         measured["peak_Activation"] + measured["peak_Temp"] + measured["peak_Inputs"], plan.activations_bytes, None,
         "at the peak part of the activations are freed and backward temporaries (activation gradients) live")
     row("at peak: model states held", measured["peak_Sharded Param"] + measured["peak_Sharded Grad"]
-        + measured["peak_OptState"], plan.weights_bytes * (strategy == "zero3") + plan.gradients_bytes
-        + plan.optimizer_states_bytes, None,
+        + measured["peak_OptState"], plan.weights_bytes + plan.gradients_bytes + plan.optimizer_states_bytes, None,
         "at the peak only the gradients of units already reduced exist; the planner counts them all")
     row("peak", measured["peak"], plan.total_bytes, None, "the tracker's peak against DevicePlan.total_bytes")
     return rows

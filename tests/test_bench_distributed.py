@@ -1,37 +1,39 @@
 """The distributed training benchmark on 2 real gloo ranks (planner.bench.distributed), against the planner.
 
 One run per strategy (debug, batch 2, context 16, prediction 4, one thread per rank, 1 warm-up + 1 timed
-step + the counted step). Per rank: model-state bytes equal plan_devices' exactly, or with the documented
-difference; collectives equal step_collectives' where both count the same thing (README, "Distributed
-benchmark").
+step + the counted step), plus expert parallel with only the routers learning. Per rank: parameter, gradient
+and optimizer-state bytes equal plan_devices(rank=r) exactly, and each is derived here by hand from the
+built model (torch.chunk for FSDP2's shards, AdamW's 4-byte step per tensor); collective counts and bytes
+equal step_collectives' exactly (all_to_all bytes summed over the ranks).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
 import psutil
 import pytest
+import torch
 
 from model import build_model
 from planner.__main__ import main as planner_main
 from planner.bench.distributed import DistributedSpec, _run_launcher, check_distributed, run_distributed
 from planner.bench.spec import BenchSpec
-from planner.communication import sharding_units
-from planner.params import count_params
 
 RANKS = 2
 WORKLOAD = dict(mode="train", batch_size=2, context_length=16, prediction_length=4, warmup=1, repeats=1, threads=1,
                 device="cpu", time_limit_s=120)
+S, T, B = 17, 5, 2  # encoder tokens (context + 1), decoder tokens (prediction + 1), series per rank
 VARIANTS = {"dense": {}, "token_ffn": dict(architecture="token_ffn", num_experts=4)}
-RUNS = {"data_parallel": "dense", "zero2": "dense", "zero3": "dense", "expert_parallel": "token_ffn"}
+RUNS = {"data_parallel": ("dense", "all"), "zero2": ("dense", "all"), "zero3": ("dense", "all"),
+        "expert_parallel": ("token_ffn", "all"), "expert_parallel_router": ("token_ffn", "router")}
 
 
 def _spec(strategy: str, ranks: int = RANKS, **settings) -> DistributedSpec:
-    bench = BenchSpec(size="debug", **{**WORKLOAD, **VARIANTS[RUNS[strategy]], **settings})
-    return DistributedSpec(bench, strategy, ranks)
+    variant, trainable = RUNS[strategy]
+    bench = BenchSpec(size="debug", trainable=trainable, **{**WORKLOAD, **VARIANTS[variant], **settings})
+    return DistributedSpec(bench, strategy.removesuffix("_router"), ranks)
 
 
 @pytest.fixture(scope="module")
@@ -46,76 +48,120 @@ def _rows(runs, strategy):
     return result.rows
 
 
-def _tensors(model) -> int:
-    return sum(1 for _ in model.parameters())
+def _assert_exact(row):
+    """Measured = the rank's plan, every model state and every kind of collective."""
+    for state in ("param", "grad", "optimizer"):
+        assert row[f"measured_{state}_bytes"] == row[f"predicted_{state}_bytes"], state
+    assert row["states_exact"] and row["collectives_exact"]
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        assert row[f"{kind}_count"] == row[f"predicted_{kind}_count"], kind
+        if kind != "all_to_all":
+            assert row[f"{kind}_bytes"] == row[f"predicted_{kind}_bytes"], kind
 
 
 DENSE = build_model("debug")
-P = count_params(DENSE.config).total_params
-UNITS = sharding_units(DENSE.config)  # every T5 block and the root: FSDP2's units as fully_shard'ed here
+P = sum(p.numel() for p in DENSE.parameters())
+TENSORS = sum(1 for _ in DENSE.parameters())
+BLOCKS = ["encoder.block", "decoder.block"]
+UNITS = sum(len(getattr(DENSE.backbone, stack).block) for stack in ("encoder", "decoder")) + 1  # blocks + root
 
 
-def test_data_parallel_holds_what_the_planner_says(runs):
+def test_data_parallel_holds_and_sends_what_the_planner_says(runs):
     for row in _rows(runs, "data_parallel"):
-        assert row["measured_param_bytes"] == row["predicted_param_bytes"] == 4 * P
-        assert row["measured_grad_bytes"] == row["predicted_grad_bytes"] == 4 * P
-        # AdamW's step counter: one fp32 scalar per parameter tensor, not in the planner
-        assert row["measured_optimizer_bytes"] == row["predicted_optimizer_bytes"] + 4 * _tensors(DENSE)
-        assert row["states_exact"]
-        # one all-reduce of every gradient, in DDP's buckets (one bucket: 1.9 MB < 25 MiB): exactly the planner's
-        assert row["all_reduce_bytes"] == row["predicted_all_reduce_bytes"] == 4 * P
-        assert row["all_reduce_count"] == row["predicted_all_reduce_count"] == 1
+        _assert_exact(row)
+        # weights and gradients whole; AdamW's two fp32 moments and its fp32 `step` per parameter tensor
+        assert (row["measured_param_bytes"], row["measured_grad_bytes"]) == (4 * P, 4 * P)
+        assert row["measured_optimizer_bytes"] == 8 * P + 4 * TENSORS
+        # DDP's buckets: the 1 MiB first bucket closes only with the embedding (the rest is 0.92 MB), so one
+        assert 4 * (P - DENSE.backbone.shared.weight.numel()) < 2**20
+        assert (row["all_reduce_count"], row["all_reduce_bytes"]) == (1, 4 * P)
         assert row["all_gather_count"] == row["reduce_scatter_count"] == row["all_to_all_count"] == 0
-        assert row["peak_memory_bytes"] > 0 and row["step_time_s"] > 0
+        # the peak includes DDP's bucket copy of the gradients
+        assert row["predicted_peak_bytes"] > 4 * P * 5 and row["peak_memory_bytes"] > 0 and row["step_time_s"] > 0
+
+
+def _fsdp2_shards(model, n, rank):
+    """(padded elements every rank allocates, elements `rank` holds), by torch.chunk on dim 0 as FSDP2 splits."""
+    padded = held = 0
+    for parameter in model.parameters():
+        chunks = torch.chunk(torch.empty(parameter.shape[0]), n)
+        rest = parameter.numel() // parameter.shape[0]
+        padded += chunks[0].numel() * rest
+        held += (chunks[rank].numel() if rank < len(chunks) else 0) * rest
+    return padded, held
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_fsdp2_shards_hold_what_the_planner_says(runs, strategy):
+def test_fsdp2_shards_hold_and_send_what_the_planner_says(runs, strategy):
     for row in _rows(runs, strategy):
-        assert row["padding_params"] == 0  # every dim 0 of debug divides by 2: no FSDP2 padding
-        shard = math.ceil(P / RANKS)
-        assert row["measured_param_bytes"] == 4 * shard
-        if strategy == "zero3":
-            assert row["measured_param_bytes"] == row["predicted_param_bytes"]
-        else:  # the planner's ZeRO-2 keeps the weights whole; FSDP2 keeps the 1/n shard resident between steps
-            assert row["predicted_param_bytes"] == 4 * P == RANKS * row["measured_param_bytes"]
-        assert row["measured_grad_bytes"] == row["predicted_grad_bytes"] == 4 * shard
-        assert row["measured_optimizer_bytes"] == row["predicted_optimizer_bytes"] + 4 * _tensors(DENSE)
-        assert row["states_exact"]
-        # reduce-scatter of the gradients, one per unit: count and bytes exactly the planner's
-        assert row["reduce_scatter_count"] == row["predicted_reduce_scatter_count"] == UNITS
-        assert row["reduce_scatter_bytes"] == row["predicted_reduce_scatter_bytes"] == 4 * P
-        # all-gathers: zero2 once per unit (the planner's "updated weights"), zero3 in forward and in backward
+        _assert_exact(row)
+        padded, held = _fsdp2_shards(DENSE, RANKS, row["rank"])
+        assert row["measured_param_bytes"] == row["measured_grad_bytes"] == 4 * padded  # zero2: the resident shard
+        assert row["measured_optimizer_bytes"] == 8 * held + 4 * TENSORS
+        # reduce-scatter of the gradients, one per unit, n padded chunks each
+        assert (row["reduce_scatter_count"], row["reduce_scatter_bytes"]) == (UNITS, 4 * RANKS * padded)
+        # all-gathers: zero2 once per unit, zero3 in forward and in backward
         gathers = 1 if strategy == "zero2" else 2
-        assert row["all_gather_count"] == row["predicted_all_gather_count"] == gathers * UNITS
-        assert row["all_gather_bytes"] == row["predicted_all_gather_bytes"] == gathers * 4 * P
+        assert (row["all_gather_count"], row["all_gather_bytes"]) == (gathers * UNITS, gathers * 4 * RANKS * padded)
         assert row["all_reduce_count"] == row["all_to_all_count"] == 0
 
 
-def test_expert_parallel_holds_what_the_planner_says(runs):
+def _expert_parallel_model(trainable):
+    moe = build_model("debug", trainable=trainable, **VARIANTS["token_ffn"])
+    layers = len(moe.config.token_moe_encoder_blocks), len(moe.config.token_moe_decoder_blocks)
+    return moe, layers
+
+
+def _held(moe, rank):
+    """This rank's parameters under expert parallel: the shared ones and experts [2r, 2r + 2)."""
+    mine = {str(j) for j in range(2 * rank, 2 * rank + 2)}
+    return [(name, p) for name, p in moe.named_parameters()
+            if ".experts." not in name or name.split(".experts.")[1].split(".")[0] in mine]
+
+
+def test_expert_parallel_holds_and_sends_what_the_planner_says(runs):
     rows = _rows(runs, "expert_parallel")
-    config = _spec("expert_parallel").bench.model_config()
-    breakdown = count_params(config)
-    moe = build_model("debug", **VARIANTS["token_ffn"])
-    expert_tensors = sum(1 for name, _ in moe.named_parameters() if ".experts." in name)
-    held_tensors = _tensors(moe) - expert_tensors // RANKS
-    shared_tensors = _tensors(moe) - expert_tensors
-    moe_layers = len(config.token_moe_encoder_blocks) + len(config.token_moe_decoder_blocks)
+    moe, (encoder_layers, decoder_layers) = _expert_parallel_model("all")
+    shared = [p for name, p in moe.named_parameters() if ".experts." not in name]
+    d, e, k = moe.config.dims.d_model, 4, 2
     for row in rows:
+        _assert_exact(row)
+        held = _held(moe, row["rank"])
+        numel = sum(p.numel() for _, p in held)
         assert row["held_experts"] == ("0,1" if row["rank"] == 0 else "2,3")
-        assert row["measured_param_bytes"] == row["predicted_param_bytes"] == 4 * breakdown.with_experts(2)
-        assert row["measured_grad_bytes"] == row["predicted_grad_bytes"]  # every held expert got tokens
-        assert row["measured_optimizer_bytes"] == row["predicted_optimizer_bytes"] + 4 * held_tensors
-        assert row["states_exact"]
-        # all_to_all: out and back in forward, both reversed in backward, per MoE layer: the planner's count
-        assert row["all_to_all_count"] == row["predicted_all_to_all_count"] == 4 * moe_layers
-        # average_gradients: the shared gradients (the planner's bytes) and a has-gradient flag per shared tensor
-        assert row["all_reduce_bytes"] == row["predicted_all_reduce_bytes"] + 4 * shared_tensors
-        assert (row["all_reduce_count"], row["predicted_all_reduce_count"]) == (2, 1)
-        # one all_gather of the per-expert row counts per MoE layer: not in the planner
-        assert (row["all_gather_count"], row["predicted_all_gather_count"]) == (moe_layers, 0)
-    # per rank the routed bytes depend on the routing; over the ranks they are the planner's balanced total
-    assert sum(row["all_to_all_bytes"] for row in rows) == RANKS * rows[0]["predicted_all_to_all_bytes"]
+        # every held expert got tokens in the last step at this batch, so every held tensor has its gradient
+        assert (row["measured_param_bytes"], row["measured_grad_bytes"]) == (4 * numel, 4 * numel)
+        assert row["measured_optimizer_bytes"] == 8 * numel + 4 * len(held)
+        # average_gradients: one flat all-reduce of the shared gradients and one of a 4-byte flag per shared tensor
+        assert (row["all_reduce_count"], row["all_reduce_bytes"]) == (2, 4 * sum(p.numel() for p in shared)
+                                                                      + 4 * len(shared))
+        # one all_gather per MoE layer of each rank's E counts, its row width and a need-gradient flag (int64)
+        layers = encoder_layers + decoder_layers
+        assert (row["all_gather_count"], row["all_gather_bytes"]) == (layers, layers * RANKS * (e + 1 + 1) * 8)
+        # out and back in forward, both reversed in backward, per MoE layer
+        assert row["all_to_all_count"] == 4 * layers
+    # every rank's tokens leave K times, D fp32 wide, out and back, forward and backward: summed over the ranks
+    slots = RANKS * B * k * (S * encoder_layers + T * decoder_layers)
+    assert sum(row["all_to_all_bytes"] for row in rows) == 4 * slots * d * 4
+
+
+def test_frozen_experts_send_no_backward_all_to_all_where_nothing_upstream_learns(runs):
+    """Only the routers learn: the encoder MoE layer's input (embedding, block 0, block 1's attention and norm)
+    is frozen and so are the experts, so its exchanges stay out of the graph (forward only); the decoder MoE
+    layer's input depends on the encoder's router, so its exchanges run backward too."""
+    rows = _rows(runs, "expert_parallel_router")
+    moe, (encoder_layers, decoder_layers) = _expert_parallel_model("router")
+    routers = [p for p in moe.parameters() if p.requires_grad]
+    d, k = moe.config.dims.d_model, 2
+    assert (encoder_layers, decoder_layers) == (1, 1)
+    for row in rows:
+        _assert_exact(row)
+        assert row["measured_grad_bytes"] == 4 * sum(p.numel() for p in routers)
+        assert row["measured_optimizer_bytes"] == 8 * sum(p.numel() for p in routers) + 4 * len(routers)
+        assert row["all_to_all_count"] == 2 + 4
+        assert (row["all_reduce_count"], row["all_reduce_bytes"]) == (2, 4 * sum(p.numel() for p in routers)
+                                                                      + 4 * len(routers))
+    assert sum(row["all_to_all_bytes"] for row in rows) == (2 * S + 4 * T) * RANKS * B * k * d * 4
 
 
 def _cli(capsys, *flags):

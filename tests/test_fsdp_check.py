@@ -24,31 +24,35 @@ def measure(architecture, experts, n, strategy, tensors="fake"):
 
 
 @pytest.mark.parametrize("architecture,experts,n,strategy", CASES)
-def test_model_states_equal_the_planner_up_to_fsdp_padding_and_adamw_step(architecture, experts, n, strategy):
+def test_model_states_equal_the_planner_exactly(architecture, experts, n, strategy):
     config = moe_config("debug", architecture, experts)
     measured = measure(architecture, experts, n, strategy)
     plan = plan_devices(config, WORKLOAD, strategy, n, device="cpu")
-    padding = measured["padded_params"] - math.ceil(measured["params"] / n)
-    # Gradients and both AdamW moments: the planner's ceil(P/n) plus FSDP2's per-parameter dim-0 padding; AdamW's
-    # fp32 step counter, one per parameter tensor, on top of the moments.
-    assert measured["sharded_grads"] == plan.gradients_bytes + 4 * padding
-    assert measured["optimizer_states"] == plan.optimizer_states_bytes + 8 * padding + 4 * measured["param_tensors"]
-    if strategy == "zero3":
-        assert measured["sharded_params"] == plan.weights_bytes + 4 * padding
-    else:  # FSDP2's ZeRO-2: the shard stays beside the gathered (padded) parameters the planner counts once
-        assert measured["sharded_params"] == 4 * measured["padded_params"]
-        assert measured["unsharded_params_after_forward"] == plan.weights_bytes + 4 * (
-            n * measured["padded_params"] - measured["params"])
+    # The tracker's rank 0 against the planner's rank 0: FSDP2's padded dim-0 chunks, both AdamW moments and
+    # AdamW's fp32 step counter per parameter tensor, all inside the plan now.
+    assert measured["sharded_grads"] == plan.gradients_bytes
+    assert measured["optimizer_states"] == plan.optimizer_states_bytes
+    assert measured["sharded_params"] == plan.weights_bytes
+    # and by hand: rank 0 holds ceil(dim0/n) rows of every parameter (padded = held on rank 0)
+    assert measured["sharded_grads"] == 4 * measured["padded_params"]
+    assert measured["optimizer_states"] == 8 * measured["padded_params"] + 4 * measured["param_tensors"]
+    if strategy == "zero2":  # FSDP2's ZeRO-2: every unit gathered after forward, n padded chunks per parameter
+        assert measured["unsharded_params_after_forward"] == plan.gathered_layer_bytes == (
+            4 * n * measured["padded_params"])
     rows = compare_with_plan(measured, config)
     exact = [r for r in rows if r["explained"] is not None and not r["term"].startswith("activations")]
-    assert len(exact) == 4 and all(r["exact"] for r in exact), exact
+    assert len(exact) == (5 if strategy == "zero2" else 4) and all(r["exact"] for r in exact), exact
+    assert all(r["difference"] == 0 for r in exact)
     assert matrix_row(measured, config)["states_exact"]
 
 
-def test_padding_is_what_differs_at_world_size_8_for_token_ffn():
-    # debug token_ffn has 4-expert token routers Linear(64→4): dim 0 of 4 rows padded to 8 on 8 ranks, etc.
+def test_padding_is_inside_the_plan_at_world_size_8_for_token_ffn():
+    # debug token_ffn has two 4-expert token routers Linear(64→4): rank 0 holds ceil(4/8) = 1 row of 64 where an
+    # even split would be 4·64/8 = 32, so 2 × 32 = 64 elements beyond ceil(P/8); the plan's shard is the padded one.
     measured = measure("token_ffn", 4, 8, "zero3")
     assert measured["padded_params"] - math.ceil(measured["params"] / 8) == 64
+    plan = plan_devices(moe_config("debug", "token_ffn", 4), WORKLOAD, "zero3", 8, device="cpu")
+    assert plan.weights_bytes == 4 * (math.ceil(measured["params"] / 8) + 64)
     assert measure("dense", 0, 8, "zero3")["padded_params"] * 8 == measure("dense", 0, 8, "zero3")["params"]
 
 

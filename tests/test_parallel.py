@@ -255,8 +255,11 @@ def test_gradient_all_reduce_carries_only_trainable_gradients():
 
     moe = dict(architecture="expert_only", num_experts=4)
     workload = Workload(batch_size=2, context_length=64, prediction_length=16, trainable="router")
-    [all_reduce] = step_collectives(make_config("tiny", **moe), workload, "data_parallel", 8, "fp32")
+    all_reduce, used_map = step_collectives(make_config("tiny", **moe), workload, "data_parallel", 8, "fp32")
     assert all_reduce.buffer_bytes == 4 * _learning("tiny", "router", **moe)
+    # an MoE model runs DDP with find_unused_parameters: its used-parameter map, an int32 per learning tensor
+    model = build_model("tiny", device="meta", trainable="router", **moe)
+    assert used_map.buffer_bytes == 4 * sum(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("size", ["debug", "tiny"])
