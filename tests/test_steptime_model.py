@@ -54,6 +54,39 @@ def test_gemm_in_model_factor_is_per_phase():
     assert device.matmul_s(replace(MM, phase="backward"), "fp32") == pytest.approx(0.2)
 
 
+def test_exact_gemm_shape_replaces_the_grid():
+    """A shape timed exactly (1 ms) costs that time × the phase's factor, whatever its FLOPs; another shape
+    is still read off the grid (2e9 FLOPs at 1e10 FLOP/s)."""
+    timed = replace(MM, gemm=(1, 4, 64, 64), flops=2 * 4 * 64 * 64)
+    device = replace(simple_measured_device(), gemm_shape_s={"1,4,64,64": 1e-3},
+                     gemm_in_model_factor={"forward": 1.0, "forecast": 1.5})
+    assert device.matmul_s(timed, "fp32") == pytest.approx(1e-3)
+    assert device.matmul_s(replace(timed, phase="forecast"), "fp32") == pytest.approx(1.5e-3)
+    assert device.matmul_s(MM, "fp32") == pytest.approx(0.2)
+    trace = StepTrace(((timed, 3), (MM, 1), (ADD, 1)))
+    assert device.missing_gemm_shapes(trace) == [(1, 1000, 1000, 1000)]
+
+
+def test_exact_gemm_shapes_are_timed_once_and_kept(monkeypatch):
+    """The shapes a prediction lacks are timed (real GEMMs, positive seconds), saved, and merged with what
+    another process saved for the same probe; a new probe starts afresh."""
+    import torch  # noqa: F401 - the timing runs real GEMMs
+
+    small = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 3 * 16 * 8, 0, 0, (1, 3, 16, 8))
+    batched = OpRecord("aten.bmm.default", "matmul", "forward", "float32", 2 * 2 * 5 * 4 * 6, 0, 0, (2, 5, 4, 6))
+    device = simple_measured_device("Some CPU")
+    device_cache.save_measured_device(replace(device, gemm_shape_s={"1,7,7,7": 1e-6}))  # another process's
+    timed, notes = device_cache.with_gemm_shapes_of(device, StepTrace(((small, 1), (batched, 2))))
+    assert notes == [] and set(timed.gemm_shape_s) == {"1,3,16,8", "2,5,4,6"}
+    assert all(0 < seconds < 0.1 for seconds in timed.gemm_shape_s.values())
+    saved, _ = device_cache.load_measured_device("Some CPU", "fp32")
+    assert set(saved.gemm_shape_s) == {"1,3,16,8", "2,5,4,6", "1,7,7,7"}
+    assert device_cache.with_gemm_shapes_of(saved, StepTrace(((small, 1),)))[0] is saved  # nothing to time
+    reprobed = replace(device, measured_on="2026-02-02")
+    device_cache.save_measured_device(reprobed)
+    assert device_cache.load_measured_device("Some CPU", "fp32")[0].gemm_shape_s == {}
+
+
 def test_scatter_costs_its_rows():
     scatter = OpRecord("aten.embedding_dense_backward.default", "memory", "backward", "float32", 0, 6 * 10**6,
                        512, index_rows=10**6)
@@ -116,6 +149,11 @@ def test_size_curve_log_log_inside_throughput_outside():
     lambda entry: {**entry, "gemm_in_model_factor": 1.2},  # a cache from before the factor was per phase
     lambda entry: {**entry, "gemm_in_model_factor": {"forecast": 1.2}},
     lambda entry: {**entry, "gemm_in_model_factor": {"forward": -1.0}},
+    lambda entry: {**entry, "gemm_shape_s": [1e-3]},
+    lambda entry: {**entry, "gemm_shape_s": {"1,4,64": 1e-3}},
+    lambda entry: {**entry, "gemm_shape_s": {"1,4,64,0": 1e-3}},
+    lambda entry: {**entry, "gemm_shape_s": {"1,4,64,64": 0.0}},
+    lambda entry: {**entry, "gemm_shape_s": {"1,4,64,64": float("nan")}},
 ])
 def test_damaged_probe_cache_is_refused_and_probed_again(damage, monkeypatch):
     good = simple_measured_device("Some CPU (2 threads)")
@@ -131,6 +169,16 @@ def test_damaged_probe_cache_is_refused_and_probed_again(damage, monkeypatch):
     device, notes = device_cache.measured_device(good.name, "fp32")
     assert device is probed and any("refused" in note for note in notes)
     assert device_cache.load_measured_device(good.name, "fp32") == (probed, None)  # the new probe was kept
+
+
+def test_probe_cache_from_before_exact_shapes_is_used():
+    good = simple_measured_device("Some CPU (2 threads)")
+    device_cache.save_measured_device(good)
+    path = device_cache.cache_dir() / device_cache.DEVICE_MODEL_FILE
+    values = json.loads(path.read_text())
+    del values[good.name]["fp32"]["gemm_shape_s"]
+    path.write_text(json.dumps(values))
+    assert device_cache.load_measured_device(good.name, "fp32") == (good, None)
 
 
 def test_probe_cache_that_is_not_json_is_refused(monkeypatch):

@@ -70,7 +70,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.device import TORCH_DTYPES
     from planner.bench.memory_probe import PeakMemoryProbe, pin_allocator, settle_allocator
     from planner.bench.steps import library_versions, make_step, summarise_usage
-    from planner.steptime import predict_step_time
+    from planner.steptime import MeasuredDevice, predict_step_time
+    from planner.steptime.device_cache import with_gemm_shapes_of
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import parallel_speedup, state_note
 
@@ -113,6 +114,9 @@ def run(spec: BenchSpec, emit: Emit) -> None:
 
     device_name = describe_device(device)
     device_model, notes = _device_model(device, device_name, spec)
+    if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
+        device_model, shape_notes = with_gemm_shapes_of(device_model, trace)
+        notes += shape_notes
     predicted = predict_step_time(trace, device_model) if device_model is not None else None
     speedup, probe_speedup = (speedups or [None])[0], getattr(device_model, "parallel_speedup", None)
     if speedup is not None and probe_speedup is not None:

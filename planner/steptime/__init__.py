@@ -25,4 +25,8 @@ def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: boo
 
     trace = load_or_trace(spec.model_config(), spec.workload(), spec.mode, spec.dtype,
                           foreach_optimizer=device.overlaps_host)  # GPUs: PyTorch's foreach AdamW
+    if isinstance(device, MeasuredDevice):  # this machine: its GEMMs timed at the step's exact shapes
+        from planner.steptime.device_cache import with_gemm_shapes_of
+
+        device, _ = with_gemm_shapes_of(device, trace)
     return predict_step_time(trace, device, compiled=compiled, tf32=tf32)

@@ -3,12 +3,16 @@
 A cache entry that is not a valid probe (not an object, a field missing, a rate zero, negative or not a
 number: a damaged or hand-edited file) is refused with a one-line reason and probed again, never used.
 A probe that cannot be saved is still used for the run at hand; the caller is told why it was not kept.
+
+The exact GEMM shapes a prediction meets are timed once (`with_gemm_shapes_of`) and kept in the same entry,
+merged with what other processes added to the same probe meanwhile; a new probe starts them afresh.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Optional
 
 from planner.bench.cache import cache_dir
@@ -49,10 +53,23 @@ def load_measured_device(device_name: str, dtype: str) -> tuple[Optional[Measure
     return device, problem
 
 
+def _same_probe(a: MeasuredDevice, b: MeasuredDevice) -> bool:
+    return (a.measured_on, a.host_s_per_op, a.gemm_in_model_factor) == (b.measured_on, b.host_s_per_op,
+                                                                        b.gemm_in_model_factor)
+
+
 def save_measured_device(device: MeasuredDevice) -> Optional[str]:
-    """Keep a probe (atomically: another process may be reading); a one-line reason if it could not be."""
+    """Keep a probe (atomically: another process may be reading); a one-line reason if it could not be.
+    Exact GEMM timings another process saved for the same probe are kept beside this one's."""
     values, _ = _read()
     entry = values.get(device.name)
+    saved = entry.get(device.dtype) if isinstance(entry, dict) else None
+    try:
+        saved_device = MeasuredDevice.from_dict(saved) if saved is not None else None
+    except ValueError:
+        saved_device = None
+    if saved_device is not None and _same_probe(saved_device, device):
+        device = replace(device, gemm_shape_s={**saved_device.gemm_shape_s, **device.gemm_shape_s})
     values[device.name] = {**(entry if isinstance(entry, dict) else {}), device.dtype: device.to_dict()}
     try:
         path = cache_dir() / DEVICE_MODEL_FILE
@@ -79,3 +96,15 @@ def measured_device(device_name: str, dtype: str, recalibrate: bool = False) -> 
         problem = save_measured_device(device)
         notes += [problem] if problem else []
     return device, notes
+
+
+def with_gemm_shapes_of(device: MeasuredDevice, trace) -> tuple[MeasuredDevice, list[str]]:
+    """`device` with every GEMM shape of `trace` (a StepTrace) timed exactly: those it lacks are measured
+    now (a second or a few; torch) and saved. Returns it with notes for the user."""
+    if not device.missing_gemm_shapes(trace):
+        return device, []
+    from planner.steptime.probe import with_exact_gemms  # torch, only when shapes must be timed
+
+    device = with_exact_gemms(device, trace)
+    problem = save_measured_device(device)
+    return device, [problem] if problem else []

@@ -4,7 +4,10 @@ host-sync latency (performance.md, "What the model contains").
 Two kinds of device model, one interface (`DeviceModel`):
 
 - `MeasuredDevice`: this machine, from `probe.probe_device` (cached with its date): GEMM kernel rates on a
-  grid of shapes (interpolated between them) and how much slower they run inside a model step, kernel time
+  grid of shapes (interpolated between them), the kernel time of every exact GEMM shape a predicted step
+  has met (`gemm_shape_s`: a CPU GEMM's speed jumps between neighbouring shapes, e.g. 65 rows against 64, as
+  its kernels tile the rows, so a grid cannot be interpolated to within the band) and how much slower they
+  run inside a model step, kernel time
   by bytes for each class of memory-bound op (MEMORY_CLASSES), fresh pages and scatter rows, and the host's
   time per dispatched op, each phase apart (Python module code around the forward's ops, the C++ autograd
   engine around the backward's, the optimizer's Python loop).
@@ -154,6 +157,13 @@ class MeasuredDevice:
     parallel_speedup: float  # every thread ÷ one thread on a reference GEMM, when probed (host_state)
     source: str = "probe"
     overlaps_host: bool = False  # a CPU computes what it dispatches: host and kernel time add up
+    # gemm_key(batch, m, n, k) -> kernel seconds of that exact GEMM, timed as the grid's points are
+    gemm_shape_s: dict[str, float] = field(default_factory=dict)
+
+    def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
+        """The GEMM shapes of `trace` (a StepTrace) without an exact timing yet."""
+        shapes = {op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None}
+        return sorted(shape for shape in shapes if gemm_key(*shape) not in self.gemm_shape_s)
 
     def _fresh_pages_s(self, op: OpRecord) -> float:
         fresh = allocates_output(op) and op.bytes_written > self.fresh_above_bytes
@@ -164,8 +174,9 @@ class MeasuredDevice:
         if op.gemm is None:
             return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
-        grid = self.bmm if batch > 1 else self.mm
-        return op.flops / grid.rate(m, n, k) * factor + self._fresh_pages_s(op)
+        exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
+        kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+        return kernel_s * factor + self._fresh_pages_s(op)
 
     def memory_s(self, op: OpRecord) -> float:
         scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
@@ -216,12 +227,33 @@ class MeasuredDevice:
                                                              "parallel_speedup")}
             for key, value in scalars.items():
                 _check_positive(key, [value])
+            shapes = values.get("gemm_shape_s", {})  # absent in probes made before exact shapes were timed
+            if not isinstance(shapes, Mapping):
+                raise ValueError("gemm_shape_s must be an object of shape -> seconds")
+            shapes = {str(key): float(seconds) for key, seconds in shapes.items()}
+            for key in shapes:
+                parse_gemm_key(key)
+            _check_positive("gemm_shape_s", list(shapes.values()))
             return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
-                       per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"])
+                       per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
+                       gemm_shape_s=shapes)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
+
+
+def gemm_key(batch: int, m: int, n: int, k: int) -> str:
+    return f"{batch},{m},{n},{k}"
+
+
+def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
+    """'batch,m,n,k' -> the four sizes; a ValueError for anything else."""
+    parts = key.split(",")
+    if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"gemm_shape_s: {key[:40]!r} is not 'batch,m,n,k' of positive integers")
+    batch, m, n, k = (int(part) for part in parts)
+    return batch, m, n, k
 
 
 def _check_positive(field_name: str, values) -> None:

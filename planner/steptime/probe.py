@@ -6,11 +6,13 @@
 - kernel time by bytes moved, 4 KiB to 128 MiB, for each class of memory-bound op (elementwise, random
   draws, sampling, top-k, softmax, its backward, transcendental, reductions); the cost of fresh pages (an
   output above glibc's mmap threshold) and a scatter-add's cost per row;
-- the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than back
-  to back: real steps, each timed, less the kernel time the terms above give for its traced ops. Forwards
-  and forecasts of debug, tiny and small at small shapes fit the host time (debug) and the GEMM factor
-  (tiny and small) of each; a forward and backward and an AdamW step of debug give the backward's and the
-  optimizer's host time. Views are timed alone.
+- the kernel time of every exact GEMM shape a calibration step (below) or a predicted step meets
+  (`time_gemm_shapes`, as the grid's points are timed);
+- the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than their
+  exact shapes back to back: real steps, each timed, less the kernel time the terms above give for its
+  traced ops. Forwards and forecasts of debug, tiny and small at small shapes fit the host time (debug) and
+  the GEMM factor (tiny and small) of each; a forward and backward and an AdamW step of debug give the
+  backward's and the optimizer's host time. Views are timed alone.
 
 The threads' speedup on a reference GEMM is taken at both ends (host_state: the machine's state, which a
 benchmark run compares with its own). Every time is the median of repeats on the wall clock, as a benchmark reports its steps (run the probe on a
@@ -33,7 +35,7 @@ from model.build import build_model_from_config
 from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.measure import token_batch
-from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve
+from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve, gemm_key
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
@@ -102,17 +104,19 @@ def _least_disturbed_s(makers: list[Callable[[], Callable[[], object]]], call_s:
     return [max(s - call_s, KERNEL_FLOOR_S) for s in seconds]
 
 
+def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callable[[], object]:
+    """One GEMM as a model step runs it: a batched product's operands (attention's activations, just made)
+    in the cache; a plain product's weight from memory."""
+    if batch > 1:
+        a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
+        return lambda: torch.bmm(a, b)
+    a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
+    return lambda: torch.mm(a, weight())
+
+
 def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
     shapes = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2]]
-
-    def make_run(m: int, n: int, k: int) -> Callable[[], object]:
-        if batch > 1:  # attention's operands: activations just made, in the cache
-            a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
-            return lambda: torch.bmm(a, b)
-        a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
-        return lambda: torch.mm(a, weight())
-
-    seconds = _least_disturbed_s([lambda shape=shape: make_run(*shape) for shape in shapes], call_s)
+    seconds = _least_disturbed_s([lambda shape=shape: _gemm_run(batch, *shape, dtype) for shape in shapes], call_s)
     rate = {shape: 2 * batch * shape[0] * shape[1] * shape[2] / s for shape, s in zip(shapes, seconds)}
     rates = tuple(tuple(tuple(rate[m, n, k] for k in axes[2]) for n in axes[1]) for m in axes[0])
     return GemmGrid(*axes, rates)
@@ -171,6 +175,24 @@ def _memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callab
             "reduction": (reduction, e)}
 
 
+def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dict[str, float]:
+    """Kernel seconds of each exact GEMM shape (batch, m, n, k), measured as the grid's points are, keyed
+    by `gemm_key` for MeasuredDevice.gemm_shape_s."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    one = torch.ones(1, 1, dtype=torch_dtype)
+    call_s = typical_time_s(lambda: torch.mm(one, one))
+    seconds = _least_disturbed_s([lambda shape=shape: _gemm_run(*shape, torch_dtype) for shape in shapes], call_s)
+    return {gemm_key(*shape): s for shape, s in zip(shapes, seconds)}
+
+
+def with_exact_gemms(device: MeasuredDevice, trace: StepTrace) -> MeasuredDevice:
+    """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept)."""
+    missing = device.missing_gemm_shapes(trace)
+    if not missing:
+        return device
+    return replace(device, gemm_shape_s={**device.gemm_shape_s, **time_gemm_shapes(missing, device.dtype)})
+
+
 def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> float:
     """T5's relative-position gradient: L·L rows of H values summed into a 32-bucket table, less its bytes."""
     rows, heads = 2**18, 4
@@ -223,15 +245,19 @@ def _timed_step(size: str, workload: Workload, dtype: str, mode: str):
     return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), trace
 
 
-def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float, mode: str) -> tuple[float, float]:
+def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
+                              mode: str) -> tuple[float, float, MeasuredDevice]:
     """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
-    rest (n non-view ops, K the GEMM kernel time at factor 1, rest the other kernels and the views). The
-    first step (debug: mostly dispatch) is met exactly and sets h given g; the others (mostly GEMMs) set g by
-    least squares on relative errors. Fitting both freely lets the two trade off: a slow GEMM would read as a
-    slow host and price every small model's dispatch wrong."""
+    rest (n non-view ops, K the kernel time of the steps' exact GEMM shapes, timed here and returned in the
+    device, rest the other kernels and the views). The first step (debug: mostly dispatch) is met exactly
+    and sets h given g; the others (mostly GEMMs) set g by least squares on relative errors. Fitting both
+    freely lets the two trade off: a slow GEMM would read as a slow host and price every small model's
+    dispatch wrong. (A fixed cost per GEMM instead of a factor cannot be fitted here: every calibration
+    model has the same share of GEMMs among its ops, so such a cost reads as host time.)"""
     rows = []
     for size, workload in GEMM_CALIBRATIONS:
         spent_s, trace = _timed_step(size, workload, dtype, mode)
+        device = with_exact_gemms(device, trace)
         kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
         views = trace.count("view")
         rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s,
@@ -244,8 +270,8 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
         factor = sum(a * b for a, b in slopes) / denominator
         host_s = (r0 - k0 * factor) / n0
         if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
-            return host_s, factor
-    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0  # a fit outside reason (a disturbed probe): no factor
+            return host_s, factor, device
+    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0, device  # a fit outside reason (a disturbed probe): no factor
 
 
 def _model_and_batch(size: str, workload: Workload, dtype: str):
@@ -285,9 +311,10 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     host: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
     for mode in FITTED_MODES:
-        host[mode], gemm_factor[mode] = _fit_host_and_gemm_factor(draft, dtype, view_s, mode)
+        host[mode], gemm_factor[mode], draft = _fit_host_and_gemm_factor(draft, dtype, view_s, mode)
     draft = replace(draft, gemm_in_model_factor=gemm_factor)
     for phase, run, trace in _calibration_steps(dtype):
+        draft = with_exact_gemms(draft, trace)
         run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
         spent_s = typical_time_s(run, min_time_s=CALIBRATION_TIME_S)
         if phase == "backward":  # the forward and backward together: take the forward's part off
