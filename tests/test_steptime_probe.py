@@ -32,3 +32,17 @@ def test_probe_measures_every_term_and_round_trips(monkeypatch):
     assert 1 / 3 < devices.DEFAULT_HOST_S_PER_OP["forward"] / measured.host_s_per_op["forward"] < 3
     assert save_measured_device(measured) is None
     assert load_measured_device("this CPU", "fp32") == (measured, None)
+
+
+def test_gemm_timing_writes_into_one_output():
+    """The exact-shape timing measures the kernel alone: every call writes into the same output tensor, so a
+    large output's fresh pages (priced apart) are not in it."""
+    import torch
+
+    from planner.steptime.probe import _gemm_run
+
+    for shape in ((1, 3, 16, 8), (2, 5, 4, 6)):
+        run = _gemm_run(*shape, torch.float32)
+        first, second = run(), run()
+        assert first.data_ptr() == second.data_ptr()
+        assert tuple(first.shape) == ((shape[1], shape[2]) if shape[0] == 1 else (shape[0], shape[1], shape[2]))

@@ -106,12 +106,15 @@ def _least_disturbed_s(makers: list[Callable[[], Callable[[], object]]], call_s:
 
 def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callable[[], object]:
     """One GEMM as a model step runs it: a batched product's operands (attention's activations, just made)
-    in the cache; a plain product's weight from memory."""
+    in the cache; a plain product's weight from memory. The kernel alone: it writes into an output made
+    once, so a large output's fresh pages (priced apart, MeasuredDevice._fresh_pages_s) are not in it."""
     if batch > 1:
         a, b = torch.ones(batch, m, k, dtype=dtype), torch.ones(batch, k, n, dtype=dtype)
-        return lambda: torch.bmm(a, b)
+        out = torch.empty(batch, m, n, dtype=dtype)
+        return lambda: torch.bmm(a, b, out=out)
     a, weight = torch.ones(m, k, dtype=dtype), _cold_weights(n, k, dtype)
-    return lambda: torch.mm(a, weight())
+    out = torch.empty(m, n, dtype=dtype)
+    return lambda: torch.mm(a, weight(), out=out)
 
 
 def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
