@@ -1,8 +1,10 @@
 """Sending rows to their experts (architecture.md §4).
 
 Sparse (the default): group rows by expert, gather, run only the chosen experts on only their rows, scale
-by the routing weight and scatter-add back, so compute follows K, not E. Dense (reference only, to show what
-sparse saves): every expert runs on every row and the non-chosen outputs are multiplied by 0.
+by the routing weight and scatter-add back, so compute follows K, not E. While a training step records
+gradients, the experts nobody chose run too, on zero rows, so every expert gets a gradient, zero for those
+(`records_expert_gradients`). Dense (reference only, to show what sparse saves): every expert runs on every
+row and the non-chosen outputs are multiplied by 0.
 
 Letters: rows (series or tokens), K active experts, E experts, "..." the per-row trailing shape.
 """
@@ -16,6 +18,24 @@ import torch
 from .routing import RoutingDecision, routing_as_dense_weights
 
 Expert = Callable[..., torch.Tensor]
+
+
+def _expert_module(expert: Expert):
+    """The module behind an expert callable (a module, or a bound method such as ExpertEncoder.encode)."""
+    return getattr(expert, "__self__", expert)
+
+
+def records_expert_gradients(experts: Sequence[Expert]) -> bool:
+    """Whether a dispatch must run every expert, on zero rows if none were routed to it: while autograd
+    records a training step (grad enabled, the experts in training mode). An expert left out of the graph
+    gets no gradient (None) where the others get one, and what runs beside the gradients then depends on the
+    batch: DDP's and FSDP's per-rank reduce-scatters stop matching (FSDP2 aborts), and the gradient and
+    optimizer bytes differ from rank to rank. Run on zero rows it gets a zero gradient, the same set on every
+    rank. Inference (no grad, or eval mode) keeps skipping experts nobody chose."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(module, torch.nn.Module) and module.training
+               for module in map(_expert_module, experts))
 
 
 def _scale_rows(outputs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
@@ -66,13 +86,14 @@ def _grouped_dispatch(inputs, routing, experts, row_arguments, capacity):
     rows = order // top_k  # (slots,)
     gathered = inputs[rows]
     arguments = [argument[rows] for argument in row_arguments]
+    every_expert = records_expert_gradients(experts)
     outputs = []
     start = 0
     for expert, size in zip(experts, group_sizes):
-        if size:  # an expert nobody chose does not run, and gets no gradient
+        if size or every_expert:
             outputs.append(expert(gathered[start:start + size], *(a[start:start + size] for a in arguments)))
         start += size
-    # Every row has K ≥ 1 slots and a capacity is at least 1, so some expert always ran.
+    # Every row has K ≥ 1 slots and a capacity is at least 1, so some expert always ran (with rows).
     stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     scaled = _scale_rows(stacked, routing.expert_weights.reshape(-1)[order])
     total = inputs.new_zeros((inputs.shape[0], *stacked.shape[1:]), dtype=stacked.dtype)

@@ -26,7 +26,9 @@ mismatch is a ValueError on every rank. Expert outputs travel back in the input'
 Gradients. The objective is the mean over ranks of each rank's loss. After `loss.backward()` on every rank,
 call `average_gradients(model)`: it all-reduces the replicated parameters' gradients (one flat buffer per
 dtype, summed, divided by n; a parameter no rank gave a gradient keeps None) and divides the held experts'
-gradients by n (they already hold the sum over ranks' rows, brought back by the backward all_to_all). The
+gradients by n (they already hold the sum over ranks' rows, brought back by the backward all_to_all). In a
+training step every held expert runs, on zero rows when no rank routed to it, so each has a gradient (zero
+for those), as in single-process sparse dispatch. The
 result equals the single-process model's gradients of mean_r loss(batch_r).
 
 Supported: the three architectures with sparse dispatch and no expert_capacity. Refused with a one-line
@@ -46,7 +48,7 @@ from torch import nn
 
 from .checks import SettingError
 from .chronos_moe import ChronosMoEModel
-from .dispatch import _scale_rows
+from .dispatch import _scale_rows, records_expert_gradients
 from .routing import RoutingDecision, route_top_k
 from .token_ffn import TokenExpertFFN
 
@@ -186,10 +188,13 @@ def expert_parallel_dispatch(
     perm = torch.cat([no_rows, *(piece for j in held for piece in pieces[j])])  # received -> grouped by expert
     grouped = received[perm]
     grouped_arguments = [argument[perm] for argument in arguments]
+    # While a training step records gradients, a held expert no rank routed to runs on zero rows, so it gets
+    # a zero gradient like the others (model.dispatch.records_expert_gradients): every held expert has one.
+    every_expert = records_expert_gradients(held_experts)
     outputs, start = [], 0
     for expert, j in zip(held_experts, held):
         size = sum(all_counts[source][j] for source in range(world_size))
-        if size:  # an expert nobody chose does not run, and gets no gradient
+        if size or every_expert:
             outputs.append(expert(grouped[start:start + size], *(a[start:start + size] for a in grouped_arguments)))
         start += size
     out_shape = (*inputs.shape[1:-1], out_features)

@@ -1,5 +1,8 @@
 """The expert modules of the three architectures (architecture.md §3).
 
+Each takes zero rows (what model.dispatch gives an expert nobody chose in a training step) without computing:
+an empty output tied to its parameters, so they get zero gradients (`empty_rows`).
+
 Letters: n rows routed to one expert, L positions, D d_model, F d_ff, V vocabulary.
 """
 
@@ -8,7 +11,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import T5Config
-from transformers.models.t5.modeling_t5 import T5Stack
+from transformers.models.t5.modeling_t5 import T5Block, T5Stack
+
+
+def empty_rows(rows: torch.Tensor, shape: tuple[int, ...], module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """What an expert returns for zero rows: an empty tensor of `shape`, tied with weight 0 to its input and to
+    every parameter of `module`, so that in a training step each parameter gets a zero gradient (model.dispatch
+    runs the experts nobody chose on zero rows: DDP, FSDP and expert parallel need the same gradients on
+    every rank). No matmul runs and nothing is saved for backward (sum and × 0 keep no tensor): the step's
+    FLOPs and saved activations are those of the routed rows alone, and under autocast no half copy of a
+    weight is kept for rows that do not exist."""
+    tie = rows.sum() * 0
+    for parameter in module.parameters():
+        tie = tie + parameter.sum() * 0
+    return rows.new_zeros(shape, dtype=dtype) + tie.to(dtype)
+
+
+def linear_output_dtype(rows: torch.Tensor, linear: nn.Linear) -> torch.dtype:
+    """The dtype `linear` would return for `rows`: autocast's where it is on, else the weight's."""
+    device = rows.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else linear.weight.dtype
+
+
+class ExpertT5Block(T5Block):
+    """A T5 encoder block of an expert encoder that also takes zero rows (T5Attention reshapes with
+    view(batch, -1, ...), which an empty batch cannot take): then it returns the empty input tied to its
+    parameters (`empty_rows`). Its forward still runs, so an engine's hooks on the block (FSDP2's all-gather
+    and reduce-scatter of the unit) run on every rank alike."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if hidden_states.shape[0] == 0:  # (hidden states, the self-attention position bias) as T5Stack reads them
+            return empty_rows(hidden_states, tuple(hidden_states.shape), self, hidden_states.dtype), None
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 class MoEExpertHead(nn.Module):
@@ -29,6 +63,9 @@ class MoEExpertHead(nn.Module):
 
     def forward(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         """(n, L, D) -> logits (n, L, V)."""
+        if decoder_hidden.shape[0] == 0:
+            shape = (0, *decoder_hidden.shape[1:-1], self.lm_head.out_features)
+            return empty_rows(decoder_hidden, shape, self, linear_output_dtype(decoder_hidden, self.lm_head))
         hidden = self.fc2(self.dropout(self.activation(self.fc1(decoder_hidden))))
         hidden = self.norm(decoder_hidden + self.dropout(hidden))
         return self.lm_head(hidden)
@@ -46,6 +83,8 @@ class ExpertEncoder(nn.Module):
         self.encoder = T5Stack(encoder_config)
         # No token embedding of its own (it reads the shared one's output); transformers 5 gives every stack one.
         self.encoder.embed_tokens = None
+        for block in self.encoder.block:  # in place: the same modules and parameters, zero rows allowed
+            block.__class__ = ExpertT5Block
         self.lm_head = nn.Linear(encoder_config.d_model, encoder_config.vocab_size, bias=False)
 
     def encode(self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +93,9 @@ class ExpertEncoder(nn.Module):
 
     def logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         """(n, T, D) -> (n, T, V)."""
+        if decoder_hidden.shape[0] == 0:
+            shape = (0, *decoder_hidden.shape[1:-1], self.lm_head.out_features)
+            return empty_rows(decoder_hidden, shape, self.lm_head, linear_output_dtype(decoder_hidden, self.lm_head))
         return self.lm_head(decoder_hidden)
 
 
@@ -69,4 +111,7 @@ class ExpertFFN(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n, D) -> (n, D)."""
+        if tokens.shape[0] == 0:
+            shape = (0, *tokens.shape[1:-1], self.wo.out_features)
+            return empty_rows(tokens, shape, self, linear_output_dtype(tokens, self.wo))
         return self.wo(self.dropout(self.activation(self.wi(tokens))))

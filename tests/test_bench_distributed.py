@@ -129,7 +129,8 @@ def test_expert_parallel_holds_and_sends_what_the_planner_says(runs):
         held = _held(moe, row["rank"])
         numel = sum(p.numel() for _, p in held)
         assert row["held_experts"] == ("0,1" if row["rank"] == 0 else "2,3")
-        # every held expert got tokens in the last step at this batch, so every held tensor has its gradient
+        # every held expert runs in a training step (on zero rows if no token reached it): every held tensor
+        # has its gradient
         assert (row["measured_param_bytes"], row["measured_grad_bytes"]) == (4 * numel, 4 * numel)
         assert row["measured_optimizer_bytes"] == 8 * numel + 4 * len(held)
         # average_gradients: one flat all-reduce of the shared gradients and one of a 4-byte flag per shared tensor

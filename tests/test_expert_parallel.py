@@ -108,7 +108,8 @@ def _check_architecture(rank, architecture, num_experts, trainable="all"):
 
 def _check_exchange_with_idle_rank(rank):
     """Every row goes to rank 0's experts: rank 1 receives nothing, yet both ranks' backward runs the
-    reverse all_to_alls (no hang), even though the inputs need no gradient and only experts do."""
+    reverse all_to_alls (no hang), even though the inputs need no gradient and only experts do; rank 1's
+    expert gets a zero gradient in training and does not run in inference."""
     torch.manual_seed(0)
     experts = [nn.Linear(4, 5) for _ in range(3)]
     placement = ExpertPlacement(3, WORLD_SIZE, rank)
@@ -120,9 +121,20 @@ def _check_exchange_with_idle_rank(rank):
     out = expert_parallel_dispatch(inputs, routing, held, placement, 5, experts_need_grad=True)
     expected = 0.5 * experts[0](inputs) + 0.5 * experts[1](inputs)
     torch.testing.assert_close(out, expected)
-    out.sum().backward()  # rank 1: no parameters in the graph, but its collectives still run
+    out.sum().backward()  # rank 1 received no rows, but its collectives still run
     if rank == 0:
         assert held[0].weight.grad is not None
+    else:  # its expert 2, which no rank chose, ran on zero rows in this training step: a zero gradient
+        assert torch.equal(held[0].weight.grad, torch.zeros(5, 4)) and torch.equal(held[0].bias.grad, torch.zeros(5))
+    for expert in held:
+        expert.zero_grad(set_to_none=True)
+    with torch.no_grad():  # inference: an expert nobody chose does not run
+        calls = []
+        hooks = [expert.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0])) for expert in held]
+        expert_parallel_dispatch(inputs, routing, held, placement, 5)
+        for hook in hooks:
+            hook.remove()
+    assert calls == ([8, 8] if rank == 0 else [])  # 4 slots each from each of the 2 ranks
 
 
 CASES = [(architecture, num_experts) for architecture in ARCHITECTURES for num_experts in (4, 3)]

@@ -72,6 +72,68 @@ def test_gradients_reach_router_and_exactly_the_chosen_experts(architecture):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters())
 
 
+def _rows_seen(model):
+    """(layer name, expert id) -> the row counts the expert was called with, by forward hooks (on an expert
+    encoder's first block: the encoder stack itself takes its rows by keyword)."""
+    seen, hooks = {}, []
+    for key in _expert_parameters(model):
+        expert = _expert_module(model, key)
+        first = expert.encoder.block[0] if hasattr(expert, "encoder") else expert
+        seen[key] = []
+        hooks.append(first.register_forward_hook(lambda m, args, out, key=key: seen[key].append(args[0].shape[0])))
+    return seen, hooks
+
+
+def _expert_module(model, key):
+    layer, expert_id = key
+    if layer == "router":
+        return model.experts[expert_id]
+    return dict(model.token_moe_layers())[layer].experts[expert_id]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_training_runs_every_expert_and_unreached_ones_get_zero_gradients(architecture):
+    """In a training step an expert no row was routed to runs on zero rows, so it has a gradient, all zeros
+    (what DDP, FSDP and expert parallel need: the same gradients on every rank); the loss is the one the
+    same model computes without recording gradients, where unreached experts do not run at all."""
+    torch.manual_seed(0)
+    model = build_model("debug", architecture=architecture, num_experts=16, top_k=1).train()
+    for module in model.modules():  # no dropout, so the two forwards below compute the same thing
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):  # T5 attention's dropout rate
+            module.dropout = 0.0
+    batch = token_batch(2, 3, 2) if architecture == "token_ffn" else token_batch(1, 8, 4)
+    seen, hooks = _rows_seen(model)
+    with torch.no_grad():
+        inference = model(*batch[:2], labels=batch[2])
+    skipped = {key: list(rows) for key, rows in seen.items()}
+    for rows in seen.values():
+        rows.clear()
+    output = model(*batch[:2], labels=batch[2])
+    output.loss.backward()
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(output.loss, inference.loss)
+    torch.testing.assert_close(output.logits, inference.logits)
+    chosen = {(record.layer, int(e)) for record in output.routing for e in record.routing.expert_indices.reshape(-1)}
+    assert len(chosen) < len(seen)  # some experts were left out, so the check bites
+    for key, parameters in _expert_parameters(model).items():
+        if key in chosen:
+            assert all(rows > 0 for rows in seen[key]) and skipped[key], key
+            assert any(p.grad.abs().sum() > 0 for p in parameters), key
+        else:
+            assert skipped[key] == [] and seen[key] and all(rows == 0 for rows in seen[key]), key
+            assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in parameters), key
+    # Evaluation with gradients on (eval mode) skips them too: only a training step runs every expert.
+    model.eval()
+    seen, hooks = _rows_seen(model)
+    model(*batch[:2], labels=batch[2])
+    for hook in hooks:
+        hook.remove()
+    assert all(seen[key] == [] for key in seen if key not in chosen)
+
+
 def test_balance_loss_is_one_for_uniform_routing():
     experts, rows = 4, 8
     probs = torch.full((rows, experts), 1 / experts)

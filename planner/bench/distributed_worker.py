@@ -163,7 +163,9 @@ def _wrap(model, spec: dict, config, device: str):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [torch.device(device).index] if device.startswith("cuda") else None
-        # MoE: experts no series was routed to get no gradient; DDP must look for them.
+        # MoE: as users of sparse MoE set it (before a training step ran every expert, one no series reached
+        # had no gradient). The planner counts what it costs: the used-parameter map's all-reduce, and buckets
+        # kept in registration order (DDP does not rebuild them with it).
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=config.is_moe), model
     if strategy in ("zero2", "zero3"):
         from torch.distributed.device_mesh import init_device_mesh
