@@ -34,8 +34,8 @@ Time on a link (α-β model, ring algorithms as NCCL runs them over n devices, `
 Data parallel's gradients go in DDP's buckets: torch's `_compute_bucket_assignment_by_size` with a first bucket
 of `_DEFAULT_FIRST_BUCKET_BYTES` (1 MiB) and then `bucket_cap_mb` (25 MiB), each bucket closed once it reaches
 its limit; a dense model's buckets are rebuilt after the first step in the order gradients become ready
-(the reverse of registration), an MoE model's (`find_unused_parameters=True`: experts a batch misses get no
-gradient) stay in registration order, and DDP all-reduces its map of used parameters (an int32 per parameter
+(the reverse of registration), an MoE model's (`find_unused_parameters=True`, as sparse MoE is run under
+DDP; DDP does not rebuild buckets with it) stay in registration order, and DDP all-reduces its map of used parameters (an int32 per parameter
 tensor) once per step beside them. ZeRO-1 keeps the 25 MiB buckets; ZeRO-2/3 (FSDP-style) communicate one
 unit at a time: each T5 block
 (every expert encoder's blocks for expert_only) and one unit for the rest (embedding, routers, heads).
@@ -152,6 +152,12 @@ class Collective:
 
     def ring_steps(self) -> int:
         return (self.group_size - 1) * (2 if self.kind == "all_reduce" else 1)
+
+
+def bytes_sent_per_step(collectives: list[Collective], micro_steps: int = 1) -> int:
+    """Bytes one device sends in one optimizer step of `micro_steps` micro-steps (gradient accumulation): each
+    collective's `bytes_sent`, once per micro-step if it runs every micro-step, else once."""
+    return sum(c.bytes_sent() * (micro_steps if c.per_micro_step else 1) for c in collectives)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,13 @@ by the α-β ring formulas, the search against brute force, a forecasting servic
 import math
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from model.build import build_model
 from model.config import make_config
-from planner.communication import Collective, Link, collective_time_s, sharding_units, step_collectives
+from planner.communication import (Collective, Link, bytes_sent_per_step, collective_time_s, sharding_units,
+                                   step_collectives)
 from planner.cost.links import run_link
 from planner.cost.prices import PRICES
 from planner.cost.search import SearchSpace, micro_batches, search_plans
@@ -77,20 +80,45 @@ def test_checkpointing_recomputes_a_forward_and_zero_shards_the_optimizer():
 
 
 def test_collective_bytes_by_hand_for_each_strategy():
-    """tiny dense on 4 devices in fp32: P parameters counted on the modules; a gradient is 4 bytes."""
+    """tiny dense on 4 devices in fp32: P parameters counted on the modules; a gradient is 4 bytes.
+
+    DDP's buckets by hand: torch fills a bucket with gradients until it holds at least its limit, the first
+    bucket's limit 1 MiB (dist._DEFAULT_FIRST_BUCKET_BYTES), then 25 MiB (bucket_cap_mb); after the first step
+    a dense model's buckets are rebuilt in the order the gradients become ready, the reverse of registration:
+    the decoder's final norm (D), its last block's FFN norm (D) and FFN output weight wo (F·D = 1 MiB) close
+    the first bucket; the rest (31 MiB) fills one 25 MiB bucket and, since even without the last tensor (the
+    4 MiB embedding) it holds over 25 MiB, leaves under 25 MiB for a third: 3 calls, not ⌈32 MiB / 25 MiB⌉ = 2."""
     config = make_config("tiny")
     params, _ = modules_params("tiny")
     workload = Workload(batch_size=2, context_length=64, prediction_length=16)
+    mib = 2**20
 
     def shape(strategy):
         return [(c.kind, c.phase, c.buffer_bytes, c.per_micro_step, c.calls) for c in
                 step_collectives(config, workload, strategy, 4, "fp32")]
 
-    # DDP's 25 MiB buckets; ZeRO-2/3 one call per unit: tiny's 4 + 4 blocks and the rest.
-    ddp_buckets, units = math.ceil(4 * params / (25 * 2**20)), 4 + 4 + 1
+    ready = [(name, 4 * p.numel()) for name, p in build_model("tiny", device="meta").named_parameters()][::-1]
+    first = ["backbone.decoder.final_layer_norm.weight", "backbone.decoder.block.3.layer.2.layer_norm.weight",
+             "backbone.decoder.block.3.layer.2.DenseReluDense.wo.weight"]
+    assert [name for name, _ in ready[:3]] == first
+    assert [size for _, size in ready[:3]] == [4 * 256, 4 * 256, 4 * 256 * 1024]
+    first_bucket = sum(size for _, size in ready[:3])
+    assert sum(size for _, size in ready[:2]) < mib <= first_bucket  # the third tensor closes it
+    rest = 4 * params - first_bucket
+    assert ready[-1] == ("backbone.shared.weight", 4 * 4096 * 256)
+    assert rest - ready[-1][1] >= 25 * mib  # the second bucket closes before the last tensor...
+    assert rest - 25 * mib < 25 * mib  # ...and what it leaves fits one more
+    ddp_buckets = 3
+    # What DDP itself calls to make them (its Reducer's assignment), on the same sizes in the same order.
+    tensors = [torch.empty(size // 4) for _, size in ready]
+    assignment, _ = dist._compute_bucket_assignment_by_size(tensors, [dist._DEFAULT_FIRST_BUCKET_BYTES, 25 * mib])
+    assert len(assignment) == ddp_buckets
+    # ZeRO-1 (the flat layout, no PyTorch engine) keeps ⌈bytes / 25 MiB⌉ buckets; ZeRO-2/3 (FSDP2) one call
+    # per unit: tiny's 4 + 4 blocks and the root, no padding at n = 4 (every dim 0 divides by 4).
+    flat_buckets, units = math.ceil(4 * params / (25 * mib)), 4 + 4 + 1
     assert shape("data_parallel") == [("all_reduce", "backward", 4 * params, False, ddp_buckets)]
-    assert shape("zero1") == [("reduce_scatter", "backward", 4 * params, False, ddp_buckets),
-                              ("all_gather", "optimizer", 4 * params, False, ddp_buckets)]
+    assert shape("zero1") == [("reduce_scatter", "backward", 4 * params, False, flat_buckets),
+                              ("all_gather", "optimizer", 4 * params, False, flat_buckets)]
     assert shape("zero2") == [("reduce_scatter", "backward", 4 * params, True, units),
                               ("all_gather", "optimizer", 4 * params, False, units)]
     assert shape("zero3") == [("all_gather", "forward", 4 * params, True, units),
@@ -99,6 +127,24 @@ def test_collective_bytes_by_hand_for_each_strategy():
     assert sharding_units(make_config("tiny", architecture="expert_only", num_experts=4)) == 4 * 4 + 4 + 1
     (all_reduce,) = step_collectives(config, workload, "data_parallel", 4, "fp32")
     assert all_reduce.bytes_sent() == 2 * 3 * 4 * params // 4  # 2(n−1)/n of the buffer
+
+
+def test_bytes_sent_per_step_by_hand_with_accumulation():
+    """tiny dense, fp32, 4 devices, 3 micro-steps: DDP all-reduces once per optimizer step, 2(n−1)/n of the
+    4P gradient bytes; ZeRO-3 gathers the weights in the forward and the backward and reduce-scatters the
+    gradients every micro-step, (n−1)/n of 4P each: 3 × 3 × 3P; ZeRO-2 reduce-scatters every micro-step and
+    gathers the updated weights once: (3 + 1) × 3P. n = 4 pads nothing on tiny."""
+    config = make_config("tiny")
+    params, _ = modules_params("tiny")
+    workload = Workload(batch_size=2, context_length=64, prediction_length=16)
+
+    def sent(strategy, micro_steps):
+        return bytes_sent_per_step(step_collectives(config, workload, strategy, 4, "fp32"), micro_steps)
+
+    assert sent("data_parallel", 3) == sent("data_parallel", 1) == 2 * 3 * params
+    assert sent("zero3", 3) == 3 * 3 * 3 * params and sent("zero3", 1) == 3 * 3 * params
+    assert sent("zero2", 3) == (3 + 1) * 3 * params
+    assert bytes_sent_per_step([], 5) == 0
 
 
 def test_expert_parallel_all_to_all_bytes_by_hand():

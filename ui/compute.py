@@ -15,7 +15,7 @@ import streamlit as st
 from model.config import MAX_EXPERTS, ChronosMoEConfig, make_config
 from planner.cost.search import SearchSpace as CostSearchSpace, search_plans
 from planner.cost.service import ForecastService, plan_service
-from planner.communication import Link, collective_time_s, step_collectives
+from planner.communication import Link, bytes_sent_per_step, collective_time_s, step_collectives
 from planner.cost.training import TrainingRun, price_training_run
 from planner.memory import MemoryBreakdown
 from planner.parallel import STRATEGIES, plan_all_strategies
@@ -206,6 +206,16 @@ def step_communication(config: ChronosMoEConfig, workload: Workload, num_devices
                          "buffer_bytes": collective.buffer_bytes, "bytes_sent_per_device": collective.bytes_sent(),
                          "seconds": collective_time_s(collective, link)})
     return rows
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def strategy_bytes_sent(config: ChronosMoEConfig, workload: Workload, num_devices: int, precision: str,
+                        micro_steps: int = 1) -> dict[str, int]:
+    """Strategy -> bytes one device sends per optimizer step (planner.communication.bytes_sent_per_step over
+    its step_collectives), expert_parallel for MoE only. ValueError naming the field."""
+    return {strategy: bytes_sent_per_step(step_collectives(config, workload, strategy, num_devices, precision),
+                                          micro_steps)
+            for strategy in STRATEGIES if strategy != "expert_parallel" or config.is_moe}
 
 
 @st.cache_data(max_entries=64, show_spinner="Tracing the step and pricing the run…")

@@ -19,7 +19,7 @@ from planner.cost.interconnects import DEFAULT_INTRA, INTERCONNECTS
 from planner.cost.links import run_link
 from planner.parallel import DEVICE_MEMORY, GPU_MEMORY_BYTES
 from planner.workload import PRECISION_REGIMES
-from ui.compute import PlanTable, Variant, device_plans, step_communication, workload_of
+from ui.compute import PlanTable, Variant, device_plans, step_communication, strategy_bytes_sent, workload_of
 from ui.devices_measure import draw_measure
 from ui.exports import draw_downloads
 from planner.units import GIB, format_bytes, format_seconds
@@ -40,7 +40,10 @@ PART_HELP = {
     "Gradients": "Whole, or a 1/N shard from ZeRO-2 on",
     "Optimizer states": "Whole, or a 1/N shard from ZeRO-1 on (with mixed_fp16 also the fp32 master weights "
                         "and gradient copy)",
-    "Gathered layer": "ZeRO-3: the largest layer's weights and gradients, gathered whole while it runs",
+    "Gathered layer": "Weights gathered whole during the step, beside the resident shard: ZeRO-2 (FSDP2, "
+                      "reshard_after_forward=False) every unit's weights, kept from its forward to its backward; "
+                      "ZeRO-3 the largest layer's weights and gradients while it runs (mixed_fp16 ZeRO-2 "
+                      "keeps its fp16 weights whole, so gathers nothing)",
     "Activations": "Saved for backward at the sidebar's batch (per device); checkpointing keeps block inputs only",
 }
 PART_COLORS = ("#1f4e9c", "#3f7fd6", "#7b3fb0", "#9e9e9e", "#f08c00")
@@ -187,6 +190,9 @@ def _draw_communication(variant: Variant, settings: Settings, gpu: str, num_devi
         return
     frame = communication_frame(rows)
     totals = frame.groupby("Strategy", sort=False, as_index=False)[["Calls", "Sent per device", "Time"]].sum()
+    # The planner's own per-step total (one micro-step: the caption's "without gradient accumulation").
+    sent = strategy_bytes_sent(variant.plan.config, workload_of(settings), num_devices, precision)
+    totals["Sent per device"] = totals["Strategy"].map(sent)
     formats = {"Buffer": format_bytes, "Sent per device": format_bytes, "Time": format_seconds}
     right.dataframe(totals.style.format(formats, subset=["Sent per device", "Time"]), hide_index=True,
                     key="devices_comm_totals", height=(len(totals) + 1) * 35 + 3,
