@@ -106,9 +106,20 @@ def _cell(value: Any) -> str:
     return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.4e}"
 
 
+def columns_of(rows: Sequence[Row]) -> list[str]:
+    """Every column any row has, so rows of different kinds export together (a benchmark's error row —
+    label, status, message — beside the measured ones; a cell a row lacks is left empty). The order does not
+    depend on where the odd rows fall: the widest row's columns first (the first of them if several), then
+    the others in the order they first appear."""
+    if not rows:
+        return []
+    widest = max(rows, key=len)  # max keeps the first of equal lengths
+    return list(dict.fromkeys([*widest, *(column for row in rows for column in row)]))
+
+
 def format_table(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
-    columns = list(rows[0]) if rows else []
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    columns = columns_of(rows)
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
     lines = [f"{one_line(key)}: {one_line(value)}" for key, value in metadata.items()] + [""]
     lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
@@ -117,11 +128,11 @@ def format_table(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
 
 
 def format_markdown(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
-    columns = list(rows[0]) if rows else []
+    columns = columns_of(rows)
     lines = [f"- **{one_line(key)}**: {one_line(value)}" for key, value in metadata.items()] + [""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +140,7 @@ def format_csv(rows: Sequence[Row], metadata: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     for key, value in metadata.items():
         buffer.write(f"# {one_line(key)}: {one_line(value)}\n")
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns_of(rows), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -157,7 +168,7 @@ def xlsx_bytes(rows: Sequence[Row], metadata: Mapping[str, Any]) -> bytes:
     workbook = Workbook()
     sheet = workbook.active
     sheet.title = "rows"
-    columns = list(rows[0]) if rows else []
+    columns = columns_of(rows)
     _write_sheet(sheet, [columns, *([row.get(c) for c in columns] for row in rows)])
     _write_sheet(workbook.create_sheet("metadata"),
                  [["key", "value"], *([one_line(key), one_line(value)] for key, value in metadata.items())])

@@ -144,3 +144,33 @@ def test_help_shows_every_default(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--vocab-size VOCAB_SIZE (default: 4096)" in help_text  # an option without help text of its own
     assert "(default: 512)" in help_text and "(default: tiny,mini,small,base,large)" in help_text
+
+
+def test_distributed_bench_csv_writes_an_error_row_beside_measured_rows(tmp_path, monkeypatch, capsys):
+    """One run measured (one row per rank), the next failed (one row with a message): the CSV holds both,
+    the measured rows' columns first and `message` after them, each row's missing cells empty; exit 1."""
+    from planner.bench import distributed
+
+    def fake_run(spec, progress=None, cancel_event=None):  # no processes: only the writing is under test
+        if spec.bench.num_experts == 0:
+            rows = [{"label": spec.label, "strategy": spec.strategy, "ranks": spec.ranks, "rank": rank,
+                     "status": "ok", "states_exact": True, "collectives_exact": True, "memory_ratio": 1.0 + rank / 10,
+                     "step_time_s": 0.1, "collective_bytes": 8, "predicted_collective_bytes": 8}
+                    for rank in range(spec.ranks)]
+            return distributed.DistributedResult(spec, "ok", rows=rows)
+        return distributed.DistributedResult(spec, "error", "rank 1 failed: boom")
+
+    monkeypatch.setattr(distributed, "run_distributed", fake_run)
+    path = tmp_path / "runs.csv"
+    status, _, _ = _run(["bench", "--modes", "train", "--sizes", "debug", "--experts", "0,4",
+                         "--architectures", "token_ffn", "--strategy", "data_parallel", "--ranks", "2",
+                         "--format", "csv", "--output", str(path)], capsys)
+    assert status == 1
+    table = pd.read_csv(path, comment="#")
+    assert list(table.columns) == ["label", "strategy", "ranks", "rank", "status", "states_exact", "collectives_exact",
+                                   "memory_ratio", "step_time_s", "collective_bytes", "predicted_collective_bytes",
+                                   "message"]
+    assert list(table["status"]) == ["ok", "ok", "error"]
+    assert list(table["memory_ratio"][:2]) == [1.0, 1.1] and pd.isna(table["memory_ratio"][2])
+    assert table["message"][:2].isna().all() and table["message"][2] == "rank 1 failed: boom"
+    assert pd.isna(table["rank"][2])
