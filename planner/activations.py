@@ -45,7 +45,9 @@ Data-dependent parts are bounded from above: the experts that run (each running 
 own S×S position buckets when the expert encoders train; under AMP each keeps half copies of its weights
 where their inputs require grad) are taken as min(E, B·K), or min(E, tokens·K) per token_ffn block; with a
 capacity factor every expert is taken as filled to capacity, min(tokens·K, E·capacity) slots. With one
-series (the Chronos default) sample-level routing runs exactly K experts, and the count is exact.
+series (the Chronos default) sample-level routing runs exactly K experts, and the count is exact. (In a
+training step the experts nobody chose are called too, on zero rows, so that they get zero gradients; they
+compute nothing and save nothing: model.experts.empty_rows.)
 
 Letters: B series, S encoder tokens, T decoder tokens, D d_model, F d_ff, H heads, A = H·Dk attention
 width, V vocabulary, E experts, K active experts, R router hidden width, n rows or tokens.
@@ -176,3 +178,19 @@ def estimate_activation_breakdown(config: ChronosMoEConfig, workload: Workload,
 def estimate_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
     """Total bytes saved for backward by one training step (see `estimate_activation_breakdown`)."""
     return estimate_activation_breakdown(config, workload, device=device).total_bytes
+
+
+def estimate_loss_backward_transient_bytes(config: ChronosMoEConfig, workload: Workload,
+                                           *, device: str = "cuda") -> int:
+    """Bytes the loss holds at the start of the backward beyond what is saved for it: the step's peak for
+    the activations, when every saved tensor is still alive.
+
+    The (B, T, V) logits (in the compute width; the step's output keeps them, none of the ops saves them),
+    and while log-softmax runs its backward both the gradient of the fp32 log-probabilities (nll_loss's
+    backward writes it, B·T·V fp32) and the fp32 gradient of the logits it computes from it: B·T·V ×
+    (compute + 2 × 4) bytes (12 in fp32). The fp32 log-probabilities themselves are saved (`loss_bytes`).
+    Under autocast or bf16 the fp32 copy of the logits that the loss reads is freed after the forward, and
+    the cast's half gradient comes after the fp32 one's peak. Checked against torch's memory tracker in
+    tests/test_parallel.py."""
+    elements = workload.batch_size * workload.decoder_tokens * config.dims.vocab_size
+    return elements * (activation_widths(workload.precision, device).compute + 2 * FLOAT32_BYTES)

@@ -290,12 +290,15 @@ def compare_with_plan(measured: dict, config: ChronosMoEConfig) -> list[dict]:
         f"after forward: {measured['root_params']}) with their all-gather / reduce-scatter buffers; the planner "
         "one largest module's weights and gradients (ZeRO-3) or every unit's gathered weights (ZeRO-2)")
     row("at peak: activations, temporaries and inputs",
-        measured["peak_Activation"] + measured["peak_Temp"] + measured["peak_Inputs"], plan.activations_bytes, None,
-        "at the peak part of the activations are freed and backward temporaries (activation gradients) live")
+        measured["peak_Activation"] + measured["peak_Temp"] + measured["peak_Inputs"],
+        plan.activations_bytes + plan.loss_transient_bytes, None,
+        "the planner: the saved activations with the logits and the loss's two B·T·V fp32 backward gradients "
+        "(loss_transient_bytes); at the peak part of the activations may be freed and other backward "
+        "temporaries (activation gradients) live")
     row("at peak: model states held", measured["peak_Sharded Param"] + measured["peak_Sharded Grad"]
         + measured["peak_OptState"], plan.weights_bytes + plan.gradients_bytes + plan.optimizer_states_bytes, None,
         "at the peak only the gradients of units already reduced exist; the planner counts them all")
-    row("peak", measured["peak"], plan.total_bytes, None, "the tracker's peak against DevicePlan.total_bytes")
+    row("peak", measured["peak"], plan.peak_bytes, None, "the tracker's peak against DevicePlan.peak_bytes")
     return rows
 
 
@@ -314,7 +317,7 @@ def matrix_row(measured: dict, config: ChronosMoEConfig) -> dict:
         "act_ratio": measured["activations"] / rows["activations (after forward)"]["planner_bytes"],
         "act_residual_B": rows["activations (after forward)"]["residual"],
         "peak_fsdp_MiB": measured["peak"] / 2**20,
-        "plan_total_MiB": rows["peak"]["planner_bytes"] / 2**20,
+        "plan_peak_MiB": rows["peak"]["planner_bytes"] / 2**20,
         "peak_ratio": measured["peak"] / rows["peak"]["planner_bytes"],
         "gathered_peak_MiB": rows["at peak: gathered units and collective buffers"]["fsdp_bytes"] / 2**20,
         "seconds": measured["seconds"],

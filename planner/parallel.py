@@ -48,7 +48,8 @@ from typing import Optional
 
 from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig
-from planner.activations import estimate_activation_breakdown, activation_widths
+from planner.activations import (activation_widths, estimate_activation_breakdown,
+                                 estimate_loss_backward_transient_bytes)
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
 from planner.params import (
@@ -139,7 +140,9 @@ class DevicePlan:
     whole during the step on top of it (ZeRO-3: the largest layer's weights and gradients; ZeRO-2 in PyTorch's
     layout: every unit's weights, gathered from its forward to its backward). `bucket_bytes` are DDP's
     gradient buckets: allocated beside the gradients, part of `peak_bytes`, left out of `total_bytes` because
-    planner.headroom adds them with the other communication buffers when it decides whether a plan fits."""
+    planner.headroom adds them with the other communication buffers when it decides whether a plan fits.
+    `loss_transient_bytes` are the logits and the loss's backward temporaries beside the saved activations
+    (planner.activations.estimate_loss_backward_transient_bytes), also part of `peak_bytes` only."""
 
     strategy: str
     num_devices: int
@@ -151,6 +154,7 @@ class DevicePlan:
     activations_bytes: int
     rank: int = 0
     bucket_bytes: int = 0
+    loss_transient_bytes: int = 0
 
     @property
     def model_states_bytes(self) -> int:
@@ -162,8 +166,9 @@ class DevicePlan:
 
     @property
     def peak_bytes(self) -> int:
-        """Everything the process allocates for the step: the model states, activations and DDP's buckets."""
-        return self.total_bytes + self.bucket_bytes
+        """Everything the process allocates for the step: the model states, activations, DDP's buckets and
+        the loss's logits and backward temporaries."""
+        return self.total_bytes + self.bucket_bytes + self.loss_transient_bytes
 
 
 def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
@@ -268,6 +273,7 @@ def plan_devices(
         activations_bytes=activations,
         rank=rank,
         bucket_bytes=bucket,
+        loss_transient_bytes=estimate_loss_backward_transient_bytes(config, activation_workload, device=device),
     )
 
 

@@ -66,8 +66,9 @@ def test_activations_and_peak(architecture, experts, n, strategy):
         assert activations["exact"]
     else:  # the routing decisions the output's records keep (token routers' rows·K indices and weights)
         assert 0 < activations["residual"] < 0.001 * activations["planner_bytes"]
-    # debug is dominated by the B·T·V logits' backward temporaries the planner leaves out: the peak is higher.
-    assert 1.0 < rows["peak"]["fsdp_bytes"] / rows["peak"]["planner_bytes"] < 1.6
+    # The plan's peak holds the logits and the loss's two B·T·V backward gradients; debug's tracked peak comes
+    # later in the backward, with activation-gradient temporaries the plan leaves out (1.01–1.18 here).
+    assert 1.0 < rows["peak"]["fsdp_bytes"] / rows["peak"]["planner_bytes"] < 1.25
 
 
 def test_fake_tensors_measure_what_real_tensors_do():

@@ -30,11 +30,14 @@ def test_data_parallel_fp32_adam_is_sixteen_bytes_per_parameter():
     model = build_model("small", num_experts=8, device="meta")
     plan = plan_devices(config, WORKLOAD, "data_parallel", 8)
     # 16 bytes per parameter, plus AdamW's fp32 `step` (4 bytes) per parameter tensor; DDP's buckets are a
-    # second copy of the gradients, outside the model states and inside the peak.
+    # second copy of the gradients, outside the model states and inside the peak, as are the loss's (B, T, V)
+    # fp32 logits and, in log-softmax's backward, the fp32 gradients of the log-probs and of the logits
+    # (B 4, T = 16 + 1 EOS, V 4096).
     tensors = sum(1 for _ in model.parameters())
     assert plan.model_states_bytes == 16 * instantiated_params("small", num_experts=8) + 4 * tensors
     assert plan.bucket_bytes == plan.gradients_bytes == 4 * instantiated_params("small", num_experts=8)
-    assert plan.peak_bytes == plan.total_bytes + plan.bucket_bytes
+    assert plan.loss_transient_bytes == 4 * 17 * 4096 * (4 + 4 + 4)
+    assert plan.peak_bytes == plan.total_bytes + plan.bucket_bytes + plan.loss_transient_bytes
 
 
 def test_zero_stages_shard_what_they_should():
@@ -280,3 +283,42 @@ def test_ddp_bucket_count_is_torchs_assignment(size, moe):
     buckets = ddp_buckets(model.config, WORKLOAD, "fp32")
     assert len(buckets) == len(expected)
     assert sorted(buckets) == sorted(sum(ordered[i].numel() * 4 for i in bucket) for bucket in expected)
+
+
+def test_loss_backward_transient_is_what_torch_holds_at_the_step_peak():
+    """debug dense, fp32 on CPU, batch 8, context 32, prediction 32 (T 33, V 4096: the loss's B·T·V tensors
+    dwarf the debug model's weights, so the step peaks at the loss's backward). Under torch's own MemTracker,
+    one training forward and backward: after the forward the step holds, beside the weights, what autograd
+    saved (the planner's activations, equal to the saved-tensor hooks' count) and the (B, T, V) logits the
+    output keeps; at the peak also log-softmax's backward's two fp32 B·T·V gradients. The planner's term is
+    logits + those two gradients."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from planner.activations import estimate_loss_backward_transient_bytes
+    from planner.measure import measure_saved_activation_bytes, token_batch
+
+    config = make_config("debug")
+    workload = Workload(batch_size=8, context_length=32, prediction_length=32)
+    torch.manual_seed(0)
+    model = build_model("debug").train()
+    batch = token_batch(config, workload)
+    saved = measure_saved_activation_bytes(model, *batch)
+    assert saved == estimate_activation_bytes(config, workload, device="cpu")
+    logits = 8 * 33 * 4096 * 4
+    tracker = MemTracker()
+    tracker.track_external(model, *batch)
+    with tracker:
+        output = model(*batch[:2], labels=batch[2])
+        after_forward = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
+        output.loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    weights = sum(p.numel() * 4 for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    # After the forward: the weights, the saved tensors (token ids and labels among them), the logits, the
+    # attention mask (an input no op saves) and the fp32 loss.
+    mask, loss = batch[1].nbytes, 4
+    assert after_forward == weights + saved + logits + mask + loss
+    # The peak: that, and log-softmax's backward's fp32 gradients of the log-probs and of the logits.
+    assert peak == after_forward + 2 * logits
+    transient = estimate_loss_backward_transient_bytes(config, workload, device="cpu")
+    assert transient == 3 * logits
+    assert peak == weights + saved + transient + mask + loss

@@ -22,7 +22,7 @@ planner.communication.step_collectives. `states_exact`: all three measured value
 `<kind>_exact`: the count and the bytes of that kind of collective equal the planner's (all_to_all: the
 count on the rank, the bytes summed over the ranks, since what a rank routes depends on its batch);
 `collectives_exact`: every kind. The predicted peak is `DevicePlan.peak_bytes` (the model states,
-activations and DDP's buckets).
+activations, DDP's buckets and the loss's logits with its two B·T·V backward gradients).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def resolve_distributed_device(requested: str) -> str:
 
 
 def predicted_rank_bytes(spec: DistributedSpec) -> int:
-    """The planner's per-device peak (model states, activations, DDP's buckets) for this run, on rank 0."""
+    """The planner's per-device peak (model states, activations, DDP's buckets, the loss's backward
+    temporaries) for this run, on rank 0."""
     bench = spec.bench
     return plan_devices(bench.model_config(), bench.workload(), spec.strategy, spec.ranks,
                         device="cpu" if spec.device == "cpu" else "cuda").peak_bytes
