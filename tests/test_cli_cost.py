@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from model.build import build_model_from_config
+
 from model import make_config
 from planner.cli import main
 from planner.cost.service import ForecastService, plan_service
@@ -70,7 +72,10 @@ def test_training_yaml_fills_the_run(tmp_path, capsys):
     states = estimate.headroom.peak_bytes - price_training_run(
         TrainingRun(config, "a100-80gb", per_device_batch=4, steps=1, context_length=64, prediction_length=16,
                     precision="tf32", optimizer="adamw")).headroom.peak_bytes
-    assert states == (2 - 8) * params  # 8-bit moments instead of fp32 ones
+    # 8-bit moments instead of fp32 ones; torch's AdamW also keeps a 4-byte `step` tensor per parameter tensor,
+    # bitsandbytes' 8-bit AdamW a Python int
+    tensors = len(list(build_model_from_config(config, device="meta").parameters()))
+    assert states == (2 - 8) * params - 4 * tensors
 
 
 def test_an_8bit_optimizer_other_than_adamw_is_refused(tmp_path, capsys):
