@@ -50,7 +50,9 @@ def test_training_run_figures_equal_the_planner():
     split = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("cost_split"))
     assert f"bound by {expected.bound}" in split.proto.spec
     collectives = at.dataframe[0].value
-    assert set(collectives["collective"]) == {"all_reduce", "all_to_all"}
+    # expert parallel: the shared gradients' all-reduce, each MoE layer's row counts (all_gather) before its
+    # routed rows travel (all_to_all), as model.expert_parallel issues them
+    assert set(collectives["collective"]) == {"all_reduce", "all_gather", "all_to_all"}
     assert collectives["seconds_per_step"].sum() == pytest.approx(expected.communication_s)
 
 
