@@ -231,3 +231,22 @@ def test_lean_trace_records_what_full_shape_only_execution_does(architecture, mo
     assert lean.count("sync") == full.count("sync")
     if architecture in ("dense", "expert_only"):
         assert without_detach(lean) == without_detach(full)
+
+
+def test_trace_key_follows_the_traced_code(tmp_path, monkeypatch):
+    """A change to the model code or the tracer traces again: the key holds a digest of their source."""
+    from model.config import make_config
+    from planner.steptime import trace_cache
+    from planner.workload import Workload
+
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "experts.py").write_text("A = 1\n")
+    monkeypatch.setattr(trace_cache, "_CODE_TRACED", (source,))
+    trace_cache._code_digest.cache_clear()
+    arguments = (make_config("debug"), Workload(batch_size=1), "train", "fp32", False)
+    before = trace_cache.trace_key(*arguments)
+    (source / "experts.py").write_text("A = 2\n")
+    trace_cache._code_digest.cache_clear()
+    assert trace_cache.trace_key(*arguments) != before
+    trace_cache._code_digest.cache_clear()

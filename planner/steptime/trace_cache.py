@@ -1,13 +1,15 @@
 """Traces cached on disk per variant, workload, mode and dtype, so a prediction traces each step once.
 
-The key holds everything the ops depend on: the model config, the workload, the mode, the dtype, and the
-versions of torch and transformers (their code paths are what is traced). A damaged or foreign file is
-traced again and replaced, never used.
+The key holds everything the ops depend on: the model config, the workload, the mode, the dtype, the
+versions of torch and transformers and the source of this project's model and tracer (their code paths are
+what is traced: a change to either traces again). A damaged or foreign file is traced again and replaced,
+never used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -24,8 +26,22 @@ from planner.workload import Workload
 TRACE_FORMAT = 3  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes)
 
 
+_CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"))
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """A digest of the model code and the tracer: the code a trace records runs through."""
+    digest = hashlib.sha256()
+    for root in _CODE_TRACED:
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def trace_key(config: ChronosMoEConfig, workload: Workload, mode: str, dtype: str, foreach_optimizer: bool) -> str:
     versions = {name: metadata.version(name) for name in ("torch", "transformers")}
+    versions["code"] = _code_digest()
     identity = {"format": TRACE_FORMAT, "config": dataclasses.asdict(config), "mode": mode, "dtype": dtype,
                 "foreach_optimizer": foreach_optimizer,
                 "workload": {field: getattr(workload, field) for field in
