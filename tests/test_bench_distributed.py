@@ -14,12 +14,12 @@ import tempfile
 
 import psutil
 import pytest
-import torch
 
 from model import build_model
 from planner.__main__ import main as planner_main
 from planner.bench.distributed import DistributedSpec, _run_launcher, check_distributed, run_distributed
 from planner.bench.spec import BenchSpec
+from tests.fsdp_fixtures import fsdp2_shards
 
 RANKS = 2
 WORKLOAD = dict(mode="train", batch_size=2, context_length=16, prediction_length=4, warmup=1, repeats=1, threads=1,
@@ -80,22 +80,11 @@ def test_data_parallel_holds_and_sends_what_the_planner_says(runs):
         assert row["predicted_peak_bytes"] > 4 * P * 5 and row["peak_memory_bytes"] > 0 and row["step_time_s"] > 0
 
 
-def _fsdp2_shards(model, n, rank):
-    """(padded elements every rank allocates, elements `rank` holds), by torch.chunk on dim 0 as FSDP2 splits."""
-    padded = held = 0
-    for parameter in model.parameters():
-        chunks = torch.chunk(torch.empty(parameter.shape[0]), n)
-        rest = parameter.numel() // parameter.shape[0]
-        padded += chunks[0].numel() * rest
-        held += (chunks[rank].numel() if rank < len(chunks) else 0) * rest
-    return padded, held
-
-
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_fsdp2_shards_hold_and_send_what_the_planner_says(runs, strategy):
     for row in _rows(runs, strategy):
         _assert_exact(row)
-        padded, held = _fsdp2_shards(DENSE, RANKS, row["rank"])
+        padded, held = fsdp2_shards(DENSE, RANKS, row["rank"])
         assert row["measured_param_bytes"] == row["measured_grad_bytes"] == 4 * padded  # zero2: the resident shard
         assert row["measured_optimizer_bytes"] == 8 * held + 4 * TENSORS
         # reduce-scatter of the gradients, one per unit, n padded chunks each

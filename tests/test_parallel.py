@@ -16,6 +16,7 @@ from planner.parallel import (
     plan_devices,
 )
 from planner.workload import Workload
+from tests.fsdp_fixtures import fsdp2_shards
 
 WORKLOAD = Workload(batch_size=4, context_length=128, prediction_length=16)
 
@@ -55,24 +56,12 @@ def test_zero_stages_shard_what_they_should():
     assert zero2.model_states_bytes == 4 * total + (4 + 4 + 8) * (total // 4) + 4 * tensors
 
 
-def _fsdp2_shards(model, n, rank):
-    """FSDP2's shard of every parameter on `rank`, by torch.chunk on dim 0 as fully_shard splits it:
-    (padded elements: the first chunk's, every rank allocates that much; elements rank `rank` holds)."""
-    padded = held = 0
-    for parameter in model.parameters():
-        chunks = torch.chunk(torch.empty(parameter.shape[0]), n)
-        rest = parameter.numel() // parameter.shape[0]
-        padded += chunks[0].numel() * rest
-        held += (chunks[rank].numel() if rank < len(chunks) else 0) * rest
-    return padded, held
-
-
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_fsdp2_pads_dim0_and_the_last_rank_holds_fewer_moment_rows(rank):
     """debug token_ffn MoE-4 on 3 devices: D = 64, F = 256, V = 4096, 32 position buckets and 4-row routers do not
     divide by 3. Weights and gradients are the padded chunks on every rank, the moments the rank's own rows."""
     model = build_model("debug", architecture="token_ffn", num_experts=4, device="meta")
-    padded, held = _fsdp2_shards(model, 3, rank)
+    padded, held = fsdp2_shards(model, 3, rank)
     tensors = sum(1 for _ in model.parameters())
     plan = plan_devices(model.config, WORKLOAD, "zero3", 3, rank=rank)
     assert (plan.weights_bytes, plan.gradients_bytes) == (4 * padded, 4 * padded)
