@@ -288,7 +288,7 @@ def compare_with_plan(measured: dict, config: ChronosMoEConfig) -> list[dict]:
     row("at peak: gathered units and collective buffers", gathered_fsdp, plan.gathered_layer_bytes, None,
         f"FSDP2 gathers whole units (a block: {measured['largest_block_params']} params; the root, never resharded "
         f"after forward: {measured['root_params']}) with their all-gather / reduce-scatter buffers; the planner "
-        "one largest module's weights and gradients (ZeRO-3) or every unit's gathered weights (ZeRO-2)")
+        "the root and one all-gather output of the largest unit (ZeRO-3) or every unit's gathered weights (ZeRO-2)")
     row("at peak: activations, temporaries and inputs",
         measured["peak_Activation"] + measured["peak_Temp"] + measured["peak_Inputs"],
         plan.activations_bytes + plan.loss_transient_bytes, None,

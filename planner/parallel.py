@@ -4,8 +4,8 @@ Model states per parameter split into weights, gradients and optimizer states (p
 decides which of them each device keeps whole and which it keeps a 1/n shard of:
 - data_parallel: everything replicated (ZeRO stage 0);
 - zero1 / zero2 / zero3: ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054) shards optimizer states, then
-  gradients, then weights; ZeRO-3 (= FSDP full sharding) also gathers one layer at a time, so the largest
-  layer's weights and gradients are resident whole;
+  gradients, then weights; ZeRO-3 (= FSDP full sharding) also gathers one unit at a time (DeepSpeed: the
+  largest layer's weights and gradients resident whole; FSDP2: see PyTorch's layout below);
 - expert_parallel: the E experts are split across the n devices (ceil(E/n) per device) and the shared
   parameters replicated; tokens travel to their experts, so with balanced routing each device processes as
   many expert slots as on one device, and its activations are those of its own batch.
@@ -25,7 +25,9 @@ Two layouts of the same states:
     max(0, min(ceil(dim0/n), dim0 − r·ceil(dim0/n))) rows, so the last ranks may hold fewer). ZeRO-2 is
     `reshard_after_forward=False`: between steps only the padded shard is resident (`weights_bytes`), and from
     each unit's forward to its backward the whole unit is gathered, n padded chunks per parameter
-    (`gathered_layer_bytes`: all units at once at the end of the forward);
+    (`gathered_layer_bytes`: all units at once at the end of the forward). ZeRO-3 is `reshard_after_forward=True`:
+    the root unit stays gathered for the whole step (FSDP2 does not reshard the root after forward) beside one
+    all-gather output of the larger of the root and the largest block (estimate_fsdp_zero3_gathered_bytes);
   - Adam/AdamW keep a `step` counter per parameter tensor with state, a 4-byte fp32 scalar
     (`ADAMW_STEP_BYTES`), in the optimizer states;
   - data_parallel is DDP: its gradient buckets are a second copy of the gradients (`bucket_bytes`,
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,13 +135,43 @@ def count_largest_layer_params(config: ChronosMoEConfig) -> int:
     return max(count_embedding_params(dims), *(linear.params for linear in linears))
 
 
+# FSDP2's units as this project wraps them (planner.fsdp_check._shard, planner.bench.distributed_worker): every
+# T5 block of the encoder and the decoder, and of every expert encoder (expert_only), then the root (the rest).
+_FSDP_BLOCK = re.compile(r"^(backbone\.(encoder|decoder)|experts\.\d+\.encoder)\.block\.\d+\.")
+
+
+def count_fsdp_unit_params(config: ChronosMoEConfig, num_devices: int) -> tuple[int, int]:
+    """(root unit, largest block unit) in elements as FSDP2 gathers them on `num_devices` ranks: n padded dim-0
+    chunks of every parameter of the unit (planner.params.parameter_tensors, grouped by name)."""
+    root, blocks = 0, {}
+    for tensor in parameter_tensors(config):
+        gathered = num_devices * fsdp_shard_numel(tensor.shape, num_devices)[0]
+        match = _FSDP_BLOCK.match(tensor.name)
+        if match is None:
+            root += gathered
+        else:
+            blocks[match.group(0)] = blocks.get(match.group(0), 0) + gathered
+    return root, max(blocks.values(), default=0)
+
+
+def estimate_fsdp_zero3_gathered_bytes(config: ChronosMoEConfig, num_devices: int, weight_bytes: int) -> int:
+    """What FSDP2's ZeRO-3 (`reshard_after_forward=True`) holds gathered at the step's peak, beside the shards:
+    the root unit (embedding, final norms, routers, heads), which FSDP2 never reshards after forward, and one
+    all-gather output of the larger of the root and the largest block (FSDPMemTracker's peak snapshot: the
+    root's for shared_then_expert and expert_only, whose root is the largest unit, a block's for dense and
+    token_ffn)."""
+    root, largest_block = count_fsdp_unit_params(config, num_devices)
+    return (root + max(root, largest_block)) * weight_bytes
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """What one of `num_devices` devices (the one of rank `rank`) holds during a training step, in bytes.
 
     `weights_bytes` are resident between steps (ZeRO-2/3: the shard); `gathered_layer_bytes` what is gathered
-    whole during the step on top of it (ZeRO-3: the largest layer's weights and gradients; ZeRO-2 in PyTorch's
-    layout: every unit's weights, gathered from its forward to its backward). `bucket_bytes` are DDP's
+    whole during the step on top of it (ZeRO-3: DeepSpeed's largest layer's weights and gradients, or in PyTorch's
+    layout FSDP2's root unit and one all-gather output; ZeRO-2 in PyTorch's layout: every unit's weights,
+    gathered from its forward to its backward). `bucket_bytes` are DDP's
     gradient buckets: allocated beside the gradients, part of `peak_bytes`, left out of `total_bytes` because
     planner.headroom adds them with the other communication buffers when it decides whether a plan fits.
     `loss_transient_bytes` are the logits and the loss's backward temporaries beside the saved activations
@@ -256,7 +289,9 @@ def plan_devices(
         if strategy == "data_parallel":
             optimizer += step_bytes * learning_tensors
             bucket = gradients if n > 1 else 0  # DDP's buckets: a copy of every gradient it reduces
-    if strategy == "zero3" and n > 1:
+    if strategy == "zero3" and n > 1 and torch_layout:
+        gathered = estimate_fsdp_zero3_gathered_bytes(config, n, per_param.weights)
+    elif strategy == "zero3" and n > 1:  # DeepSpeed: the largest module's weights and gradients
         gathered = count_largest_layer_params(config) * (per_param.weights + per_param.gradients)
     if activation_checkpointing:
         activations = estimate_checkpointed_activation_bytes(config, activation_workload, device=device)

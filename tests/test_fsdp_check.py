@@ -71,6 +71,22 @@ def test_activations_and_peak(architecture, experts, n, strategy):
     assert 1.0 < rows["peak"]["fsdp_bytes"] / rows["peak"]["planner_bytes"] < 1.25
 
 
+@pytest.mark.parametrize("architecture,experts", [("shared_then_expert", 4), ("expert_only", 4), ("dense", 0)])
+def test_zero3_gathered_term_is_fsdp2s_root_and_one_all_gather_output(architecture, experts):
+    config = moe_config("debug", architecture, experts)
+    measured = measure(architecture, experts, 2, "zero3")
+    plan = plan_devices(config, WORKLOAD, "zero3", 2, device="cpu")
+    # The tracker's own unit sizes (built model, FSDP param groups), fp32: at the peak the root is gathered
+    # (FSDP2 does not reshard it after forward) beside one all-gather output.
+    root, block = 4 * measured["root_params"], 4 * measured["largest_block_params"]
+    assert measured["peak_Unsharded Param"] == root and measured["peak_Unsharded Grad"] == 0
+    assert plan.gathered_layer_bytes == root + max(root, block)
+    if architecture == "dense":  # a block's all-gather output at the peak (which block depends on the shapes)
+        assert 0 < measured["peak_All Gather"] <= block < root
+    else:  # the root is the largest unit (routers and the experts' heads or encoders' norms): its output
+        assert measured["peak_All Gather"] == root
+
+
 def test_fake_tensors_measure_what_real_tensors_do():
     fake, real = measure("dense", 0, 8, "zero3"), measure("dense", 0, 8, "zero3", tensors="real")
     skip = {"tensors", "seconds"}

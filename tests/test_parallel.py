@@ -71,18 +71,27 @@ def test_fsdp2_pads_dim0_and_the_last_rank_holds_fewer_moment_rows(rank):
         plan_devices(model.config, WORKLOAD, "zero3", 3, rank=3)
 
 
-def test_zero3_adds_the_gathered_largest_layer():
+def test_zero3_adds_fsdp2_root_unit_and_one_all_gather_output():
     config = make_config("tiny", num_experts=4)
     model = build_model("tiny", num_experts=4, device="meta")
     total = sum(p.numel() for p in model.parameters())
-    # ZeRO-3 gathers one module's own tensors at a time: the largest module of the real model (tiny's tied
-    # embedding, V·D = 4096·256), its fp32 weights and gradients (4 + 4 bytes) on top of the 16-byte shard.
-    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
-    assert largest == 4096 * 256
+    # FSDP2 as this project wraps it: each T5 block a unit, the root the rest (embedding, final norms, router,
+    # the four expert heads). The root stays gathered for the whole step, and at FSDPMemTracker's peak one
+    # all-gather output of the largest unit (here the root again) is alive: fp32, 2 × root × 4 bytes.
+    blocks = [block for stack in (model.backbone.encoder, model.backbone.decoder) for block in stack.block]
+    in_blocks = sum(p.numel() for block in blocks for p in block.parameters())
+    root = total - in_blocks
+    assert root > max(sum(p.numel() for p in block.parameters()) for block in blocks)
     plan = plan_devices(config, WORKLOAD, "zero3", 4)
     # tiny's dims all divide by 4 (no FSDP2 padding); AdamW's 4-byte step per parameter tensor.
     tensors = sum(1 for _ in model.parameters())
-    assert plan.model_states_bytes == 16 * math.ceil(total / 4) + 8 * largest + 4 * tensors
+    assert plan.gathered_layer_bytes == 2 * root * 4
+    assert plan.model_states_bytes == 16 * math.ceil(total / 4) + 8 * root + 4 * tensors
+    # DeepSpeed's layout keeps its largest-layer rule: the largest module's own tensors (tiny's tied embedding,
+    # V·D = 4096·256), fp16 weights and gradients (2 + 2 bytes).
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    assert largest == 4096 * 256
+    assert plan_devices(config, WORKLOAD, "zero3", 4, precision="mixed_fp16").gathered_layer_bytes == 4 * largest
 
 
 def test_expert_parallel_keeps_its_share_of_experts():
