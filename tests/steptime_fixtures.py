@@ -9,12 +9,19 @@ VIEW_S = 1e-6
 SCATTER_S_PER_ROW = 1e-8
 FRESH_S_PER_BYTE = 1e-10
 PARALLEL_SPEEDUP = 1.8
+# Threads kept busy: every memory-bound class 2 below 1 MB and 1 above (a serial kernel at large sizes), the
+# scatter 1, fresh pages 1.5, the host per phase.
+MEMORY_BUSY = (2.0, 1.0)
+SCATTER_BUSY = 1.0
+FRESH_PAGE_BUSY = 1.5
+HOST_BUSY = {"forward": 1.25, "forecast": 1.25, "backward": 1.5, "optimizer": 1.0}
 
 
 def simple_measured_device(name: str = "test CPU", dtype: str = "fp32") -> MeasuredDevice:
     flat = ((FLOPS_PER_S,) * 2,) * 2
     grid = GemmGrid((1, 1024), (64, 4096), (64, 4096), (flat, flat))
-    curve = SizeCurve((1e3, 1e9), (1e3 / BYTES_PER_S, 1e9 / BYTES_PER_S))
+    curve = SizeCurve((1e3, 1e9), (1e3 / BYTES_PER_S, 1e9 / BYTES_PER_S), MEMORY_BUSY)
     return MeasuredDevice(name, dtype, "2026-01-01", grid, grid, dict.fromkeys(MEMORY_CLASSES, curve),
                           SCATTER_S_PER_ROW, FRESH_S_PER_BYTE, 32 * 2**20, {"forward": 1.0}, dict(HOST_S), VIEW_S,
-                          PARALLEL_SPEEDUP)
+                          PARALLEL_SPEEDUP, scatter_busy=SCATTER_BUSY, fresh_page_busy=FRESH_PAGE_BUSY,
+                          host_busy=dict(HOST_BUSY))

@@ -322,6 +322,20 @@ def test_compare_to_dense_divides_by_the_matching_dense_run():
     assert rows[0]["cpu_time_vs_dense"] == 1.5 and rows[1]["cpu_time_ratio_over_flop_ratio"] == pytest.approx(1.25)
 
 
+def test_cpu_time_ratio_is_against_the_predicted_cpu_time():
+    """Measured CPU time (every thread) ÷ the prediction's CPU time: a step measured at 3 s of CPU time
+    against 2 s predicted reads 1.5 whatever its threads; no predicted CPU time (a GPU), no ratio."""
+    from dataclasses import replace as replace_field
+
+    from planner.steptime.predict import StepTime
+
+    result = replace_field(_fake_result(0, 2.0, 100), threads=4, device="cpu",
+                           predicted=StepTime(1.0, 0.5, 0.0, 0.0, 10, 0, "cpu", cpu_s=2.0))
+    result = replace_field(result, timing=summarise_times([2.0], [3.0], series=2, tokens=1, flops=100))
+    assert result.cpu_time_ratio == pytest.approx(1.5) and result.time_ratio == pytest.approx(2.0 / 1.5)
+    assert replace_field(result, predicted=replace_field(result.predicted, cpu_s=None)).cpu_time_ratio is None
+
+
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_bench_subcommand(parser.add_subparsers(dest="command"))

@@ -15,7 +15,8 @@ from planner.steptime import GPU_PRESETS, gpu_preset, predict_step_time
 from planner.steptime import device_cache
 from planner.steptime.devices import GemmGrid, SizeCurve, preset_for_device_name
 from planner.steptime.ops import OpRecord, StepTrace
-from tests.steptime_fixtures import FRESH_S_PER_BYTE, HOST_S, SCATTER_S_PER_ROW, VIEW_S, simple_measured_device
+from tests.steptime_fixtures import (FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
+                                     simple_measured_device)
 
 MM = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 10**9, 10**6, 10**6, (1, 1000, 1000, 1000))
 ADD = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**8, 10**8, pointwise=True)
@@ -45,6 +46,35 @@ def test_cpu_prediction_hand_priced():
     assert step.total_s == pytest.approx(step.matmul_s + step.memory_s + step.overhead_s)
 
 
+def test_cpu_time_hand_priced():
+    """The step's CPU time, every thread: each kernel × the threads it keeps busy, each dispatch × the
+    phase's. The mm: 0.2 s, timed exactly here, busy 1.9. Each add and the softmax backward: 0.03 s moving
+    300 MB, busy 2 − log(3e5)/log(1e6) ≈ 1.087 (the curve goes from 2 threads at 1 kB to 1 at 1 GB, linear in
+    log size), plus their fresh pages at 1.5. The dispatch: the forward's ops and views at 1.25, the softmax
+    backward's at the backward's 1.5."""
+    mm = replace(MM, gemm=(1, 1000, 1000, 1000))
+    device = replace(simple_measured_device(), gemm_shape_s={"1,1000,1000,1000": 0.2},
+                     gemm_shape_busy={"1,1000,1000,1000": 1.9})
+    trace = StepTrace(((mm, 2), (ADD, 3), (SOFTMAX_BACKWARD, 1), (VIEW, 10)))
+    step = predict_step_time(trace, device)
+    fresh_s = 10**8 * FRESH_S_PER_BYTE
+    add_busy = 2.0 - math.log(3 * 10**8 / 1e3) / math.log(1e9 / 1e3)  # linear in log size between 2 and 1
+    kernels = 2 * 0.2 * 1.9 + 4 * (0.03 * add_busy + fresh_s * FRESH_PAGE_BUSY)
+    host = ((2 + 3) * HOST_S["forward"] + 10 * VIEW_S) * HOST_BUSY["forward"] + HOST_S["backward"] * HOST_BUSY["backward"]
+    assert step.cpu_s == pytest.approx(kernels + host)
+    assert step.row()["predicted_cpu_s"] == step.cpu_s
+
+
+def test_cpu_time_unknown_where_a_term_was_not_measured():
+    """A GEMM read off the grid (no exact timing, so no busy threads), a GPU, and the compiled what-if have
+    no CPU time."""
+    device = simple_measured_device()
+    assert predict_step_time(StepTrace(((MM, 1), (ADD, 1))), device).cpu_s is None
+    assert predict_step_time(StepTrace(((ADD, 1),)), device).cpu_s is not None
+    assert predict_step_time(StepTrace(((ADD, 1),)), device, compiled=True).cpu_s is None
+    assert predict_step_time(StepTrace(((ADD, 1),)), gpu_preset("a100-80gb")).cpu_s is None
+
+
 def test_gemm_in_model_factor_is_per_phase():
     """A forecast's GEMMs at factor 1.5 cost 1.5 × 0.2 s; a backward GEMM has no factor of its own and takes
     the forward's (1.0)."""
@@ -58,13 +88,15 @@ def test_exact_gemm_shape_replaces_the_grid():
     """A shape timed exactly (1 ms) costs that time × the phase's factor, whatever its FLOPs; another shape
     is still read off the grid (2e9 FLOPs at 1e10 FLOP/s)."""
     timed = replace(MM, gemm=(1, 4, 64, 64), flops=2 * 4 * 64 * 64)
-    device = replace(simple_measured_device(), gemm_shape_s={"1,4,64,64": 1e-3},
+    device = replace(simple_measured_device(), gemm_shape_s={"1,4,64,64": 1e-3}, gemm_shape_busy={"1,4,64,64": 2.0},
                      gemm_in_model_factor={"forward": 1.0, "forecast": 1.5})
     assert device.matmul_s(timed, "fp32") == pytest.approx(1e-3)
     assert device.matmul_s(replace(timed, phase="forecast"), "fp32") == pytest.approx(1.5e-3)
     assert device.matmul_s(MM, "fp32") == pytest.approx(0.2)
     trace = StepTrace(((timed, 3), (MM, 1), (ADD, 1)))
     assert device.missing_gemm_shapes(trace) == [(1, 1000, 1000, 1000)]
+    # A shape timed before busy threads were measured is timed again.
+    assert replace(device, gemm_shape_busy={}).missing_gemm_shapes(trace) == [(1, 4, 64, 64), (1, 1000, 1000, 1000)]
 
 
 def test_exact_gemm_shapes_are_timed_once_and_kept(monkeypatch):
@@ -77,10 +109,12 @@ def test_exact_gemm_shapes_are_timed_once_and_kept(monkeypatch):
     device = simple_measured_device("Some CPU")
     device_cache.save_measured_device(replace(device, gemm_shape_s={"1,7,7,7": 1e-6}))  # another process's
     timed, notes = device_cache.with_gemm_shapes_of(device, StepTrace(((small, 1), (batched, 2))))
-    assert notes == [] and set(timed.gemm_shape_s) == {"1,3,16,8", "2,5,4,6"}
+    assert notes == [] and set(timed.gemm_shape_s) == set(timed.gemm_shape_busy) == {"1,3,16,8", "2,5,4,6"}
     assert all(0 < seconds < 0.1 for seconds in timed.gemm_shape_s.values())
+    assert all(0 < busy < 64 for busy in timed.gemm_shape_busy.values())
     saved, _ = device_cache.load_measured_device("Some CPU", "fp32")
     assert set(saved.gemm_shape_s) == {"1,3,16,8", "2,5,4,6", "1,7,7,7"}
+    assert set(saved.gemm_shape_busy) == {"1,3,16,8", "2,5,4,6"}  # the other process timed no busy threads
     assert device_cache.with_gemm_shapes_of(saved, StepTrace(((small, 1),)))[0] is saved  # nothing to time
     reprobed = replace(device, measured_on="2026-02-02")
     device_cache.save_measured_device(reprobed)
@@ -154,6 +188,15 @@ def test_size_curve_log_log_inside_throughput_outside():
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64,0": 1e-3}},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64,64": 0.0}},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64,64": float("nan")}},
+    # probes from before busy threads were measured, and damaged busy threads
+    lambda entry: {**entry, "memory": {key: {k: v for k, v in curve.items() if k != "busy_threads"}
+                                       for key, curve in entry["memory"].items()}},
+    lambda entry: {key: value for key, value in entry.items() if key != "host_busy"},
+    lambda entry: {**entry, "host_busy": {"forward": 0.0}},
+    lambda entry: {**entry, "scatter_busy": float("inf")},
+    lambda entry: {**entry, "fresh_page_busy": 1e6},
+    lambda entry: {**entry, "gemm_shape_busy": {"1,4,64": 1.0}},
+    lambda entry: {**entry, "gemm_shape_busy": {"1,4,64,64": -2.0}},
 ])
 def test_damaged_probe_cache_is_refused_and_probed_again(damage, monkeypatch):
     good = simple_measured_device("Some CPU (2 threads)")
@@ -222,6 +265,18 @@ def test_predict_row_carries_the_workload_and_refuses_bad_devices():
         predict_row(spec, "tpu-v9")
     with pytest.raises(ValueError, match="bf16 is not supported natively by NVIDIA T4"):
         predict_row(BenchSpec(size="debug", dtype="bf16"), "t4")
+
+
+def test_predict_row_says_when_this_machines_timings_could_not_be_saved(monkeypatch, tmp_path):
+    """An unwritable cache: the probe and the step's exact GEMM timings are used, and the row says twice that
+    they could not be kept."""
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(blocked))
+    monkeypatch.setattr("planner.steptime.probe.probe_device", lambda dtype, name: simple_measured_device(name))
+    row = predict_row(BenchSpec(size="debug", mode="forward", batch_size=1, context_length=16, prediction_length=4),
+                      "this-machine")
+    assert row["notes"].count("could not be saved") == 2 and row["predicted_cpu_s"] > 0
 
 
 def test_cli_predicts_without_running_and_lists_devices_for_a_bad_name():

@@ -25,7 +25,11 @@ def test_probe_measures_every_term_and_round_trips(monkeypatch):
     scalars = [measured.scatter_s_per_row, measured.fresh_page_s_per_byte, measured.host_s_per_view,
                measured.parallel_speedup,
                *measured.host_s_per_op.values()]
-    assert all(math.isfinite(v) and v > 0 for v in rates + curves + scalars)
+    busy = [*(b for curve in measured.memory.values() for b in curve.busy_threads), measured.scatter_busy,
+            measured.fresh_page_busy, *measured.host_busy.values(), *measured.gemm_shape_busy.values()]
+    assert all(math.isfinite(v) and v > 0 for v in rates + curves + scalars + busy)
+    assert set(measured.host_busy) == {"forward", "forecast", "backward", "optimizer"}
+    assert set(measured.gemm_shape_busy) == set(measured.gemm_shape_s) != set()
     assert set(measured.host_s_per_op) == {"forward", "forecast", "backward", "optimizer"}
     assert set(measured.memory) == set(devices.MEMORY_CLASSES)
     # The presets' default host time per op is of the order this CPU measures (what their comment says).
@@ -46,3 +50,20 @@ def test_gemm_timing_writes_into_one_output():
         first, second = run(), run()
         assert first.data_ptr() == second.data_ptr()
         assert tuple(first.shape) == ((shape[1], shape[2]) if shape[0] == 1 else (shape[0], shape[1], shape[2]))
+
+
+def test_busy_threads_count_cpu_time_not_waiting():
+    """A run that sleeps keeps no thread busy; one thread of PyTorch keeps at most one busy (the process's CPU
+    time cannot outrun its wall time on one thread)."""
+    import time
+
+    import torch
+
+    assert probe.typical_time(lambda: time.sleep(0.002)).busy_threads < 0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.rand(2**20)
+        assert probe.typical_time(lambda: x * 2.0).busy_threads <= 1.05
+    finally:
+        torch.set_num_threads(threads)

@@ -39,13 +39,14 @@ TERM_COLOURS = {"matmul": "#1f77b4", "memory-bound": "#ff7f0e", "overhead": "#7f
 RESULT_COLUMNS = {
     "Median": ("median_s", format_seconds, "Median wall time of a step over the repeats"),
     "p95": ("p95_s", format_seconds, "95th percentile of the repeats"),
-    "CPU median": ("cpu_median_s", format_seconds, "Process CPU time of a step, every thread (about threads × "
-                   "wall time on a quiet machine; PyTorch's idle threads spin)"),
+    "CPU median": ("cpu_median_s", format_seconds, "Process CPU time of a step, every thread (threads asleep "
+                   "during serial kernels, such as dropout's draws, add none)"),
     "Predicted": ("predicted_time_s", format_seconds, "Op-level model: every op the step dispatches, priced by "
                   "this device's probed GEMM rate, memory-bound time and per-op host time"),
     "Time ×pred": ("time_ratio", format_ratio, "Measured median ÷ predicted time"),
-    "CPU ×pred": ("cpu_time_ratio", format_ratio, "Median CPU time per thread ÷ predicted time (CPU only): "
-                  "steadier than wall time when other processes share the cores"),
+    "CPU ×pred": ("cpu_time_ratio", format_ratio, "Median CPU time ÷ predicted CPU time (each op's time × the "
+                  "threads it keeps busy, as probed; CPU only): steadier than wall time when other processes "
+                  "share the cores"),
     "Peak memory": ("peak_memory_bytes", format_bytes, "Measured peak (CUDA max_memory_allocated, or the "
                     "subprocess's peak RSS above its baseline on CPU)"),
     "Predicted peak": ("predicted_peak_bytes", format_bytes, "The planner's memory of one step"),

@@ -44,7 +44,7 @@ def predict_row(spec: BenchSpec, device_name: str, *, compiled: bool = False, tf
     model, notes = prediction_device(device_name, spec.dtype)
     if tf32 and "tf32" not in getattr(model, "matmul_peaks", {}):
         raise ValueError(f"{model.name} has no TF32 matmul rate; drop tf32")
-    predicted = predict_spec(spec, model, compiled=compiled, tf32=tf32)
+    predicted = predict_spec(spec, model, compiled=compiled, tf32=tf32, notes=notes)
     memory_device = "cpu" if device_name == LOCAL_DEVICE else "mps" if device_name.startswith("apple") else "cuda"
     return {
         "label": spec.label,

@@ -19,7 +19,8 @@ PREDICTION_KEYS = tuple(StepTime(0, 0, 0, 0, 0, 0, "").row())
 EXPORT_FORMATS = ("csv", "json")
 MEASUREMENT_NOTES = {
     "timing": "median, p95 and minimum of the repeats after warm-up, each between device synchronisations; "
-    "cpu_median_s: process CPU time (all threads), which other processes sharing the cores inflate less",
+    "cpu_median_s: process CPU time (all threads), which other processes sharing the cores inflate less; "
+    "cpu_time_ratio: cpu_median_s / predicted_cpu_s (each op's time x the threads it keeps busy, probed)",
     "memory": "peak over the warm-up steps, above the fresh subprocess's baseline",
     "attention": "eager (the only implementation T5 has)",
     "flops_source": "planner (analytic, per step); achieved FLOP/s = planner FLOPs / median time",
@@ -81,11 +82,12 @@ class BenchResult:
 
     @property
     def cpu_time_ratio(self) -> Optional[float]:
-        """On CPU: (median CPU time ÷ threads) / predicted time. Neighbours sharing the cores inflate CPU time
-        less than wall time (and PyTorch's idle threads spin, so on a quiet machine the two agree). None on a GPU."""
-        if self.timing is None or not self.predicted_time_s or self.device != "cpu" or not self.threads:
+        """On CPU: median CPU time (every thread) ÷ predicted CPU time (each op's time × the threads it keeps
+        busy, as the probe measured them). Neighbours sharing the cores inflate CPU time less than wall time.
+        None on a GPU, or where the prediction has no CPU time."""
+        if self.timing is None or self.predicted is None or not self.predicted.cpu_s or self.device != "cpu":
             return None
-        return self.timing.cpu_median_s / self.threads / self.predicted_time_s
+        return self.timing.cpu_median_s / self.predicted.cpu_s
 
     @property
     def memory_ratio(self) -> Optional[float]:

@@ -1,8 +1,9 @@
 """Synchronised timing after warm-up, and what the times give: median, p95, throughput, achieved FLOP/s.
 
-Each timed step also records the process's CPU time (user + system, every thread). On an idle machine it is
-about threads × wall time; when other processes share the cores the wall time grows and the CPU time
-mostly does not, so a ratio of CPU times survives a noisy machine better than a ratio of wall times.
+Each timed step also records the process's CPU time (user + system, every thread): each kernel's time × the
+threads it keeps busy (a serial kernel, such as dropout's draws, leaves the others asleep). When other
+processes share the cores the wall time grows and the CPU time mostly does not, so a ratio of CPU times
+survives a noisy machine better than a ratio of wall times.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from planner.steptime.devices import GPU_PRESETS, DeviceModel, GpuPreset, MeasuredDevice, gpu_preset
 from planner.steptime.predict import TERMS, StepTime, predict_step_time
 
@@ -19,8 +21,10 @@ __all__ = ["GPU_PRESETS", "TERMS", "DeviceModel", "GpuPreset", "MeasuredDevice",
            "predict_spec", "predict_step_time"]
 
 
-def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: bool = False) -> StepTime:
-    """The predicted step of a BenchSpec on `device` (its trace is made once, then read from the cache)."""
+def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: bool = False,
+                 notes: Optional[list[str]] = None) -> StepTime:
+    """The predicted step of a BenchSpec on `device` (its trace is made once, then read from the cache).
+    What the user should know (exact GEMM timings that could not be saved) is appended to `notes`."""
     from planner.steptime.trace_cache import load_or_trace
 
     trace = load_or_trace(spec.model_config(), spec.workload(), spec.mode, spec.dtype,
@@ -28,5 +32,7 @@ def predict_spec(spec, device: DeviceModel, *, compiled: bool = False, tf32: boo
     if isinstance(device, MeasuredDevice):  # this machine: its GEMMs timed at the step's exact shapes
         from planner.steptime.device_cache import with_gemm_shapes_of
 
-        device, _ = with_gemm_shapes_of(device, trace)
+        device, shape_notes = with_gemm_shapes_of(device, trace)
+        if notes is not None:
+            notes.extend(shape_notes)
     return predict_step_time(trace, device, compiled=compiled, tf32=tf32)

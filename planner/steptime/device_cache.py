@@ -69,7 +69,8 @@ def save_measured_device(device: MeasuredDevice) -> Optional[str]:
     except ValueError:
         saved_device = None
     if saved_device is not None and _same_probe(saved_device, device):
-        device = replace(device, gemm_shape_s={**saved_device.gemm_shape_s, **device.gemm_shape_s})
+        device = replace(device, gemm_shape_s={**saved_device.gemm_shape_s, **device.gemm_shape_s},
+                         gemm_shape_busy={**saved_device.gemm_shape_busy, **device.gemm_shape_busy})
     values[device.name] = {**(entry if isinstance(entry, dict) else {}), device.dtype: device.to_dict()}
     try:
         path = cache_dir() / DEVICE_MODEL_FILE

@@ -79,6 +79,10 @@ class DeviceModel(Protocol):
     def memory_s(self, op: OpRecord) -> float: ...
     def host_s(self, op: OpRecord) -> float: ...
     def sync_s(self) -> float: ...
+    # CPU seconds, every thread, of an op's kernel and of its dispatch; None where the device has no
+    # measured thread occupancy (a GPU; a GEMM shape not timed exactly).
+    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]: ...
+    def host_cpu_s(self, op: OpRecord) -> Optional[float]: ...
 
 
 # --- interpolation -----------------------------------------------------------------------------------------
@@ -102,6 +106,15 @@ class SizeCurve:
 
     sizes: tuple[float, ...]
     seconds: tuple[float, ...]
+    busy_threads: tuple[float, ...] = ()  # at each size, the threads the kernel kept busy (probe.Timed)
+
+    def busy_at(self, size: float) -> Optional[float]:
+        """Threads kept busy at `size` bytes: linear in log size between the measured sizes, the nearest
+        end outside them; None where the curve has no busy threads measured."""
+        if not self.busy_threads:
+            return None
+        logs = [math.log(s) for s in self.sizes]
+        return _interpolate(logs, list(self.busy_threads), math.log(max(size, 1.0)))
 
     def __call__(self, size: float) -> float:
         if size <= 0:
@@ -159,11 +172,18 @@ class MeasuredDevice:
     overlaps_host: bool = False  # a CPU computes what it dispatches: host and kernel time add up
     # gemm_key(batch, m, n, k) -> kernel seconds of that exact GEMM, timed as the grid's points are
     gemm_shape_s: dict[str, float] = field(default_factory=dict)
+    # Threads each term keeps busy (probe.Timed), for the step's CPU time: a benchmark's CPU-time ratio
+    # compares like with like, since a serial kernel (dropout's draws) leaves the other threads asleep.
+    gemm_shape_busy: dict[str, float] = field(default_factory=dict)  # by gemm_key, as gemm_shape_s
+    scatter_busy: float = 1.0
+    fresh_page_busy: float = 1.0
+    host_busy: dict[str, float] = field(default_factory=dict)  # phase -> threads busy while dispatching
 
     def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
-        """The GEMM shapes of `trace` (a StepTrace) without an exact timing yet."""
+        """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
         shapes = {op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None}
-        return sorted(shape for shape in shapes if gemm_key(*shape) not in self.gemm_shape_s)
+        return sorted(shape for shape in shapes
+                      if gemm_key(*shape) not in self.gemm_shape_s or gemm_key(*shape) not in self.gemm_shape_busy)
 
     def _fresh_pages_s(self, op: OpRecord) -> float:
         fresh = allocates_output(op) and op.bytes_written > self.fresh_above_bytes
@@ -190,6 +210,22 @@ class MeasuredDevice:
     def sync_s(self) -> float:
         return 0.0  # the values are already on the host
 
+    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]:
+        """The kernel's time × the threads it keeps busy (its fresh pages × theirs)."""
+        fresh_s = self._fresh_pages_s(op)
+        if op.kind == "matmul":
+            busy = self.gemm_shape_busy.get(gemm_key(*op.gemm)) if op.gemm is not None else None
+            kernel_s = self.matmul_s(op, matmul_dtype) - fresh_s
+        else:
+            scatter = op_base_name(op) in SCATTER_OPS
+            busy = self.scatter_busy if scatter else self.memory[memory_class(op)].busy_at(op.bytes)
+            kernel_s = self.memory_s(op) - fresh_s
+        return None if busy is None else kernel_s * busy + fresh_s * self.fresh_page_busy
+
+    def host_cpu_s(self, op: OpRecord) -> Optional[float]:
+        busy = self.host_busy.get(op.phase, self.host_busy.get("forward"))
+        return None if busy is None else self.host_s(op) * busy
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -212,21 +248,25 @@ class MeasuredDevice:
             for key in MEMORY_CLASSES:
                 curve = values["memory"][key]
                 sizes, seconds = tuple(map(float, curve["sizes"])), tuple(map(float, curve["seconds"]))
-                if len(sizes) != len(seconds) or len(sizes) < 2 or list(sizes) != sorted(sizes):
-                    raise ValueError(f"memory.{key}: sizes and seconds must be two ascending lists of one length")
+                busy = tuple(map(float, curve["busy_threads"]))
+                if len({len(sizes), len(seconds), len(busy)}) != 1 or len(sizes) < 2 or list(sizes) != sorted(sizes):
+                    raise ValueError(f"memory.{key}: sizes, seconds and busy_threads must be ascending lists of one length")
                 _check_positive(f"memory.{key}", sizes + seconds)
-                curves[key] = SizeCurve(sizes, seconds)
+                _check_busy(f"memory.{key}.busy_threads", busy)
+                curves[key] = SizeCurve(sizes, seconds, busy)
             per_phase = {}
-            for key in ("host_s_per_op", "gemm_in_model_factor"):
+            for key in ("host_s_per_op", "gemm_in_model_factor", "host_busy"):
                 per_phase[key] = {str(phase): float(v) for phase, v in dict(values[key]).items()}
                 if "forward" not in per_phase[key]:
                     raise ValueError(f"{key}: the forward phase is missing")
                 _check_positive(key, list(per_phase[key].values()))
+            _check_busy("host_busy", list(per_phase["host_busy"].values()))
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
                                                              "fresh_page_s_per_byte", "fresh_above_bytes",
-                                                             "parallel_speedup")}
+                                                             "parallel_speedup", "scatter_busy", "fresh_page_busy")}
             for key, value in scalars.items():
                 _check_positive(key, [value])
+            _check_busy("scatter_busy / fresh_page_busy", [scalars["scatter_busy"], scalars["fresh_page_busy"]])
             shapes = values.get("gemm_shape_s", {})  # absent in probes made before exact shapes were timed
             if not isinstance(shapes, Mapping):
                 raise ValueError("gemm_shape_s must be an object of shape -> seconds")
@@ -234,11 +274,19 @@ class MeasuredDevice:
             for key in shapes:
                 parse_gemm_key(key)
             _check_positive("gemm_shape_s", list(shapes.values()))
+            busy_of_shape = values.get("gemm_shape_busy", {})
+            if not isinstance(busy_of_shape, Mapping):
+                raise ValueError("gemm_shape_busy must be an object of shape -> busy threads")
+            busy_of_shape = {str(key): float(busy) for key, busy in busy_of_shape.items()}
+            for key in busy_of_shape:
+                parse_gemm_key(key)
+            _check_busy("gemm_shape_busy", list(busy_of_shape.values()))
             return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
                        per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
-                       gemm_shape_s=shapes)
+                       gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
+                       fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"])
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
 
@@ -254,6 +302,15 @@ def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
         raise ValueError(f"gemm_shape_s: {key[:40]!r} is not 'batch,m,n,k' of positive integers")
     batch, m, n, k = (int(part) for part in parts)
     return batch, m, n, k
+
+
+MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cache
+
+
+def _check_busy(field_name: str, values) -> None:
+    _check_positive(field_name, values)
+    if any(v > MAX_BUSY_THREADS for v in values):
+        raise ValueError(f"{field_name}: busy threads must be at most {MAX_BUSY_THREADS}")
 
 
 def _check_positive(field_name: str, values) -> None:
@@ -333,6 +390,12 @@ class GpuPreset:
 
     def sync_s(self) -> float:
         return CUDA_SYNC_S
+
+    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]:
+        return None  # a GPU's kernels are not the host's CPU time
+
+    def host_cpu_s(self, op: OpRecord) -> Optional[float]:
+        return None
 
 
 def _nvidia(name: str, peaks: dict[str, float], bandwidth: float, sms: int, datasheet: str,

@@ -9,6 +9,9 @@ bytes it moves) and the host time to dispatch it; host syncs add their latency.
   taken as spread evenly between the syncs (the trace keeps counts, not order). The host time the kernels
   do not hide is reported as overhead.
 
+On a CPU the step's CPU time (every thread) is predicted too: each kernel's time × the threads the probe saw
+it keep busy, each dispatch × the phase's busy threads (`StepTime.cpu_s`).
+
 `compiled=True` is the torch.compile what-if: elementwise (pointwise) ops are fused into their neighbours,
 so their kernels, their intermediate traffic and their dispatch disappear; views cost nothing; the remaining
 ops are dispatched at the backward's (C++, no Python) rate per op.
@@ -17,7 +20,7 @@ ops are dispatched at the backward's (C++, no Python) rate per op.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 from planner.steptime.devices import DTYPE_NAMES, DeviceModel
 from planner.steptime.ops import OpRecord, StepTrace
@@ -38,6 +41,10 @@ class StepTime:
     sync_count: int
     device_name: str
     compiled: bool = False
+    # The CPU time of the step, every thread (each kernel × the threads it keeps busy, the dispatch × the
+    # phase's): what a benchmark's CPU-time ratio compares with. None on a GPU, for the compiled what-if, or
+    # where a term's busy threads were not measured.
+    cpu_s: Optional[float] = None
 
     @property
     def total_s(self) -> float:
@@ -70,6 +77,7 @@ class StepTime:
             f"{prefix}bound": self.bound,
             f"{prefix}op_count": self.op_count,
             f"{prefix}sync_count": self.sync_count,
+            f"{prefix}cpu_s": self.cpu_s,
         }
 
 
@@ -87,18 +95,25 @@ def predict_step_time(trace: StepTrace, device: DeviceModel, *, compiled: bool =
     """Price every op of `trace` on `device` (see the module docstring). `tf32` runs fp32 matmuls in TF32
     (what `torch.backends.cuda.matmul.allow_tf32 = True` and Chronos' training configs set)."""
     matmul_s = memory_s = host_s = 0.0
+    cpu_s: Optional[float] = None if compiled or device.overlaps_host else 0.0
     for op, count in trace.ops:
         if _fused(op, compiled):
             continue
+        kernel_cpu_s: Optional[float] = 0.0
         if op.kind == "matmul":
             matmul_s += count * device.matmul_s(op, _matmul_dtype(op, tf32))
         elif op.kind in ("memory", "sync", "collective"):
             memory_s += count * device.memory_s(op)
+        if op.kind in ("matmul", "memory", "sync", "collective") and cpu_s is not None:
+            kernel_cpu_s = device.kernel_cpu_s(op, _matmul_dtype(op, tf32))
         if compiled:
             host_s += count * device.host_s(OpRecord(op.name, op.kind, "backward", op.dtype, 0, 0, 0))
         else:
             host_s += count * device.host_s(op)
+        if cpu_s is not None:
+            host_cpu_s = device.host_cpu_s(op)
+            cpu_s = None if None in (kernel_cpu_s, host_cpu_s) else cpu_s + count * (kernel_cpu_s + host_cpu_s)
     syncs = trace.count("sync")
     overhead_s = max(0.0, host_s - (matmul_s + memory_s)) if device.overlaps_host else host_s
     return StepTime(matmul_s, memory_s, overhead_s, syncs * device.sync_s(), trace.op_count, syncs, device.name,
-                    compiled)
+                    compiled, cpu_s)

@@ -26,7 +26,7 @@ import datetime
 import math
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -55,6 +55,7 @@ SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7
+BUSY_FLOOR = 0.05  # busy threads below this are a clock's rounding, not a kernel
 GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
 # steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
@@ -67,19 +68,47 @@ GEMM_CALIBRATIONS = (("debug", CALIBRATION_WORKLOAD),
 FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM factor; a mode is its phase's name
 
 
-def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
-                   min_time_s: float = MIN_TIME_S) -> float:
+@dataclass(frozen=True)
+class Timed:
+    """A run's median wall time, and how many threads it kept busy: the process's CPU time (every thread,
+    user and system) ÷ the wall time, over the timed repeats. An idle OpenMP thread spins a little after each
+    parallel region, then sleeps: a serial kernel (dropout's draws, a scatter) keeps one thread busy, a
+    parallel one every thread."""
+
+    seconds: float
+    busy_threads: float
+
+
+def typical_time(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
+                 min_time_s: float = MIN_TIME_S) -> Timed:
     """The median wall time of `run` after one untimed call (MIN_REPEATS at least, `min_time_s` in all): the
-    statistic a benchmark reports for its steps, so predictions are of the same quantity."""
+    statistic a benchmark reports for its steps, so predictions are of the same quantity; with the threads
+    it kept busy."""
     run()
     synchronize()
     times: list[float] = []
+    cpu_s = 0.0
     while len(times) < MIN_REPEATS or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run()
         synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        cpu_s += time.process_time() - start_cpu
+    return Timed(statistics.median(times), max(cpu_s / sum(times), BUSY_FLOOR))
+
+
+def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
+                   min_time_s: float = MIN_TIME_S) -> float:
+    """`typical_time`'s median wall time alone."""
+    return typical_time(run, synchronize, min_time_s).seconds
+
+
+def _kernel_busy(timed: Timed, call_s: float) -> float:
+    """The threads a kernel keeps busy, from a timed call of it: the call's own cost runs on one thread."""
+    kernel_s = timed.seconds - call_s
+    if kernel_s <= KERNEL_FLOOR_S:
+        return 1.0
+    return max((timed.busy_threads * timed.seconds - call_s) / kernel_s, BUSY_FLOOR)
 
 
 def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -91,17 +120,19 @@ def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tens
     return lambda: weights[next(turn) % copies].t()
 
 
-def _least_disturbed_s(makers: list[Callable[[], Callable[[], object]]], call_s: float) -> list[float]:
-    """Kernel seconds of each run `makers[i]()` builds: the faster of two passes over all of them, the second
-    in reverse order, less the cost of calling an op. A neighbour's burst slows the points it lands on; a
-    second pass at another moment leaves each point's least disturbed time (the slowdown every step has in
-    common is the in-model GEMM factor's and the host's, fitted on real steps). Runs are built one at a time
-    and dropped: the cold weights of every point together would not fit in memory."""
-    seconds = [math.inf] * len(makers)
+def _least_disturbed(makers: list[Callable[[], Callable[[], object]]], call_s: float) -> list[Timed]:
+    """Kernel seconds and busy threads of each run `makers[i]()` builds: the faster of two passes over all of
+    them, the second in reverse order, less the cost of calling an op. A neighbour's burst slows the points
+    it lands on; a second pass at another moment leaves each point's least disturbed time (the slowdown every
+    step has in common is the in-model GEMM factor's and the host's, fitted on real steps). Runs are built
+    one at a time and dropped: the cold weights of every point together would not fit in memory."""
+    best = [Timed(math.inf, 1.0)] * len(makers)
     for order in (range(len(makers)), reversed(range(len(makers)))):
         for i in order:
-            seconds[i] = min(seconds[i], typical_time_s(makers[i]()))
-    return [max(s - call_s, KERNEL_FLOOR_S) for s in seconds]
+            timed = typical_time(makers[i]())
+            if timed.seconds < best[i].seconds:
+                best[i] = timed
+    return [Timed(max(t.seconds - call_s, KERNEL_FLOOR_S), _kernel_busy(t, call_s)) for t in best]
 
 
 def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callable[[], object]:
@@ -119,8 +150,8 @@ def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callabl
 
 def _gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
     shapes = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2]]
-    seconds = _least_disturbed_s([lambda shape=shape: _gemm_run(batch, *shape, dtype) for shape in shapes], call_s)
-    rate = {shape: 2 * batch * shape[0] * shape[1] * shape[2] / s for shape, s in zip(shapes, seconds)}
+    timed = _least_disturbed([lambda shape=shape: _gemm_run(batch, *shape, dtype) for shape in shapes], call_s)
+    rate = {shape: 2 * batch * shape[0] * shape[1] * shape[2] / t.seconds for shape, t in zip(shapes, timed)}
     rates = tuple(tuple(tuple(rate[m, n, k] for k in axes[2]) for n in axes[1]) for m in axes[0])
     return GemmGrid(*axes, rates)
 
@@ -129,7 +160,9 @@ def _size_curve(make_run: Callable[[int], Callable[[], object]], bytes_per_eleme
     """Kernel seconds of `make_run(elements)` at each of SIZES_BYTES moved (`bytes_per_element` moved per
     element, read and written, as the trace counts them)."""
     makers = [lambda size=size: make_run(max(size // bytes_per_element, SOFTMAX_ROW)) for size in SIZES_BYTES]
-    return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(_least_disturbed_s(makers, call_s)))
+    timed = _least_disturbed(makers, call_s)
+    return SizeCurve(tuple(float(s) for s in SIZES_BYTES), tuple(t.seconds for t in timed),
+                     tuple(t.busy_threads for t in timed))
 
 
 def _rows(elements: int, dtype: torch.dtype) -> torch.Tensor:
@@ -178,14 +211,14 @@ def _memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callab
             "reduction": (reduction, e)}
 
 
-def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dict[str, float]:
-    """Kernel seconds of each exact GEMM shape (batch, m, n, k), measured as the grid's points are, keyed
-    by `gemm_key` for MeasuredDevice.gemm_shape_s."""
+def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dict[str, Timed]:
+    """Kernel seconds and busy threads of each exact GEMM shape (batch, m, n, k), measured as the grid's
+    points are, keyed by `gemm_key` (MeasuredDevice.gemm_shape_s and gemm_shape_busy)."""
     torch_dtype = TORCH_DTYPES[dtype]
     one = torch.ones(1, 1, dtype=torch_dtype)
     call_s = typical_time_s(lambda: torch.mm(one, one))
-    seconds = _least_disturbed_s([lambda shape=shape: _gemm_run(*shape, torch_dtype) for shape in shapes], call_s)
-    return {gemm_key(*shape): s for shape, s in zip(shapes, seconds)}
+    timed = _least_disturbed([lambda shape=shape: _gemm_run(*shape, torch_dtype) for shape in shapes], call_s)
+    return {gemm_key(*shape): t for shape, t in zip(shapes, timed)}
 
 
 def with_exact_gemms(device: MeasuredDevice, trace: StepTrace) -> MeasuredDevice:
@@ -193,25 +226,34 @@ def with_exact_gemms(device: MeasuredDevice, trace: StepTrace) -> MeasuredDevice
     missing = device.missing_gemm_shapes(trace)
     if not missing:
         return device
-    return replace(device, gemm_shape_s={**device.gemm_shape_s, **time_gemm_shapes(missing, device.dtype)})
+    timed = time_gemm_shapes(missing, device.dtype)
+    return replace(device, gemm_shape_s={**device.gemm_shape_s, **{k: t.seconds for k, t in timed.items()}},
+                   gemm_shape_busy={**device.gemm_shape_busy, **{k: t.busy_threads for k, t in timed.items()}})
 
 
-def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> float:
-    """T5's relative-position gradient: L·L rows of H values summed into a 32-bucket table, less its bytes."""
+def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> Timed:
+    """T5's relative-position gradient: L·L rows of H values summed into a 32-bucket table, less its bytes;
+    per row, with the threads the whole scatter keeps busy."""
     rows, heads = 2**18, 4
     grad, indices = torch.rand(rows, heads), torch.randint(0, 32, (rows,))
-    seconds = typical_time_s(lambda: torch.ops.aten.embedding_dense_backward(grad, indices, 32, -1, False)) - call_s
+    timed = typical_time(lambda: torch.ops.aten.embedding_dense_backward(grad, indices, 32, -1, False))
     moved = grad.numel() * 4 + rows * 8 + 32 * heads * 4
-    return max(seconds - elementwise(moved), KERNEL_FLOOR_S) / rows
+    seconds = timed.seconds - call_s
+    return Timed(max(seconds - elementwise(moved), KERNEL_FLOOR_S) / rows, _kernel_busy(timed, call_s))
 
 
-def _fresh_page_s_per_byte() -> float:
-    """Writing a tensor above the mmap threshold (new pages) less writing one already mapped, per byte."""
+def _fresh_page_s_per_byte() -> Timed:
+    """Writing a tensor above the mmap threshold (new pages) less writing one already mapped, per byte, and
+    the threads the difference keeps busy."""
     elements = FRESH_PROBE_BYTES // 4
     mapped = torch.empty(elements)
-    fresh_s = typical_time_s(lambda: torch.empty(elements).fill_(1.0))
-    mapped_s = typical_time_s(lambda: mapped.fill_(1.0))
-    return max(fresh_s - mapped_s, KERNEL_FLOOR_S) / FRESH_PROBE_BYTES
+    fresh = typical_time(lambda: torch.empty(elements).fill_(1.0))
+    warm = typical_time(lambda: mapped.fill_(1.0))
+    extra_s = fresh.seconds - warm.seconds
+    if extra_s <= KERNEL_FLOOR_S:
+        return Timed(KERNEL_FLOOR_S / FRESH_PROBE_BYTES, 1.0)
+    busy = (fresh.busy_threads * fresh.seconds - warm.busy_threads * warm.seconds) / extra_s
+    return Timed(extra_s / FRESH_PROBE_BYTES, max(busy, BUSY_FLOOR))
 
 
 def _calibration_steps(dtype: str):
@@ -240,26 +282,41 @@ def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -
     return max((spent_s - kernels.total_s - views * view_s) / max(ops.op_count - views, 1), KERNEL_FLOOR_S)
 
 
-def _timed_step(size: str, workload: Workload, dtype: str, mode: str):
+def _host_busy(spent: Timed, ops: StepTrace, device: MeasuredDevice, host_s: float, view_s: float,
+               other_cpu_s: float = 0.0) -> float:
+    """Threads busy while the host dispatches `ops`: the step's CPU time, less `other_cpu_s` (a part of the
+    step priced apart) and the kernels' (each kernel's time × its busy threads), ÷ the host's time."""
+    dispatch = replace(_with_host(device, host_s, view_s), host_busy={"forward": 0.0})
+    priced = predict_step_time(ops, dispatch)
+    if priced.cpu_s is None or priced.overhead_s <= 0:
+        return 1.0
+    spent_cpu_s = spent.busy_threads * spent.seconds - other_cpu_s
+    return max((spent_cpu_s - priced.cpu_s) / priced.overhead_s, BUSY_FLOOR)
+
+
+def _timed_step(size: str, workload: Workload, dtype: str, mode: str) -> tuple[Timed, StepTrace]:
     model, batch = _model_and_batch(size, workload, dtype)
     run = lambda: run_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))  # noqa: E731
     run()
     trace = record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
-    return typical_time_s(run, min_time_s=CALIBRATION_TIME_S), trace
+    return typical_time(run, min_time_s=CALIBRATION_TIME_S), trace
 
 
 def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
-                              mode: str) -> tuple[float, float, MeasuredDevice]:
+                              mode: str) -> tuple[float, float, MeasuredDevice, tuple[Timed, StepTrace]]:
     """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
     rest (n non-view ops, K the kernel time of the steps' exact GEMM shapes, timed here and returned in the
     device, rest the other kernels and the views). The first step (debug: mostly dispatch) is met exactly
     and sets h given g; the others (mostly GEMMs) set g by least squares on relative errors. Fitting both
     freely lets the two trade off: a slow GEMM would read as a slow host and price every small model's
     dispatch wrong. (A fixed cost per GEMM instead of a factor cannot be fitted here: every calibration
-    model has the same share of GEMMs among its ops, so such a cost reads as host time.)"""
-    rows = []
+    model has the same share of GEMMs among its ops, so such a cost reads as host time.) Also returns the
+    first step's timing and trace, from which its dispatch's busy threads are read once g is known."""
+    rows, first = [], None
     for size, workload in GEMM_CALIBRATIONS:
-        spent_s, trace = _timed_step(size, workload, dtype, mode)
+        timed, trace = _timed_step(size, workload, dtype, mode)
+        first = first or (timed, trace)
+        spent_s = timed.seconds
         device = with_exact_gemms(device, trace)
         kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
         views = trace.count("view")
@@ -273,8 +330,9 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
         factor = sum(a * b for a, b in slopes) / denominator
         host_s = (r0 - k0 * factor) / n0
         if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
-            return host_s, factor, device
-    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0, device  # a fit outside reason (a disturbed probe): no factor
+            return host_s, factor, device, first
+    # A fit outside reason (a disturbed probe): no factor.
+    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0, device, first
 
 
 def _model_and_batch(size: str, workload: Workload, dtype: str):
@@ -298,37 +356,49 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     mm = _gemm_grid(MM_AXES, torch_dtype, 1, call_s)
     bmm = _gemm_grid(BMM_AXES, torch_dtype, BMM_BATCH, call_s)
     settle_allocator()  # the timed steps' allocator: large outputs are fresh pages
-    fresh_s_per_byte = _fresh_page_s_per_byte()
+    fresh = _fresh_page_s_per_byte()
     reuse_all_freed_memory()  # the kernels alone; fresh pages are priced apart
     try:
         memory = {name: _size_curve(make_run, moved, call_s)
                   for name, (make_run, moved) in _memory_probes(torch_dtype).items()}
     finally:
         settle_allocator()
-    scatter_s_per_row = _scatter_s_per_row(memory["elementwise"], call_s)
+    scatter = _scatter_s_per_row(memory["elementwise"], call_s)
     tensor = torch.ones(4, 4)
     view_s = typical_time_s(lambda: tensor.view(16))
-    draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory, scatter_s_per_row,
-                           fresh_s_per_byte, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0}, {"forward": view_s}, view_s,
-                           speedup_before)
+    draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory,
+                           scatter.seconds, fresh.seconds, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0},
+                           {"forward": view_s}, view_s, speedup_before, scatter_busy=scatter.busy_threads,
+                           fresh_page_busy=fresh.busy_threads)
     host: dict[str, float] = {}
+    busy: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
+    dispatch_steps = {}
     for mode in FITTED_MODES:
-        host[mode], gemm_factor[mode], draft = _fit_host_and_gemm_factor(draft, dtype, view_s, mode)
+        host[mode], gemm_factor[mode], draft, dispatch_steps[mode] = _fit_host_and_gemm_factor(draft, dtype, view_s,
+                                                                                              mode)
     draft = replace(draft, gemm_in_model_factor=gemm_factor)
+    for mode, (timed, trace) in dispatch_steps.items():
+        busy[mode] = _host_busy(timed, trace, draft, host[mode], view_s)
     for phase, run, trace in _calibration_steps(dtype):
         draft = with_exact_gemms(draft, trace)
         run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
-        spent_s = typical_time_s(run, min_time_s=CALIBRATION_TIME_S)
+        spent = typical_time(run, min_time_s=CALIBRATION_TIME_S)
+        spent_s, other_cpu_s = spent.seconds, 0.0
         if phase == "backward":  # the forward and backward together: take the forward's part off
             forward_ops = _phase_trace(trace, ("forward",))
-            spent_s -= predict_step_time(forward_ops, _with_host(draft, host["forward"], view_s)).total_s
+            forward = predict_step_time(forward_ops, replace(_with_host(draft, host["forward"], view_s),
+                                                             host_busy={"forward": busy["forward"]}))
+            spent_s -= forward.total_s
+            other_cpu_s = forward.cpu_s or 0.0
             ops = _phase_trace(trace, ("backward",))
         else:
             ops = _phase_trace(trace, ("optimizer",))
         host[phase] = _host_s_per_op(spent_s, ops, draft, view_s)
+        busy[phase] = _host_busy(spent, ops, draft, host[phase], view_s, other_cpu_s)
     # The machine's state over the probe: the mean of its two ends (a state change midway shows in neither)
-    return replace(draft, host_s_per_op=host, parallel_speedup=(speedup_before + parallel_speedup()) / 2)
+    return replace(draft, host_s_per_op=host, host_busy=busy,
+                   parallel_speedup=(speedup_before + parallel_speedup()) / 2)
 
 
 def _with_host(device: MeasuredDevice, per_op_s: float, per_view_s: float) -> MeasuredDevice:
