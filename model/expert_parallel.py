@@ -39,7 +39,7 @@ a choice not made here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -77,6 +77,9 @@ class ExpertPlacement:
     world_size: int
     rank: int
     group: Optional[dist.ProcessGroup] = None
+    # (slots this rank's experts received, slots this rank sent) per exchange, appended by each dispatch: how
+    # far the routing is from balanced (a benchmark clears it before the step it reads).
+    routed_slots: list = field(default_factory=list, compare=False, repr=False)
 
     def experts_of(self, rank: int) -> range:
         return experts_of_rank(self.num_experts, self.world_size, rank)
@@ -169,6 +172,7 @@ def expert_parallel_dispatch(
     held = placement.held
     send_sizes = [sum(all_counts[me][j] for j in placement.experts_of(r)) for r in range(world_size)]
     recv_sizes = [sum(all_counts[s][j] for j in held) for s in range(world_size)]
+    placement.routed_slots.append((sum(recv_sizes), sum(send_sizes)))
 
     rows = order // top_k  # (slots,)
     outgoing = inputs[rows]

@@ -164,6 +164,25 @@ def estimate_fsdp_zero3_gathered_bytes(config: ChronosMoEConfig, num_devices: in
     return (root + max(root, largest_block)) * weight_bytes
 
 
+def max_expert_load_factor(config: ChronosMoEConfig, num_devices: int, rank: int = 0) -> float:
+    """The most routing slots rank `rank`'s experts can receive under expert parallelism, relative to the
+    balanced figure (as many as its own batch routes, B·K per row kind): every row of every rank sends
+    min(K, c) of its K slots to the c experts the rank holds, so n·min(K, c)/K."""
+    held = len(experts_of_device(config.num_experts, num_devices, rank))
+    return num_devices * min(config.top_k, held) / config.top_k
+
+
+def check_expert_load_factor(config: ChronosMoEConfig, num_devices: int, rank: int, factor: float) -> float:
+    """`factor` if it is a load the rank's experts can receive (0 … max_expert_load_factor), else SettingError."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        raise SettingError("expert_load_factor", f"expert_load_factor must be a number, got {factor!r}")
+    most = max_expert_load_factor(config, num_devices, rank)
+    if not 0 <= factor <= most:
+        raise SettingError("expert_load_factor", f"expert_load_factor must be between 0 and {most:g} (every row of "
+                           f"every one of {num_devices} devices routed to the experts of device {rank}), got {factor:g}")
+    return float(factor)
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """What one of `num_devices` devices (the one of rank `rank`) holds during a training step, in bytes.
@@ -237,15 +256,24 @@ def plan_devices(
     params: Optional[ParamBreakdown] = None,
     device: str = "cuda",
     rank: int = 0,
+    expert_load_factor: float = 1.0,
 ) -> DevicePlan:
     """Per-device memory of one training step, on device `rank` (default 0, the one that holds the most).
-    `precision` defaults to the workload's regime; the layout is PyTorch's, or DeepSpeed's for mixed_fp16."""
+    `precision` defaults to the workload's regime; the layout is PyTorch's, or DeepSpeed's for mixed_fp16.
+    `expert_load_factor` (expert_parallel only): the routing slots the rank's experts receive relative to the
+    balanced figure (1.0: as many as its own batch routes; at most max_expert_load_factor); the activations
+    the experts save scale with it (series-slots for shared_then_expert / expert_only, token-slots for
+    token_ffn). A fresh router is far from balanced: planner.bench.distributed measures each rank's load."""
     if strategy not in STRATEGIES:
         raise SettingError("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     check_int("num_devices", num_devices, 1, 1_000_000)
     check_int("rank", rank, 0, num_devices - 1)
     if strategy == "expert_parallel" and not config.is_moe:
         raise SettingError("strategy", "strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
+    if strategy == "expert_parallel" and experts_of_device(config.num_experts, num_devices, rank):
+        expert_load_factor = check_expert_load_factor(config, num_devices, rank, expert_load_factor)
+    else:
+        expert_load_factor = 1.0
     params = count_params(config) if params is None else params
     regime = precision or workload.precision
     per_param = state_bytes_per_param(regime, workload.optimizer)
@@ -293,10 +321,14 @@ def plan_devices(
         gathered = estimate_fsdp_zero3_gathered_bytes(config, n, per_param.weights)
     elif strategy == "zero3" and n > 1:  # DeepSpeed: the largest module's weights and gradients
         gathered = count_largest_layer_params(config) * (per_param.weights + per_param.gradients)
+    breakdown = estimate_activation_breakdown(config, activation_workload, device=device)
     if activation_checkpointing:
         activations = estimate_checkpointed_activation_bytes(config, activation_workload, device=device)
     else:
-        activations = estimate_activation_breakdown(config, activation_workload, device=device).total_bytes
+        activations = breakdown.total_bytes
+    # Expert parallel: the experts' saved activations follow the slots they receive (the balanced figure × the
+    # load); with checkpointing this scales the whole, un-checkpointed expert part (an upper bound).
+    activations += round(breakdown.experts_bytes * (expert_load_factor - 1))
     return DevicePlan(
         strategy=strategy,
         num_devices=num_devices,

@@ -133,6 +133,16 @@ def test_expert_parallel_holds_and_sends_what_the_planner_says(runs):
     # every rank's tokens leave K times, D fp32 wide, out and back, forward and backward: summed over the ranks
     slots = RANKS * B * k * (S * encoder_layers + T * decoder_layers)
     assert sum(row["all_to_all_bytes"] for row in rows) == 4 * slots * d * 4
+    # the routing slots: each rank sends its own tokens' K slots per MoE layer (the balanced load); what the
+    # ranks' experts receive sums to the same, and each rank's peak is predicted at its own received share
+    assert [row["expert_slots_sent"] for row in rows] == [slots // RANKS] * RANKS
+    per_step = [list(map(int, row["expert_slots_received_steps"].split(","))) for row in rows]
+    assert [sum(step) for step in zip(*per_step)] == [slots] * 2  # the warm-up and the timed step
+    assert [row["expert_slots_received"] for row in rows] == [max(steps) for steps in per_step]
+    for row in rows:
+        assert row["expert_load_factor"] == row["expert_slots_received"] / row["expert_slots_sent"]
+        if row["expert_load_factor"] != 1:
+            assert row["predicted_peak_bytes"] != row["predicted_peak_bytes_balanced"]
 
 
 def test_frozen_experts_send_no_backward_all_to_all_where_nothing_upstream_learns(runs):

@@ -235,7 +235,13 @@ def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[s
     routed_exact = routed_sum == spec.ranks * predicted.get("all_to_all", {}).get("bytes", 0)
     rows = []
     for measured in ranks:
-        plan = plan_devices(config, workload, spec.strategy, spec.ranks, device=device, rank=measured["rank"])
+        balanced = plan_devices(config, workload, spec.strategy, spec.ranks, device=device, rank=measured["rank"])
+        # Expert parallel: the rank's peak at the load its experts measurably received (slots received over
+        # the slots its own batch sent, the balanced figure), beside the balanced prediction.
+        received, sent = measured.get("expert_slots_received"), measured.get("expert_slots_sent")
+        load = received / sent if received is not None and sent else None
+        plan = balanced if load is None else plan_devices(config, workload, spec.strategy, spec.ranks, device=device,
+                                                          rank=measured["rank"], expert_load_factor=load)
         values = {"param": measured["param_bytes"], "grad": measured["grad_bytes"],
                   "optimizer": measured["optimizer_bytes"]}
         planned = {"param": plan.weights_bytes, "grad": plan.gradients_bytes, "optimizer": plan.optimizer_states_bytes}
@@ -255,6 +261,9 @@ def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[s
             if spec.strategy in ("zero2", "zero3") else 0,
             "peak_memory_bytes": measured["peak_memory_bytes"], "predicted_peak_bytes": plan.peak_bytes,
             "memory_ratio": measured["peak_memory_bytes"] / plan.peak_bytes if plan.peak_bytes else None,
+            "predicted_peak_bytes_balanced": balanced.peak_bytes,
+            "expert_slots_received": received, "expert_slots_sent": sent, "expert_load_factor": load,
+            "expert_slots_received_steps": ",".join(map(str, measured.get("expert_slots_received_steps", []))) or None,
             "step_time_s": statistics.median(times) if times else None,
             "collective_bytes": sum(sizes.values()),
             "predicted_collective_bytes": sum(entry["bytes"] for entry in predicted.values()),

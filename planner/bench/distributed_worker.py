@@ -284,11 +284,16 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
 
     times, losses = [], []
     file_backed_after_first = None
+    routed = []  # expert parallel: per step, (slots this rank's experts received, slots its batch sent)
     for index in range(bench.warmup + bench.repeats):
         dist.barrier()  # every rank starts the step together: the time is the step's, not a wait for a peer
+        if expert_parallel:
+            inner.placement.routed_slots.clear()
         started = time.perf_counter()
         losses.append(step())
         synchronize()
+        if expert_parallel:
+            routed.append(tuple(map(sum, zip(*inner.placement.routed_slots))))
         if index >= bench.warmup:
             times.append(time.perf_counter() - started)
         if index == 0:
@@ -329,6 +334,9 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     }
     if expert_parallel:
         result["held_experts"] = list(inner.placement.held)
+        # the peak is the steps' highest: predicted at the step whose experts received the most
+        result["expert_slots_received_steps"] = [received for received, _ in routed]
+        result["expert_slots_received"], result["expert_slots_sent"] = max(routed)
     (results / f"rank-{rank}.json").write_text(json.dumps(result))
 
 
