@@ -121,7 +121,8 @@ class ActivationBreakdown:
     encoder_bytes: int  # the shared T5 encoder (0 for expert_only)
     decoder_bytes: int  # the shared T5 decoder, cross-attention included
     router_bytes: int  # sample-level router, token routers and balance losses
-    experts_bytes: int  # expert heads / expert encoders / token expert FFNs, with their dispatch
+    experts_bytes: int  # expert heads / expert encoders / token expert FFNs on the slots routed to them
+    expert_combine_bytes: int  # weighting and summing each row's K expert outputs (where the row's batch is)
     lm_head_bytes: int  # the dense tied head's input
     loss_bytes: int  # fp32 log-probabilities of the cross-entropy
     amp_weight_copies_bytes: int  # AMP only: the half copies of matmul weights autocast casts and keeps

@@ -62,8 +62,8 @@ MATMUL_INPUT = "matmul_input"  # a stream tensor `readers` matmuls keep (one sto
 WEIGHT_COPY = "weight_copy"  # autocast's half copy of a matmul weight (nothing outside autocast)
 
 # Parts of the step (planner.activations.ActivationBreakdown's fields, less "_bytes").
-INPUTS, ENCODER, DECODER, ROUTER, EXPERTS, LM_HEAD, LOSS = (
-    "inputs", "encoder", "decoder", "router", "experts", "lm_head", "loss")
+INPUTS, ENCODER, DECODER, ROUTER, EXPERTS, EXPERT_COMBINE, LM_HEAD, LOSS = (
+    "inputs", "encoder", "decoder", "router", "experts", "expert_combine", "lm_head", "loss")
 AMP_WEIGHT_COPIES = "amp_weight_copies"
 
 
@@ -235,7 +235,7 @@ class GradientWalk:
                             slots * dims.d_ff)
         outputs = self.linear(hidden, "expert_ffn", slots, dims.d_ff, dims.d_model, EXPERTS, saves=COMPUTE,
                               weights=running)
-        mixed = self.combine(outputs, weights, tokens, slots, dims.d_model, COMPUTE, EXPERTS)
+        mixed = self.combine(outputs, weights, tokens, slots, dims.d_model, COMPUTE, EXPERT_COMBINE)
         return self.unary(mixed, EXPERTS, COMPUTE_MASK, tokens * dims.d_model) or h
 
     def stack(self, h: bool, rows: int, length: int, prefix: str, moe_blocks: tuple[int, ...], part: str, *,
@@ -317,7 +317,7 @@ class GradientWalk:
         if architecture == "expert_only":
             weights = self.context_router(embedded, b, s)
             encoded = self.stack(embedded, slots, s, "encoder", (), EXPERTS, expert=True, copies=running)
-            encoder_output = self.combine(encoded, weights, b, slots, s * dims.d_model, STREAM, EXPERTS)
+            encoder_output = self.combine(encoded, weights, b, slots, s * dims.d_model, STREAM, EXPERT_COMBINE)
         else:
             encoder_output = self.stack(embedded, b, s, "encoder", config.token_moe_encoder_blocks, ENCODER)
             if architecture == "shared_then_expert":
@@ -330,10 +330,10 @@ class GradientWalk:
             saves = self.expert_inputs(decoded, "expert_head", b, t * dims.d_model)
             heads = self.linear(decoded, "expert_head", slots * t, dims.d_model, dims.vocab_size, EXPERTS,
                                 saves=saves, weights=running)
-            logits = self.combine(heads, weights, b, slots, t * dims.vocab_size, COMPUTE, EXPERTS)
+            logits = self.combine(heads, weights, b, slots, t * dims.vocab_size, COMPUTE, EXPERT_COMBINE)
         else:
             logits = self.combine(self.expert_heads(decoded, b, t, slots, running), weights, b, slots,
-                                  t * dims.vocab_size, COMPUTE, EXPERTS)
+                                  t * dims.vocab_size, COMPUTE, EXPERT_COMBINE)
         if logits:  # the cross-entropy keeps the fp32 log-probabilities, the NLL's total weight, the targets
             self._save(LOSS, FLOAT32, b * t * dims.vocab_size + 1)
             self._save(INPUTS, INDEX, b * t)

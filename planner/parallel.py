@@ -8,7 +8,8 @@ decides which of them each device keeps whole and which it keeps a 1/n shard of:
   largest layer's weights and gradients resident whole; FSDP2: see PyTorch's layout below);
 - expert_parallel: the E experts are split across the n devices (ceil(E/n) per device) and the shared
   parameters replicated; tokens travel to their experts, so with balanced routing each device processes as
-  many expert slots as on one device, and its activations are those of its own batch.
+  many expert slots as on one device, and its activations are those of its own batch; `expert_load_factor`
+  prices a device whose experts receive more (or fewer) slots than that, up to every row of every device.
 Gradients and optimizer states exist for the trainable parameters only (the workload's fine-tuning regime,
 model.trainable); weights for all. The workload's batch is per device. Activation checkpointing (per block) keeps only each block's input and
 recomputes one block at a time; routers, heads and the loss are kept as without it. Whether a plan fits a
@@ -233,8 +234,9 @@ def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: W
     # Where the block activations sit: expert_only's encoders are its experts (K per series); token_ffn's
     # expert FFNs live inside the blocks.
     encoder_copies = config.top_k if architecture == "expert_only" else 1
-    encoder_blocks_bytes = full.encoder_bytes + (full.experts_bytes if architecture == "expert_only" else 0)
-    token_expert_bytes = full.experts_bytes if architecture == "token_ffn" else 0
+    expert_bytes = full.experts_bytes + full.expert_combine_bytes
+    encoder_blocks_bytes = full.encoder_bytes + (expert_bytes if architecture == "expert_only" else 0)
+    token_expert_bytes = expert_bytes if architecture == "token_ffn" else 0
     in_blocks_bytes = encoder_blocks_bytes + full.decoder_bytes + token_expert_bytes
     encoder_blocks = dims.num_layers * encoder_copies
     largest_block_bytes = max(encoder_blocks_bytes / encoder_blocks,
@@ -327,7 +329,8 @@ def plan_devices(
     else:
         activations = breakdown.total_bytes
     # Expert parallel: the experts' saved activations follow the slots they receive (the balanced figure × the
-    # load); with checkpointing this scales the whole, un-checkpointed expert part (an upper bound).
+    # load); weighting and summing the outputs stays with the rows' own batch (expert_combine_bytes). With
+    # checkpointing this scales the whole, un-checkpointed expert part (an upper bound).
     activations += round(breakdown.experts_bytes * (expert_load_factor - 1))
     return DevicePlan(
         strategy=strategy,
@@ -355,9 +358,14 @@ def device_plan_headroom(plan: DevicePlan, config: ChronosMoEConfig, workload: W
 
 
 def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_devices: int, *,
-                        device_memory_bytes: int, precision: Optional[str] = None) -> list[dict]:
+                        device_memory_bytes: int, precision: Optional[str] = None,
+                        expert_load_factor: float = 1.0) -> list[dict]:
     """One row per strategy × activation checkpointing, with whether it fits the given GPU memory
-    (planner.headroom: 'fits', 'tight' or 'does not fit', and the bytes beside the plan)."""
+    (planner.headroom: 'fits', 'tight' or 'does not fit', and the bytes beside the plan). `expert_load_factor`:
+    expert parallel's routing load on device 0 (plan_devices), which needs experts."""
+    if not config.is_moe and expert_load_factor != 1.0:
+        raise SettingError("expert_load_factor", f"expert_load_factor applies to expert parallelism, which needs "
+                           f"experts (num_experts > 0); got {expert_load_factor!r} for a dense model")
     params = count_params(config)
     rows = []
     for strategy in STRATEGIES:
@@ -365,7 +373,7 @@ def plan_all_strategies(config: ChronosMoEConfig, workload: Workload, num_device
             continue
         for checkpointing in (False, True):
             plan = plan_devices(config, workload, strategy, num_devices, activation_checkpointing=checkpointing,
-                                precision=precision, params=params)
+                                precision=precision, params=params, expert_load_factor=expert_load_factor)
             headroom = device_plan_headroom(plan, config, workload, device_memory_bytes, precision=precision,
                                             params=params)
             rows.append({

@@ -330,8 +330,8 @@ def test_only_the_router_training_keeps_the_router_and_the_weighting_of_frozen_h
     config = hand_config("shared_then_expert")
     workload = dataclasses.replace(HAND_WORKLOAD, trainable="router")
     breakdown = estimate_activation_breakdown(config, workload, device="cpu")
-    assert (breakdown.encoder_bytes, breakdown.decoder_bytes, breakdown.router_bytes,
-            breakdown.experts_bytes) == (0, 0, router, combine)
+    assert (breakdown.encoder_bytes, breakdown.decoder_bytes, breakdown.router_bytes, breakdown.experts_bytes,
+            breakdown.expert_combine_bytes) == (0, 0, router, 0, combine)
     assert breakdown.total_bytes == measure(config, workload, model=build_model_from_config(config,
                                                                                              trainable="router"))
     assert breakdown.total_bytes == expected

@@ -83,3 +83,28 @@ def test_bad_flags_exit_2_with_one_line(argv, flag, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert flag in error and "\n" not in error
+
+
+def test_plan_expert_load_scales_expert_parallel_and_is_bounded(tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text(TRAINING_YAML)
+    argv = ["plan", "--config", str(path), "--strategies", "--devices", "4"]
+    balanced = run_json(capsys, argv)
+    loaded = run_json(capsys, argv + ["--expert-load", "3"])
+    # token_ffn E=6, K=2 on 4 devices: device 0 holds c = ceil(6/4) = 2 experts; at most 4·min(2, 2)/2 = 4
+    for before, after in zip(balanced, loaded):
+        if before["strategy"] == "expert_parallel":
+            assert after["activations_bytes"] > before["activations_bytes"]
+        else:
+            assert {k: v for k, v in after.items() if k != "metadata"} == {
+                k: v for k, v in before.items() if k != "metadata"}
+    assert loaded[0]["metadata"]["expert_load_factor"] == 3.0
+    for value in ("4.5", "-1", "nan", "lots"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--expert-load", value])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert "--expert-load" in error and "\n" not in error
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", str(path), "--expert-load", "2"])
+    assert "applies only with --strategies" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from planner.parallel import (
     GPU_MEMORY_BYTES,
     count_largest_layer_params,
     estimate_checkpointed_activation_bytes,
+    max_expert_load_factor,
     plan_all_strategies,
     plan_devices,
 )
@@ -320,3 +321,44 @@ def test_loss_backward_transient_is_what_torch_holds_at_the_step_peak():
     transient = estimate_loss_backward_transient_bytes(config, workload, device="cpu")
     assert transient == 3 * logits
     assert peak == weights + saved + transient + mask + loss
+
+
+@pytest.mark.parametrize("size,experts,n,most", [("debug", 4, 2, 2.0), ("debug", 4, 4, 2.0), ("small", 16, 8, 8.0),
+                                                 ("debug", 4, 3, 3.0)])
+def test_expert_load_is_bounded_by_every_row_of_every_device(size, experts, n, most):
+    # Top-2: each of the n devices' rows sends min(K, c) of its K slots to device 0's c = ceil(E/n) experts:
+    # debug E=4 on 2 (c=2): 2·2/2; on 4 (c=1): 4·1/2; small E=16 on 8 (c=2): 8·2/2; debug on 3 (c=2): 3·2/2.
+    config = make_config(size, architecture="shared_then_expert", num_experts=experts)
+    assert max_expert_load_factor(config, n) == most
+    plan_devices(config, WORKLOAD, "expert_parallel", n, expert_load_factor=most)
+    for bad in (most + 0.01, -0.5, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="expert_load_factor"):
+            plan_devices(config, WORKLOAD, "expert_parallel", n, expert_load_factor=bad)
+    with pytest.raises(ValueError, match="expert_load_factor"):
+        plan_all_strategies(make_config(size), WORKLOAD, n, device_memory_bytes=GPU_MEMORY_BYTES["T4 16GB"],
+                            expert_load_factor=1.5)
+
+
+def test_expert_load_scales_the_heads_saved_activations():
+    """shared_then_expert debug on 2 devices: each extra balanced share of slots (B·K series) runs B·K more rows
+    through the rank's expert heads; what one head saves for B·K rows is measured here with saved-tensor hooks.
+    The plan adds exactly that per unit of load (the weighting of the outputs stays with the rows' own batch)."""
+    workload = Workload(batch_size=4, context_length=16, prediction_length=4)
+    model = build_model("debug", architecture="shared_then_expert", num_experts=4)
+    rows, tokens, width = workload.batch_size * model.config.top_k, workload.decoder_tokens, model.config.dims.d_model
+    storages, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):  # the saved activations: every saved storage but the parameters
+        if tensor.untyped_storage().data_ptr() not in weights:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.experts[0](torch.randn(rows, tokens, width, requires_grad=True))
+    head_bytes = sum(storages.values())
+    plans = [plan_devices(model.config, workload, "expert_parallel", 2, device="cpu", expert_load_factor=load)
+             for load in (0.0, 1.0, 2.0)]
+    per_share = plans[1].activations_bytes - plans[0].activations_bytes
+    assert plans[2].activations_bytes - plans[1].activations_bytes == per_share
+    assert per_share == head_bytes
+    assert plans[1] == plan_devices(model.config, workload, "expert_parallel", 2, device="cpu")  # the default

@@ -99,13 +99,17 @@ def add_plan_subcommand(subparsers: Any, parents: list[argparse.ArgumentParser])
                         help="with --strategies: a custom device's memory in GiB")
     parser.add_argument("--strategies", action="store_true",
                         help=f"print per-device memory for {', '.join(STRATEGIES)} instead of the plan row")
+    parser.add_argument("--expert-load", type=float, default=None, metavar="FACTOR",
+                        help="with --strategies: routing slots device 0's experts receive under expert_parallel, "
+                        "relative to balanced (default 1.0; at most devices × min(K, experts held) / K)")
 
 
 def run_plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and extra metadata (what was read, what was ignored)."""
     if not args.strategies:
         given = [flag for flag, value in (("--devices", args.devices), ("--gpu", args.gpu),
-                                          ("--device-memory-gib", args.device_memory_gib)) if value is not None]
+                                          ("--device-memory-gib", args.device_memory_gib),
+                                          ("--expert-load", args.expert_load)) if value is not None]
         if given:
             raise ValueError(f"argument {given[0]}: applies only with --strategies (per-device plans)")
     imported = read_config(args.config)
@@ -113,9 +117,12 @@ def run_plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
                 "ignored_keys": ", ".join(imported.ignored_keys) or "none",
                 "gradient_accumulation_steps": imported.gradient_accumulation_steps}
     if args.strategies:
+        load = 1.0 if args.expert_load is None else args.expert_load
         rows = plan_all_strategies(imported.config, imported.workload, args.devices or 1,
-                                   device_memory_bytes=_gpu_memory_bytes(args))
+                                   device_memory_bytes=_gpu_memory_bytes(args), expert_load_factor=load)
         metadata["device_memory_bytes"] = _gpu_memory_bytes(args)
+        if imported.config.is_moe:
+            metadata["expert_load_factor"] = load
         return rows, metadata
     return [plan_row(plan(imported.config, imported.workload, size=imported.size))], metadata
 

@@ -69,6 +69,7 @@ FIELD_FLAGS = {
     "devices_per_node": "--devices-per-node", "price_per_device_hour": "--price-per-hour",
     "data_series_per_s": "--data-series-per-s", "intra_link": "--intra-link", "inter_link": "--inter-link",
     "deadline_hours": "--deadline-hours", "precision": "--precision", "trainable": "--trainable", "dtype": "--dtype", "strategy": "--strategy",
+    "expert_load_factor": "--expert-load",
     "max_batch": "--max-batch", "workers": "--workers",
 }
 
