@@ -1,8 +1,9 @@
 """Preflight: refuse a run whose predicted peak memory exceeds 80% of the memory available, and say what fits.
 
 The predicted peak comes from planner.memory:
-- train: the training step (weights, gradients, AdamW moments, activations saved for backward), with the
-  CPU's dropout masks on CPU; after a run, for the parameters it trained (see `estimate_peak_bytes`);
+- train: the training step (weights, gradients, AdamW moments, activations saved for backward, and the loss's
+  logits and two B·T·V fp32 backward gradients, planner.activations.estimate_loss_backward_transient_bytes),
+  with the CPU's dropout masks on CPU; after a run, for the parameters it trained (see `estimate_peak_bytes`);
 - forecast: weights (every expert resident), the KV cache, the encoder output per sample path, the largest
   live activation;
 - forward: the same as a one-path forecast: a teacher-forced forward holds the same kinds of tensors (weights,
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from planner.bench.spec import BenchSpec
+from planner.activations import estimate_loss_backward_transient_bytes
 from planner.memory import estimate_memory
 from planner.params import count_params, count_trainable_params
 from planner.units import GIB
@@ -40,10 +42,11 @@ def estimate_peak_bytes(spec: BenchSpec, device: str, trained_params: Optional[i
     if spec.mode != "train":
         return memory.forecast.total_bytes
     training = memory.training
+    loss_transient = estimate_loss_backward_transient_bytes(config, workload, device=activation_device)
     if trained_params is None:
-        return training.total_bytes
+        return training.total_bytes + loss_transient
     trained_share = trained_params / count_trainable_params(params, workload.trainable, config.label)
-    return (training.weights_bytes + training.activations_bytes
+    return (training.weights_bytes + training.activations_bytes + loss_transient
             + round((training.gradients_bytes + training.optimizer_states_bytes) * trained_share))
 
 
