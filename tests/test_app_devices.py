@@ -105,6 +105,18 @@ def test_expert_parallel_is_offered_for_moe_and_its_all_to_all_is_listed():
     assert "all_to_all" in set(table[table["Strategy"] == "expert_parallel"]["Collective"])
 
 
+def test_expert_load_scales_expert_parallel_and_out_of_bounds_is_one_error_line():
+    # debug token_ffn E=4, K=2 on the tab's 8 devices: device 0 holds c = ceil(4/8) = 1 expert, so it receives at
+    # most 8·min(2, 1)/2 = 4 balanced shares.
+    at = devices_app(sizes="debug", experts="4", architectures="token_ffn")
+    assert at.number_input(key="devices_expert_load").value == 1.0
+    at.number_input(key="devices_expert_load").set_value(4.5).run()
+    (message,) = error_texts(at)
+    assert message.startswith("expert_load_factor must be between 0 and 4 ") and "\n" not in message
+    at.number_input(key="devices_expert_load").set_value(4.0).run()
+    assert not error_texts(at) and not at.exception
+
+
 def test_measuring_a_small_variant_is_refused_in_one_line():
     at = devices_app(sizes="small")
     at.button(key="devices_measure").click().run()

@@ -180,13 +180,14 @@ def solve_budget(base: ChronosMoEConfig, target_total_params: int, budget: Budge
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def device_plans(config: ChronosMoEConfig, workload: Workload, num_devices: int, device_memory_bytes: int,
-                 precision: str) -> list[dict[str, Any]]:
+                 precision: str, expert_load_factor: float = 1.0) -> list[dict[str, Any]]:
     """planner.parallel.plan_all_strategies: one row per strategy × activation checkpointing, with `fits`.
-    ValueError naming the field (num_devices, precision); a device memory ≤ 0 is refused here."""
+    ValueError naming the field (num_devices, precision, expert_load_factor); a device memory ≤ 0 is refused
+    here."""
     if device_memory_bytes <= 0:
         raise ValueError(f"device memory must be above 0 GiB, got {device_memory_bytes / GIB:g} GiB")
     return plan_all_strategies(config, workload, num_devices, device_memory_bytes=device_memory_bytes,
-                               precision=precision)
+                               precision=precision, expert_load_factor=expert_load_factor)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -135,7 +135,14 @@ def _draw_inputs(table: PlanTable, settings: Settings) -> tuple:
         "Training precision", PRECISIONS, index=PRECISIONS.index(settings.precision), key="devices_precision",
         bind=BIND, help="The sidebar's regimes, plus mixed_fp16: DeepSpeed's fp16 weights and gradients with "
         "fp32 master weights, gradient copy and Adam moments (2 + 2 + 16 bytes per parameter).")
-    return table.variants[labels.index(label)], int(num_devices), gpu, memory_bytes, precision
+    variant = table.variants[labels.index(label)]
+    load = 1.0
+    if variant.plan.config.is_moe:
+        load = st.number_input(
+            "Expert load (× balanced)", value=1.0, step=0.25, key="devices_expert_load", bind=BIND,
+            help="Expert parallel: routing slots device 0's experts receive relative to balanced routing (1.0). "
+            "A fresh router sends most series to a few experts; at most N × min(K, experts held) / K.")
+    return variant, int(num_devices), gpu, memory_bytes, precision, float(load)
 
 
 def interconnect_link(gpu: str, preset: str, num_devices: int) -> Link:
@@ -214,9 +221,10 @@ def draw_devices(table: PlanTable, settings: Settings) -> None:
     st.markdown("What one of N devices holds during a training step: data parallel replicates everything; "
                 "ZeRO-1/2/3 shard optimizer states, then gradients, then weights (ZeRO-3 = FSDP); expert "
                 "parallel splits the experts across devices. Each with and without activation checkpointing.")
-    variant, num_devices, gpu, memory_bytes, precision = _draw_inputs(table, settings)
+    variant, num_devices, gpu, memory_bytes, precision, expert_load = _draw_inputs(table, settings)
     try:
-        rows = device_plans(variant.plan.config, workload_of(settings), num_devices, memory_bytes, precision)
+        rows = device_plans(variant.plan.config, workload_of(settings), num_devices, memory_bytes, precision,
+                            expert_load)
     except ValueError as error:
         st.error(str(error), icon=":material/error:")
         return
@@ -248,8 +256,9 @@ def draw_devices(table: PlanTable, settings: Settings) -> None:
                                                 "when under 10% of it is left"),
         })
     st.plotly_chart(devices_figure(rows, memory_bytes, gpu), key="devices_chart")
+    load = {"expert_load_factor": expert_load} if variant.plan.config.is_moe else {}
     export = [{"variant": variant.label, "gpu": gpu, "device_memory_bytes": memory_bytes, "precision": precision,
-               **row} for row in rows]
+               **load, **row} for row in rows]
     draw_downloads(export, settings, f"per-device training memory of {variant.label}", key="devices")
     _draw_communication(variant, settings, gpu, num_devices, precision)
     draw_measure(variant, settings, precision)
