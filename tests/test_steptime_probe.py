@@ -67,3 +67,24 @@ def test_busy_threads_count_cpu_time_not_waiting():
         assert probe.typical_time(lambda: x * 2.0).busy_threads <= 1.05
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fresh_page_probe_touches_new_pages_whatever_the_heap_holds():
+    """The fresh-page probe maps its memory itself: each write faults new pages in (at least one per 2 MiB,
+    huge pages or not) even when the allocator's heap holds a free block large enough to be handed back."""
+    import resource
+
+    import torch
+
+    from planner.bench.memory_probe import pin_allocator, settle_allocator
+    from planner.steptime.probe import _write_fresh_pages
+
+    pin_allocator()
+    blocks = [torch.ones(2**20) for _ in range(16)]  # 64 MiB of heap, freed below: a large free block
+    del blocks
+    settle_allocator()
+    elements = 8 * 2**20 // 4
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    _write_fresh_pages(elements)
+    _write_fresh_pages(elements)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before >= 2 * 4

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import mmap
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -56,6 +57,7 @@ VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7
 BUSY_FLOOR = 0.05  # busy threads below this are a clock's rounding, not a kernel
+MAX_HOST_BUSY = 64.0  # the host's busy threads beyond this are a disturbed calibration step
 GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
 # steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
@@ -108,7 +110,13 @@ def _kernel_busy(timed: Timed, call_s: float) -> float:
     kernel_s = timed.seconds - call_s
     if kernel_s <= KERNEL_FLOOR_S:
         return 1.0
-    return max((timed.busy_threads * timed.seconds - call_s) / kernel_s, BUSY_FLOOR)
+    return _within_threads((timed.busy_threads * timed.seconds - call_s) / kernel_s)
+
+
+def _within_threads(busy: float) -> float:
+    """Busy threads between the floor and the threads PyTorch runs: a kernel barely longer than the call it
+    is measured beside gives a ratio of two near-equal differences, which no kernel can exceed."""
+    return min(max(busy, BUSY_FLOOR), float(torch.get_num_threads()))
 
 
 def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -242,18 +250,29 @@ def _scatter_s_per_row(elementwise: SizeCurve, call_s: float) -> Timed:
     return Timed(max(seconds - elementwise(moved), KERNEL_FLOOR_S) / rows, _kernel_busy(timed, call_s))
 
 
+def _write_fresh_pages(elements: int) -> None:
+    """Fill a tensor on newly mapped memory, then unmap it: what an output above the mmap threshold costs.
+    The memory is mapped here, not asked of the allocator, which may hand back a large free block of its
+    heap instead (after a model's steps it often holds one)."""
+    region = mmap.mmap(-1, elements * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    tensor = torch.frombuffer(region, dtype=torch.float32)
+    tensor.fill_(1.0)
+    del tensor
+    region.close()
+
+
 def _fresh_page_s_per_byte() -> Timed:
-    """Writing a tensor above the mmap threshold (new pages) less writing one already mapped, per byte, and
-    the threads the difference keeps busy."""
+    """Writing a tensor on new pages less writing one already mapped, per byte, and the threads the
+    difference keeps busy."""
     elements = FRESH_PROBE_BYTES // 4
     mapped = torch.empty(elements)
-    fresh = typical_time(lambda: torch.empty(elements).fill_(1.0))
+    fresh = typical_time(lambda: _write_fresh_pages(elements))
     warm = typical_time(lambda: mapped.fill_(1.0))
     extra_s = fresh.seconds - warm.seconds
     if extra_s <= KERNEL_FLOOR_S:
         return Timed(KERNEL_FLOOR_S / FRESH_PROBE_BYTES, 1.0)
     busy = (fresh.busy_threads * fresh.seconds - warm.busy_threads * warm.seconds) / extra_s
-    return Timed(extra_s / FRESH_PROBE_BYTES, max(busy, BUSY_FLOOR))
+    return Timed(extra_s / FRESH_PROBE_BYTES, _within_threads(busy))
 
 
 def _calibration_steps(dtype: str):
@@ -291,7 +310,8 @@ def _host_busy(spent: Timed, ops: StepTrace, device: MeasuredDevice, host_s: flo
     if priced.cpu_s is None or priced.overhead_s <= 0:
         return 1.0
     spent_cpu_s = spent.busy_threads * spent.seconds - other_cpu_s
-    return max((spent_cpu_s - priced.cpu_s) / priced.overhead_s, BUSY_FLOOR)
+    # Not capped at PyTorch's threads: between a step's ops every idle thread of its pools may spin.
+    return min(max((spent_cpu_s - priced.cpu_s) / priced.overhead_s, BUSY_FLOOR), MAX_HOST_BUSY)
 
 
 def _timed_step(size: str, workload: Workload, dtype: str, mode: str) -> tuple[Timed, StepTrace]:
