@@ -4,6 +4,7 @@ from planner.steptime.devices import MEMORY_CLASSES, GemmGrid, MeasuredDevice, S
 
 FLOPS_PER_S = 1e10  # every GEMM shape
 BYTES_PER_S = 1e10  # every memory-bound class
+STREAMED_BYTES_PER_S = 1e9  # the optimizer's operands streamed from memory
 HOST_S = {"forward": 1e-5, "forecast": 1e-5, "backward": 5e-6, "optimizer": 2e-6}
 VIEW_S = 1e-6
 SCATTER_S_PER_ROW = 1e-8
@@ -24,4 +25,6 @@ def simple_measured_device(name: str = "test CPU", dtype: str = "fp32") -> Measu
     return MeasuredDevice(name, dtype, "2026-01-01", grid, grid, dict.fromkeys(MEMORY_CLASSES, curve),
                           SCATTER_S_PER_ROW, FRESH_S_PER_BYTE, 32 * 2**20, {"forward": 1.0}, dict(HOST_S), VIEW_S,
                           PARALLEL_SPEEDUP, scatter_busy=SCATTER_BUSY, fresh_page_busy=FRESH_PAGE_BUSY,
-                          host_busy=dict(HOST_BUSY))
+                          host_busy=dict(HOST_BUSY),
+                          optimizer_memory=SizeCurve((1e3, 1e9), (1e3 / STREAMED_BYTES_PER_S, 1e9 / STREAMED_BYTES_PER_S),
+                                                     (1.0, 1.0)))

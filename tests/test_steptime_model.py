@@ -65,6 +65,18 @@ def test_cpu_time_hand_priced():
     assert step.row()["predicted_cpu_s"] == step.cpu_s
 
 
+def test_optimizer_streams_its_operands_only_beyond_the_cache():
+    """An optimizer moving 2 × 100 MB (above 64 MiB) is priced on the streamed curve (1e9 B/s: 0.1 s an op,
+    each op's dispatch beside it); one moving 2 × 1 MB finds its operands in the cache (1e10 B/s)."""
+    big = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7)
+    small = replace(big, bytes_read=6 * 10**5, bytes_written=4 * 10**5)
+    streamed = predict_step_time(StepTrace(((big, 2),)), simple_measured_device())
+    cached = predict_step_time(StepTrace(((small, 2),)), simple_measured_device())
+    assert streamed.memory_s == pytest.approx(2 * 10**8 / 1e9)
+    assert cached.memory_s == pytest.approx(2 * 10**6 / 1e10)
+    assert streamed.overhead_s == cached.overhead_s == pytest.approx(2 * HOST_S["optimizer"])
+
+
 def test_cpu_time_unknown_where_a_term_was_not_measured():
     """A GEMM read off the grid (no exact timing, so no busy threads), a GPU, and the compiled what-if have
     no CPU time."""
@@ -192,6 +204,7 @@ def test_size_curve_log_log_inside_throughput_outside():
     lambda entry: {**entry, "memory": {key: {k: v for k, v in curve.items() if k != "busy_threads"}
                                        for key, curve in entry["memory"].items()}},
     lambda entry: {key: value for key, value in entry.items() if key != "host_busy"},
+    lambda entry: {key: value for key, value in entry.items() if key != "optimizer_memory"},
     lambda entry: {**entry, "host_busy": {"forward": 0.0}},
     lambda entry: {**entry, "scatter_busy": float("inf")},
     lambda entry: {**entry, "fresh_page_busy": 1e6},

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, Protocol
 
 from planner.steptime.ops import OpRecord
@@ -178,6 +178,17 @@ class MeasuredDevice:
     scatter_busy: float = 1.0
     fresh_page_busy: float = 1.0
     host_busy: dict[str, float] = field(default_factory=dict)  # phase -> threads busy while dispatching
+    # The optimizer's memory-bound ops by bytes moved, operands streamed from memory: each parameter, gradient
+    # and moment is touched once a step, long after its last use, where the classes above are timed on
+    # operands in the cache (as a forward's chained activations mostly are). None: priced as elementwise.
+    optimizer_memory: Optional[SizeCurve] = None
+
+    def for_step(self, trace) -> "MeasuredDevice":
+        """This device as `trace` (a StepTrace) meets it: the optimizer's operands stream from memory only when
+        what it moves exceeds the last-level cache (OPTIMIZER_CACHED_BYTES); a small model's states stay in
+        the cache from one op to the next, and its optimizer is priced as the cached classes are."""
+        moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
+        return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
 
     def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
         """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
@@ -198,9 +209,14 @@ class MeasuredDevice:
         kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
         return kernel_s * factor + self._fresh_pages_s(op)
 
+    def _memory_curve(self, op: OpRecord) -> SizeCurve:
+        if op.phase == "optimizer" and self.optimizer_memory is not None:
+            return self.optimizer_memory
+        return self.memory[memory_class(op)]
+
     def memory_s(self, op: OpRecord) -> float:
         scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
-        return self.memory[memory_class(op)](op.bytes) + scatter_s + self._fresh_pages_s(op)
+        return self._memory_curve(op)(op.bytes) + scatter_s + self._fresh_pages_s(op)
 
     def host_s(self, op: OpRecord) -> float:
         if op.kind == "view":
@@ -218,7 +234,7 @@ class MeasuredDevice:
             kernel_s = self.matmul_s(op, matmul_dtype) - fresh_s
         else:
             scatter = op_base_name(op) in SCATTER_OPS
-            busy = self.scatter_busy if scatter else self.memory[memory_class(op)].busy_at(op.bytes)
+            busy = self.scatter_busy if scatter else self._memory_curve(op).busy_at(op.bytes)
             kernel_s = self.memory_s(op) - fresh_s
         return None if busy is None else kernel_s * busy + fresh_s * self.fresh_page_busy
 
@@ -244,16 +260,8 @@ class MeasuredDevice:
                     raise ValueError(f"{key}: rates do not match the grid's axes")
                 _check_positive(key, [r for plane in rates for row in plane for r in row] + [v for a in axes for v in a])
                 grids[key] = GemmGrid(*axes, rates)
-            curves = {}
-            for key in MEMORY_CLASSES:
-                curve = values["memory"][key]
-                sizes, seconds = tuple(map(float, curve["sizes"])), tuple(map(float, curve["seconds"]))
-                busy = tuple(map(float, curve["busy_threads"]))
-                if len({len(sizes), len(seconds), len(busy)}) != 1 or len(sizes) < 2 or list(sizes) != sorted(sizes):
-                    raise ValueError(f"memory.{key}: sizes, seconds and busy_threads must be ascending lists of one length")
-                _check_positive(f"memory.{key}", sizes + seconds)
-                _check_busy(f"memory.{key}.busy_threads", busy)
-                curves[key] = SizeCurve(sizes, seconds, busy)
+            curves = {key: _size_curve_from(values["memory"][key], f"memory.{key}") for key in MEMORY_CLASSES}
+            optimizer_memory = _size_curve_from(values["optimizer_memory"], "optimizer_memory")
             per_phase = {}
             for key in ("host_s_per_op", "gemm_in_model_factor", "host_busy"):
                 per_phase[key] = {str(phase): float(v) for phase, v in dict(values[key]).items()}
@@ -286,7 +294,8 @@ class MeasuredDevice:
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
                        per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
                        gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
-                       fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"])
+                       fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"],
+                       optimizer_memory=optimizer_memory)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
 
@@ -305,6 +314,20 @@ def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
 
 
 MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cache
+# What an optimizer step may move and still find its operands in the cache: twice a 32 MiB last-level cache,
+# the probe's own assumption for cold operands (probe.COLD_BYTES).
+OPTIMIZER_CACHED_BYTES = 64 * 2**20
+
+
+def _size_curve_from(curve: Mapping[str, Any], field_name: str) -> SizeCurve:
+    """A cached SizeCurve (sizes, seconds, busy threads), or ValueError naming the field."""
+    sizes, seconds = tuple(map(float, curve["sizes"])), tuple(map(float, curve["seconds"]))
+    busy = tuple(map(float, curve["busy_threads"]))
+    if len({len(sizes), len(seconds), len(busy)}) != 1 or len(sizes) < 2 or list(sizes) != sorted(sizes):
+        raise ValueError(f"{field_name}: sizes, seconds and busy_threads must be ascending lists of one length")
+    _check_positive(field_name, sizes + seconds)
+    _check_busy(f"{field_name}.busy_threads", busy)
+    return SizeCurve(sizes, seconds, busy)
 
 
 def _check_busy(field_name: str, values) -> None:

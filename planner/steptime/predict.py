@@ -94,6 +94,8 @@ def predict_step_time(trace: StepTrace, device: DeviceModel, *, compiled: bool =
                       tf32: bool = False) -> StepTime:
     """Price every op of `trace` on `device` (see the module docstring). `tf32` runs fp32 matmuls in TF32
     (what `torch.backends.cuda.matmul.allow_tf32 = True` and Chronos' training configs set)."""
+    for_step = getattr(device, "for_step", None)  # this machine: whether the optimizer streams its operands
+    device = for_step(trace) if for_step else device
     matmul_s = memory_s = host_s = 0.0
     cpu_s: Optional[float] = None if compiled or device.overlaps_host else 0.0
     for op, count in trace.ops:

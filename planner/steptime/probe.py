@@ -219,6 +219,23 @@ def _memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callab
             "reduction": (reduction, e)}
 
 
+def _streamed_elementwise(dtype: torch.dtype) -> Callable[[int], Callable[[], object]]:
+    """The elementwise probe with its operands streamed from memory: a different set of tensors at each call,
+    as many as exceed twice a 32 MiB last-level cache, as an optimizer step meets each parameter, gradient
+    and moment once."""
+    def make_run(n: int) -> Callable[[], object]:
+        copies = max(2, min(COLD_COPIES_MAX, -(-COLD_BYTES // (3 * n * torch.finfo(dtype).bits // 8))))
+        operands = [(torch.rand(n, dtype=dtype), torch.rand(n, dtype=dtype), torch.empty(n, dtype=dtype))
+                    for _ in range(copies)]
+        turn = iter(range(1 << 62))
+
+        def run() -> object:
+            x, y, out = operands[next(turn) % copies]
+            return torch.mul(x, y, out=out)
+        return run
+    return make_run
+
+
 def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dict[str, Timed]:
     """Kernel seconds and busy threads of each exact GEMM shape (batch, m, n, k), measured as the grid's
     points are, keyed by `gemm_key` (MeasuredDevice.gemm_shape_s and gemm_shape_busy)."""
@@ -381,6 +398,8 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     try:
         memory = {name: _size_curve(make_run, moved, call_s)
                   for name, (make_run, moved) in _memory_probes(torch_dtype).items()}
+        element_bytes = torch.finfo(torch_dtype).bits // 8
+        optimizer_memory = _size_curve(_streamed_elementwise(torch_dtype), 3 * element_bytes, call_s)
     finally:
         settle_allocator()
     scatter = _scatter_s_per_row(memory["elementwise"], call_s)
@@ -389,7 +408,7 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory,
                            scatter.seconds, fresh.seconds, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0},
                            {"forward": view_s}, view_s, speedup_before, scatter_busy=scatter.busy_threads,
-                           fresh_page_busy=fresh.busy_threads)
+                           fresh_page_busy=fresh.busy_threads, optimizer_memory=optimizer_memory)
     host: dict[str, float] = {}
     busy: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
