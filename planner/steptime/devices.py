@@ -275,20 +275,9 @@ class MeasuredDevice:
             for key, value in scalars.items():
                 _check_positive(key, [value])
             _check_busy("scatter_busy / fresh_page_busy", [scalars["scatter_busy"], scalars["fresh_page_busy"]])
-            shapes = values.get("gemm_shape_s", {})  # absent in probes made before exact shapes were timed
-            if not isinstance(shapes, Mapping):
-                raise ValueError("gemm_shape_s must be an object of shape -> seconds")
-            shapes = {str(key): float(seconds) for key, seconds in shapes.items()}
-            for key in shapes:
-                parse_gemm_key(key)
-            _check_positive("gemm_shape_s", list(shapes.values()))
-            busy_of_shape = values.get("gemm_shape_busy", {})
-            if not isinstance(busy_of_shape, Mapping):
-                raise ValueError("gemm_shape_busy must be an object of shape -> busy threads")
-            busy_of_shape = {str(key): float(busy) for key, busy in busy_of_shape.items()}
-            for key in busy_of_shape:
-                parse_gemm_key(key)
-            _check_busy("gemm_shape_busy", list(busy_of_shape.values()))
+            # Both absent in probes made before exact shapes (and their busy threads) were timed.
+            shapes = _per_gemm_shape(values, "gemm_shape_s", "seconds", _check_positive)
+            busy_of_shape = _per_gemm_shape(values, "gemm_shape_busy", "busy threads", _check_busy)
             return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
@@ -317,6 +306,18 @@ MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cac
 # What an optimizer step may move and still find its operands in the cache: twice a 32 MiB last-level cache,
 # the probe's own assumption for cold operands (probe.COLD_BYTES).
 OPTIMIZER_CACHED_BYTES = 64 * 2**20
+
+
+def _per_gemm_shape(values: Mapping[str, Any], field_name: str, what: str, check) -> dict[str, float]:
+    """A cached `gemm_key -> value` table (empty when absent), or ValueError naming the field."""
+    table = values.get(field_name, {})
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{field_name} must be an object of shape -> {what}")
+    table = {str(key): float(value) for key, value in table.items()}
+    for key in table:
+        parse_gemm_key(key)
+    check(field_name, list(table.values()))
+    return table
 
 
 def _size_curve_from(curve: Mapping[str, Any], field_name: str) -> SizeCurve:
