@@ -142,7 +142,7 @@ def run(device: str, quick: bool, output: Optional[Path], log=sys.stderr) -> Pat
     import torch
     import transformers
 
-    from planner.steptime.devices import gpu_preset, preset_for_device_name
+    from planner.steptime.gpu_presets import gpu_preset, preset_for_device_name
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is visible (use --device cpu --quick to try the script)")

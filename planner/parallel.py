@@ -83,7 +83,7 @@ STEP_COUNTER_OPTIMIZERS = ("adam", "adamw")
 DEEPSPEED_REGIME = "mixed_fp16"
 
 # Memory a program can allocate, as torch.cuda reports it (a little under the marketed size), by the GPU
-# presets' keys (planner.steptime.devices) with the label the Devices tab and `plan --gpu` show. The H200's is
+# presets' keys (planner.steptime.gpu_presets) with the label the Devices tab and `plan --gpu` show. The H200's is
 # what the H200 of this project's GPU check reports (about 139 GiB).
 DEVICE_MEMORY: dict[str, tuple[str, int]] = {
     "h100-sxm": ("H100 80GB", int(79.1 * GIB)),

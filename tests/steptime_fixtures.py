@@ -1,6 +1,8 @@
 """A device model with round numbers, so a test can price ops by hand."""
 
-from planner.steptime.devices import MEMORY_CLASSES, GemmGrid, MeasuredDevice, SizeCurve
+from planner.steptime.curves import GemmGrid, SizeCurve
+from planner.steptime.devices import MEMORY_CLASSES
+from planner.steptime.measured import MeasuredDevice
 
 FLOPS_PER_S = 1e10  # every GEMM shape
 BYTES_PER_S = 1e10  # every memory-bound class

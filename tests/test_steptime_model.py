@@ -13,7 +13,8 @@ import pytest
 from planner.bench import BenchSpec, predict_row
 from planner.steptime import GPU_PRESETS, gpu_preset, predict_step_time
 from planner.steptime import device_cache
-from planner.steptime.devices import GemmGrid, SizeCurve, preset_for_device_name
+from planner.steptime.curves import GemmGrid, SizeCurve
+from planner.steptime.gpu_presets import preset_for_device_name
 from planner.steptime.ops import OpRecord, StepTrace
 from tests.steptime_fixtures import (FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
                                      simple_measured_device)

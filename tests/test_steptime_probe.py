@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from planner.steptime import devices, probe
+from planner.steptime import devices, gpu_presets, probe
 from planner.steptime.device_cache import load_measured_device, save_measured_device
 
 
@@ -33,7 +33,7 @@ def test_probe_measures_every_term_and_round_trips(monkeypatch):
     assert set(measured.host_s_per_op) == {"forward", "forecast", "backward", "optimizer"}
     assert set(measured.memory) == set(devices.MEMORY_CLASSES)
     # The presets' default host time per op is of the order this CPU measures (what their comment says).
-    assert 1 / 3 < devices.DEFAULT_HOST_S_PER_OP["forward"] / measured.host_s_per_op["forward"] < 3
+    assert 1 / 3 < gpu_presets.DEFAULT_HOST_S_PER_OP["forward"] / measured.host_s_per_op["forward"] < 3
     assert save_measured_device(measured) is None
     assert load_measured_device("this CPU", "fp32") == (measured, None)
 

@@ -132,7 +132,7 @@ def _device_model(device: str, device_name: str, spec: BenchSpec):
     """This CPU's probed model (cached, or probed now: after the measurement, so its buffers are not
     counted), or on a GPU the preset of its name. (model or None, notes for the user)."""
     from planner.steptime.device_cache import measured_device
-    from planner.steptime.devices import gpu_preset, preset_for_device_name
+    from planner.steptime.gpu_presets import gpu_preset, preset_for_device_name
 
     if device == "cpu":
         return measured_device(device_name, spec.dtype, spec.recalibrate)

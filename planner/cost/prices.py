@@ -1,4 +1,4 @@
-"""On-demand list prices per device-hour (USD), one entry per GPU preset of planner.steptime.devices.
+"""On-demand list prices per device-hour (USD), one entry per GPU preset of planner.steptime.gpu_presets.
 
 Each figure is a cloud's published on-demand (pay-as-you-go, Linux, no commitment, not Spot) price for an
 instance, divided by the GPUs in it, so a device-hour includes its share of the host's CPUs, memory, local

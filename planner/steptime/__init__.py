@@ -2,8 +2,9 @@
 
 - `trace.trace_step` / `trace_cache.load_or_trace`: every ATen op of a forward, training step or forecast,
   with FLOPs, bytes, dtype and kind, by shape-only execution of the real modules (torch; cached on disk);
-- `devices`: device models, this machine's (`MeasuredDevice`, from `probe.probe_device`, cached by
-  `device_cache`) and GPUs' (`GPU_PRESETS`, datasheets and published measurements, each cited);
+- `devices`: the interface of a device model and how ops are classed for it; this machine's
+  (`measured.MeasuredDevice`, from `probe.probe_device`, cached by `device_cache`, its curves in `curves`) and
+  GPUs' (`gpu_presets.GPU_PRESETS`, datasheets and published measurements, each cited);
 - `predict.predict_step_time(trace, device)` -> `StepTime`: seconds split into matmul, memory-bound,
   overhead and sync, and what bounds the step.
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from planner.steptime.devices import GPU_PRESETS, DeviceModel, GpuPreset, MeasuredDevice, gpu_preset
+from planner.steptime.devices import DeviceModel
+from planner.steptime.gpu_presets import GPU_PRESETS, GpuPreset, gpu_preset
+from planner.steptime.measured import MeasuredDevice
 from planner.steptime.predict import TERMS, StepTime, predict_step_time
 
 __all__ = ["GPU_PRESETS", "TERMS", "DeviceModel", "GpuPreset", "MeasuredDevice", "StepTime", "gpu_preset",

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Optional
 
 from planner.bench.cache import cache_dir
-from planner.steptime.devices import MeasuredDevice
+from planner.steptime.measured import MeasuredDevice
 
 DEVICE_MODEL_FILE = "device_model.json"
 

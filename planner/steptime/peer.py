@@ -15,7 +15,8 @@ from typing import Optional
 from unittest import mock
 
 from model.config import ChronosMoEConfig
-from planner.steptime.devices import DTYPE_NAMES, GpuPreset
+from planner.steptime.devices import DTYPE_NAMES
+from planner.steptime.gpu_presets import GpuPreset
 from planner.workload import Workload
 
 

@@ -36,7 +36,8 @@ from model.build import build_model_from_config
 from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.measure import token_batch
-from planner.steptime.devices import GemmGrid, MeasuredDevice, SizeCurve, gemm_key
+from planner.steptime.curves import GemmGrid, SizeCurve
+from planner.steptime.measured import MeasuredDevice, gemm_key
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time

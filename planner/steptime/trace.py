@@ -44,6 +44,7 @@ from model.trainable import set_trainable
 from planner.bench.device import TORCH_DTYPES
 from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
+from planner.steptime.devices import SCATTER_OPS
 from planner.steptime.ops import OpRecord, StepTrace
 
 MODES = ("forward", "train", "forecast")
@@ -52,9 +53,6 @@ SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "unique
                       "_unique2", "unique_dim", "equal", "is_nonzero", "allclose"})
 # Index ops read only what they gather: their output and their indices, not the whole source.
 GATHER_OPS = frozenset({"embedding", "index", "index_select", "gather", "take"})
-# Scatter-adds: rows added into a table (a row at a time on CPU).
-SCATTER_OPS = frozenset({"embedding_dense_backward", "index_add", "index_add_", "index_put", "index_put_",
-                         "scatter_add", "scatter_add_"})
 # Metadata-only ops PyTorch does not tag as views (and the profiler's range markers, namespace "profiler").
 METADATA_OPS = frozenset({"_unsafe_view"})
 # What a shape-only step runs at most, to stop a runaway trace (the largest Chronos forecast runs ~60,000).

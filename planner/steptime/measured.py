@@ -1,0 +1,211 @@
+"""This machine's device model, probed (`probe.probe_device`; cached by `device_cache`): GEMM kernel rates on a
+grid of shapes (interpolated between them), the kernel time of every exact GEMM shape a predicted step has met
+(`gemm_shape_s`: a CPU GEMM's speed jumps between neighbouring shapes, e.g. 65 rows against 64, as its kernels
+tile the rows, so a grid cannot be interpolated to within the band) and how much slower they run inside a model
+step, kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES), fresh pages and scatter rows,
+and the host's time per dispatched op, each phase apart (Python module code around the forward's ops, the C++
+autograd engine around the backward's, the optimizer's Python loop). Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Optional
+
+from planner.steptime.curves import GemmGrid, SizeCurve
+from planner.steptime.devices import MEMORY_CLASSES, SCATTER_OPS, allocates_output, memory_class, op_base_name
+from planner.steptime.ops import OpRecord
+
+
+@dataclass(frozen=True)
+class MeasuredDevice:
+    """This machine's measured terms (see probe.py). Times are kernel times: the probe subtracts the cost of
+    calling an op from Python, which `host_s_per_op` carries instead, per phase."""
+
+    name: str
+    dtype: str
+    measured_on: str  # ISO date of the probe
+    mm: GemmGrid
+    bmm: GemmGrid  # batched products (attention), per problem of the batch
+    memory: dict[str, SizeCurve]  # MEMORY_CLASSES -> kernel seconds by bytes moved
+    scatter_s_per_row: float  # a scatter-add's cost per index row, beyond its bytes
+    fresh_page_s_per_byte: float  # first touch of newly mapped memory (the kernel zero-fills each page)
+    fresh_above_bytes: int  # outputs larger than this are newly mapped (glibc's mmap threshold)
+    gemm_in_model_factor: dict[str, float]  # phase -> GEMMs inside a model step ÷ the same back to back (fitted)
+    host_s_per_op: dict[str, float]  # phase -> seconds of host time per dispatched op
+    host_s_per_view: float
+    parallel_speedup: float  # every thread ÷ one thread on a reference GEMM, when probed (host_state)
+    source: str = "probe"
+    overlaps_host: bool = False  # a CPU computes what it dispatches: host and kernel time add up
+    # gemm_key(batch, m, n, k) -> kernel seconds of that exact GEMM, timed as the grid's points are
+    gemm_shape_s: dict[str, float] = field(default_factory=dict)
+    # Threads each term keeps busy (probe.Timed), for the step's CPU time: a benchmark's CPU-time ratio
+    # compares like with like, since a serial kernel (dropout's draws) leaves the other threads asleep.
+    gemm_shape_busy: dict[str, float] = field(default_factory=dict)  # by gemm_key, as gemm_shape_s
+    scatter_busy: float = 1.0
+    fresh_page_busy: float = 1.0
+    host_busy: dict[str, float] = field(default_factory=dict)  # phase -> threads busy while dispatching
+    # The optimizer's memory-bound ops by bytes moved, operands streamed from memory: each parameter, gradient
+    # and moment is touched once a step, long after its last use, where the classes above are timed on
+    # operands in the cache (as a forward's chained activations mostly are). None: priced as elementwise.
+    optimizer_memory: Optional[SizeCurve] = None
+
+    def for_step(self, trace) -> "MeasuredDevice":
+        """This device as `trace` (a StepTrace) meets it: the optimizer's operands stream from memory only when
+        what it moves exceeds the last-level cache (OPTIMIZER_CACHED_BYTES); a small model's states stay in
+        the cache from one op to the next, and its optimizer is priced as the cached classes are."""
+        moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
+        return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
+
+    def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
+        """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
+        shapes = {op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None}
+        return sorted(shape for shape in shapes
+                      if gemm_key(*shape) not in self.gemm_shape_s or gemm_key(*shape) not in self.gemm_shape_busy)
+
+    def _fresh_pages_s(self, op: OpRecord) -> float:
+        fresh = allocates_output(op) and op.bytes_written > self.fresh_above_bytes
+        return op.bytes_written * self.fresh_page_s_per_byte if fresh else 0.0
+
+    def matmul_s(self, op: OpRecord, matmul_dtype: str) -> float:
+        factor = self.gemm_in_model_factor.get(op.phase, self.gemm_in_model_factor["forward"])
+        if op.gemm is None:
+            return op.flops / self.mm.rate(4096, 4096, 4096) * factor
+        batch, m, n, k = op.gemm
+        exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
+        kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+        return kernel_s * factor + self._fresh_pages_s(op)
+
+    def _memory_curve(self, op: OpRecord) -> SizeCurve:
+        if op.phase == "optimizer" and self.optimizer_memory is not None:
+            return self.optimizer_memory
+        return self.memory[memory_class(op)]
+
+    def memory_s(self, op: OpRecord) -> float:
+        scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
+        return self._memory_curve(op)(op.bytes) + scatter_s + self._fresh_pages_s(op)
+
+    def host_s(self, op: OpRecord) -> float:
+        if op.kind == "view":
+            return self.host_s_per_view
+        return self.host_s_per_op.get(op.phase, self.host_s_per_op["forward"])
+
+    def sync_s(self) -> float:
+        return 0.0  # the values are already on the host
+
+    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]:
+        """The kernel's time × the threads it keeps busy (its fresh pages × theirs)."""
+        fresh_s = self._fresh_pages_s(op)
+        if op.kind == "matmul":
+            busy = self.gemm_shape_busy.get(gemm_key(*op.gemm)) if op.gemm is not None else None
+            kernel_s = self.matmul_s(op, matmul_dtype) - fresh_s
+        else:
+            scatter = op_base_name(op) in SCATTER_OPS
+            busy = self.scatter_busy if scatter else self._memory_curve(op).busy_at(op.bytes)
+            kernel_s = self.memory_s(op) - fresh_s
+        return None if busy is None else kernel_s * busy + fresh_s * self.fresh_page_busy
+
+    def host_cpu_s(self, op: OpRecord) -> Optional[float]:
+        busy = self.host_busy.get(op.phase, self.host_busy.get("forward"))
+        return None if busy is None else self.host_s(op) * busy
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MeasuredDevice":
+        """Rebuild a cached probe, refusing anything that is not one (ValueError naming the field)."""
+        if not isinstance(values, Mapping):
+            raise ValueError("a cached device probe must be a JSON object")
+        try:
+            grids = {}
+            for key in ("mm", "bmm"):
+                grid = values[key]
+                axes = [tuple(int(v) for v in grid[axis]) for axis in ("m_values", "n_values", "k_values")]
+                rates = tuple(tuple(tuple(float(r) for r in row) for row in plane) for plane in grid["rates"])
+                if [len(rates), len(rates[0]), len(rates[0][0])] != [len(a) for a in axes]:
+                    raise ValueError(f"{key}: rates do not match the grid's axes")
+                _check_positive(key, [r for plane in rates for row in plane for r in row] + [v for a in axes for v in a])
+                grids[key] = GemmGrid(*axes, rates)
+            curves = {key: _size_curve_from(values["memory"][key], f"memory.{key}") for key in MEMORY_CLASSES}
+            optimizer_memory = _size_curve_from(values["optimizer_memory"], "optimizer_memory")
+            per_phase = {}
+            for key in ("host_s_per_op", "gemm_in_model_factor", "host_busy"):
+                per_phase[key] = {str(phase): float(v) for phase, v in dict(values[key]).items()}
+                if "forward" not in per_phase[key]:
+                    raise ValueError(f"{key}: the forward phase is missing")
+                _check_positive(key, list(per_phase[key].values()))
+            _check_busy("host_busy", list(per_phase["host_busy"].values()))
+            scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
+                                                             "fresh_page_s_per_byte", "fresh_above_bytes",
+                                                             "parallel_speedup", "scatter_busy", "fresh_page_busy")}
+            for key, value in scalars.items():
+                _check_positive(key, [value])
+            _check_busy("scatter_busy / fresh_page_busy", [scalars["scatter_busy"], scalars["fresh_page_busy"]])
+            # Both absent in probes made before exact shapes (and their busy threads) were timed.
+            shapes = _per_gemm_shape(values, "gemm_shape_s", "seconds", _check_positive)
+            busy_of_shape = _per_gemm_shape(values, "gemm_shape_busy", "busy threads", _check_busy)
+            return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
+                       grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
+                       int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
+                       per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
+                       gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
+                       fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"],
+                       optimizer_memory=optimizer_memory)
+        except (KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
+
+
+def gemm_key(batch: int, m: int, n: int, k: int) -> str:
+    return f"{batch},{m},{n},{k}"
+
+
+def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
+    """'batch,m,n,k' -> the four sizes; a ValueError for anything else."""
+    parts = key.split(",")
+    if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"gemm_shape_s: {key[:40]!r} is not 'batch,m,n,k' of positive integers")
+    batch, m, n, k = (int(part) for part in parts)
+    return batch, m, n, k
+
+
+MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cache
+# What an optimizer step may move and still find its operands in the cache: twice a 32 MiB last-level cache,
+# the probe's own assumption for cold operands (probe.COLD_BYTES).
+OPTIMIZER_CACHED_BYTES = 64 * 2**20
+
+
+def _per_gemm_shape(values: Mapping[str, Any], field_name: str, what: str, check) -> dict[str, float]:
+    """A cached `gemm_key -> value` table (empty when absent), or ValueError naming the field."""
+    table = values.get(field_name, {})
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{field_name} must be an object of shape -> {what}")
+    table = {str(key): float(value) for key, value in table.items()}
+    for key in table:
+        parse_gemm_key(key)
+    check(field_name, list(table.values()))
+    return table
+
+
+def _size_curve_from(curve: Mapping[str, Any], field_name: str) -> SizeCurve:
+    """A cached SizeCurve (sizes, seconds, busy threads), or ValueError naming the field."""
+    sizes, seconds = tuple(map(float, curve["sizes"])), tuple(map(float, curve["seconds"]))
+    busy = tuple(map(float, curve["busy_threads"]))
+    if len({len(sizes), len(seconds), len(busy)}) != 1 or len(sizes) < 2 or list(sizes) != sorted(sizes):
+        raise ValueError(f"{field_name}: sizes, seconds and busy_threads must be ascending lists of one length")
+    _check_positive(field_name, sizes + seconds)
+    _check_busy(f"{field_name}.busy_threads", busy)
+    return SizeCurve(sizes, seconds, busy)
+
+
+def _check_busy(field_name: str, values) -> None:
+    _check_positive(field_name, values)
+    if any(v > MAX_BUSY_THREADS for v in values):
+        raise ValueError(f"{field_name}: busy threads must be at most {MAX_BUSY_THREADS}")
+
+
+def _check_positive(field_name: str, values) -> None:
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"{field_name}: every value must be a positive finite number, got {bad[0]!r}")
