@@ -82,7 +82,7 @@ class GpuPreset:
     def sync_s(self) -> float:
         return CUDA_SYNC_S
 
-    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]:
+    def kernel_cpu_s(self, op: OpRecord, kernel_s: float) -> Optional[float]:
         return None  # a GPU's kernels are not the host's CPU time
 
     def host_cpu_s(self, op: OpRecord) -> Optional[float]:

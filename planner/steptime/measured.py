@@ -94,17 +94,16 @@ class MeasuredDevice:
     def sync_s(self) -> float:
         return 0.0  # the values are already on the host
 
-    def kernel_cpu_s(self, op: OpRecord, matmul_dtype: str) -> Optional[float]:
-        """The kernel's time × the threads it keeps busy (its fresh pages × theirs)."""
+    def kernel_cpu_s(self, op: OpRecord, kernel_s: float) -> Optional[float]:
+        """The kernel's time `kernel_s` (matmul_s or memory_s) × the threads it keeps busy, its fresh pages'
+        part × theirs."""
         fresh_s = self._fresh_pages_s(op)
         if op.kind == "matmul":
             busy = self.gemm_shape_busy.get(gemm_key(*op.gemm)) if op.gemm is not None else None
-            kernel_s = self.matmul_s(op, matmul_dtype) - fresh_s
         else:
             scatter = op_base_name(op) in SCATTER_OPS
             busy = self.scatter_busy if scatter else self._memory_curve(op).busy_at(op.bytes)
-            kernel_s = self.memory_s(op) - fresh_s
-        return None if busy is None else kernel_s * busy + fresh_s * self.fresh_page_busy
+        return None if busy is None else (kernel_s - fresh_s) * busy + fresh_s * self.fresh_page_busy
 
     def host_cpu_s(self, op: OpRecord) -> Optional[float]:
         busy = self.host_busy.get(op.phase, self.host_busy.get("forward"))

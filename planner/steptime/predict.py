@@ -102,12 +102,15 @@ def predict_step_time(trace: StepTrace, device: DeviceModel, *, compiled: bool =
         if _fused(op, compiled):
             continue
         kernel_cpu_s: Optional[float] = 0.0
-        if op.kind == "matmul":
-            matmul_s += count * device.matmul_s(op, _matmul_dtype(op, tf32))
-        elif op.kind in ("memory", "sync", "collective"):
-            memory_s += count * device.memory_s(op)
-        if op.kind in ("matmul", "memory", "sync", "collective") and cpu_s is not None:
-            kernel_cpu_s = device.kernel_cpu_s(op, _matmul_dtype(op, tf32))
+        if op.kind in ("matmul", "memory", "sync", "collective"):
+            if op.kind == "matmul":
+                kernel_s = device.matmul_s(op, _matmul_dtype(op, tf32))
+                matmul_s += count * kernel_s
+            else:
+                kernel_s = device.memory_s(op)
+                memory_s += count * kernel_s
+            if cpu_s is not None:
+                kernel_cpu_s = device.kernel_cpu_s(op, kernel_s)
         if compiled:
             host_s += count * device.host_s(OpRecord(op.name, op.kind, "backward", op.dtype, 0, 0, 0))
         else:
