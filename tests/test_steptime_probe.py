@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from planner.steptime import devices, gpu_presets, probe
+from planner.steptime import devices, gpu_presets, kernel_probes, probe
 from planner.steptime.device_cache import load_measured_device, save_measured_device
 
 
@@ -17,8 +17,8 @@ def _private_cache(tmp_path, monkeypatch):
 def test_probe_measures_every_term_and_round_trips(monkeypatch):
     monkeypatch.setattr(probe, "MM_AXES", ((1, 64), (64, 256), (64, 256)))
     monkeypatch.setattr(probe, "BMM_AXES", ((1, 64), (16, 64), (16, 64)))
-    monkeypatch.setattr(probe, "SIZES_BYTES", (64 * 2**10, 4 * 2**20))
-    monkeypatch.setattr(probe, "COLD_BYTES", 2**20)
+    monkeypatch.setattr(kernel_probes, "SIZES_BYTES", (64 * 2**10, 4 * 2**20))
+    monkeypatch.setattr(kernel_probes, "COLD_BYTES", 2**20)
     measured = probe.probe_device("fp32", "this CPU")
     rates = [r for grid in (measured.mm, measured.bmm) for plane in grid.rates for row in plane for r in row]
     curves = [t for curve in measured.memory.values() for t in curve.seconds]
@@ -43,7 +43,7 @@ def test_gemm_timing_writes_into_one_output():
     large output's fresh pages (priced apart) are not in it."""
     import torch
 
-    from planner.steptime.probe import _gemm_run
+    from planner.steptime.kernel_probes import _gemm_run
 
     for shape in ((1, 3, 16, 8), (2, 5, 4, 6)):
         run = _gemm_run(*shape, torch.float32)
@@ -59,12 +59,12 @@ def test_busy_threads_count_cpu_time_not_waiting():
 
     import torch
 
-    assert probe.typical_time(lambda: time.sleep(0.002)).busy_threads < 0.5
+    assert kernel_probes.typical_time(lambda: time.sleep(0.002)).busy_threads < 0.5
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         x = torch.rand(2**20)
-        assert probe.typical_time(lambda: x * 2.0).busy_threads <= 1.05
+        assert kernel_probes.typical_time(lambda: x * 2.0).busy_threads <= 1.05
     finally:
         torch.set_num_threads(threads)
 
@@ -77,7 +77,7 @@ def test_fresh_page_probe_touches_new_pages_whatever_the_heap_holds():
     import torch
 
     from planner.bench.memory_probe import pin_allocator, settle_allocator
-    from planner.steptime.probe import _write_fresh_pages
+    from planner.steptime.kernel_probes import _write_fresh_pages
 
     pin_allocator()
     blocks = [torch.ones(2**20) for _ in range(16)]  # 64 MiB of heap, freed below: a large free block

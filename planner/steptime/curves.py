@@ -27,7 +27,7 @@ class SizeCurve:
 
     sizes: tuple[float, ...]
     seconds: tuple[float, ...]
-    busy_threads: tuple[float, ...] = ()  # at each size, the threads the kernel kept busy (probe.Timed)
+    busy_threads: tuple[float, ...] = ()  # at each size, the threads the kernel kept busy (kernel_probes.Timed)
 
     def busy_at(self, size: float) -> Optional[float]:
         """Threads kept busy at `size` bytes: linear in log size between the measured sizes, the nearest

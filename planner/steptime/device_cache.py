@@ -104,7 +104,7 @@ def with_gemm_shapes_of(device: MeasuredDevice, trace) -> tuple[MeasuredDevice, 
     now (a second or a few; torch) and saved. Returns it with notes for the user."""
     if not device.missing_gemm_shapes(trace):
         return device, []
-    from planner.steptime.probe import with_exact_gemms  # torch, only when shapes must be timed
+    from planner.steptime.kernel_probes import with_exact_gemms  # torch, only when shapes must be timed
 
     device = with_exact_gemms(device, trace)
     problem = save_measured_device(device)

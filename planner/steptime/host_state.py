@@ -20,7 +20,7 @@ SPEEDUP_TOLERANCE = 0.10  # a run's speedup this far from its probe's is a diffe
 
 def parallel_speedup() -> float:
     """Rate of the reference GEMM on every thread PyTorch uses ÷ its rate on one thread (1.0 with one)."""
-    from planner.steptime.probe import typical_time_s  # the probe's timing statistic
+    from planner.steptime.kernel_probes import typical_time_s  # the probe's timing statistic
 
     threads = torch.get_num_threads()
     if threads == 1:

@@ -40,7 +40,7 @@ class MeasuredDevice:
     overlaps_host: bool = False  # a CPU computes what it dispatches: host and kernel time add up
     # gemm_key(batch, m, n, k) -> kernel seconds of that exact GEMM, timed as the grid's points are
     gemm_shape_s: dict[str, float] = field(default_factory=dict)
-    # Threads each term keeps busy (probe.Timed), for the step's CPU time: a benchmark's CPU-time ratio
+    # Threads each term keeps busy (kernel_probes.Timed), for the step's CPU time: a benchmark's CPU-time ratio
     # compares like with like, since a serial kernel (dropout's draws) leaves the other threads asleep.
     gemm_shape_busy: dict[str, float] = field(default_factory=dict)  # by gemm_key, as gemm_shape_s
     scatter_busy: float = 1.0
@@ -171,7 +171,7 @@ def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
 
 MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cache
 # What an optimizer step may move and still find its operands in the cache: twice a 32 MiB last-level cache,
-# the probe's own assumption for cold operands (probe.COLD_BYTES).
+# the probe's own assumption for cold operands (kernel_probes.COLD_BYTES).
 OPTIMIZER_CACHED_BYTES = 64 * 2**20
 
 
