@@ -34,7 +34,9 @@ MIN_REPEATS, MAX_REPEATS = 3, 200
 MM_AXES = ((1, 4, 16, 64, 256, 1024), (64, 256, 1024, 4096), (64, 256, 1024, 4096))
 BMM_BATCH = 32
 BMM_AXES = ((1, 16, 64, 512), (16, 64, 512), (16, 64, 512))
-COLD_BYTES, COLD_COPIES_MAX = 64 * 2**20, 64  # twice a 32 MiB last-level cache
+# Operands met once a step are timed from a rotation of copies that together exceed twice a 32 MiB last-level
+# cache, however small each is (a few KiB for a debug model's weights, a bias's moments).
+COLD_BYTES, COLD_COPIES_MAX = 64 * 2**20, 16384
 SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 128 * 2**20)
 SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
@@ -96,10 +98,15 @@ def _within_threads(busy: float) -> float:
 def _cold_weights(n: int, k: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """A (k, n) weight as a linear layer holds it (n, k) transposed, a different copy at each call, so it
     comes from memory as a model's weights do (each is read once per step), not from the cache."""
-    copies = max(2, min(COLD_COPIES_MAX, -(-COLD_BYTES // (n * k * torch.finfo(dtype).bits // 8))))
-    weights = [torch.ones(n, k, dtype=dtype) for _ in range(copies)]
+    copies = _cold_copies(n * k * torch.finfo(dtype).bits // 8)
+    weights = [weight.t() for weight in torch.ones(copies, n, k, dtype=dtype)]
     turn = iter(range(1 << 62))
-    return lambda: weights[next(turn) % copies].t()
+    return lambda: weights[next(turn) % copies]
+
+
+def _cold_copies(bytes_each: int) -> int:
+    """How many copies of an operand of `bytes_each` exceed COLD_BYTES together (at least two)."""
+    return max(2, min(COLD_COPIES_MAX, -(-COLD_BYTES // bytes_each)))
 
 
 def _least_disturbed(makers: list[Callable[[], Callable[[], object]]], call_s: float) -> list[Timed]:
@@ -198,9 +205,9 @@ def streamed_elementwise(dtype: torch.dtype) -> Callable[[int], Callable[[], obj
     as many as exceed twice a 32 MiB last-level cache, as an optimizer step meets each parameter, gradient
     and moment once."""
     def make_run(n: int) -> Callable[[], object]:
-        copies = max(2, min(COLD_COPIES_MAX, -(-COLD_BYTES // (3 * n * torch.finfo(dtype).bits // 8))))
-        operands = [(torch.rand(n, dtype=dtype), torch.rand(n, dtype=dtype), torch.empty(n, dtype=dtype))
-                    for _ in range(copies)]
+        copies = _cold_copies(3 * n * torch.finfo(dtype).bits // 8)
+        operands = list(zip(torch.rand(copies, n, dtype=dtype), torch.rand(copies, n, dtype=dtype),
+                            torch.empty(copies, n, dtype=dtype)))
         turn = iter(range(1 << 62))
 
         def run() -> object:
