@@ -78,6 +78,21 @@ def test_optimizer_streams_its_operands_only_beyond_the_cache():
     assert streamed.overhead_s == cached.overhead_s == pytest.approx(2 * HOST_S["optimizer"])
 
 
+def test_a_compute_bound_optimizer_op_is_priced_on_its_class_when_slower_than_streaming():
+    """AdamW's square root of the second moments computes longer than its bytes stream (on this CPU a 4 MiB
+    sqrt takes 450 µs hot, its bytes 190 µs streamed): the slower of its class (here transcendental at 1e8
+    B/s) and the streamed curve (1e9 B/s) prices it; an elementwise update stays on the streamed curve."""
+    device = replace(simple_measured_device(),
+                     memory={**simple_measured_device().memory,
+                             "transcendental": SizeCurve((1e3, 1e9), (1e3 / 1e8, 1e9 / 1e8), (1.0, 1.0))})
+    sqrt = OpRecord("aten.sqrt.default", "memory", "optimizer", "float32", 0, 3 * 10**7, 2 * 10**7)  # no fresh pages
+    lerp = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7)
+    step = predict_step_time(StepTrace(((sqrt, 1), (lerp, 1))), device)
+    assert step.memory_s == pytest.approx(5 * 10**7 / 1e8 + 10**8 / 1e9)
+    # the CPU time follows the bounding curve's busy threads: 1 for the class, 1 for the streamed curve
+    assert step.cpu_s == pytest.approx(step.memory_s + 2 * HOST_S["optimizer"] * HOST_BUSY["optimizer"])
+
+
 def test_cpu_time_unknown_where_a_term_was_not_measured():
     """A GEMM read off the grid (no exact timing, so no busy threads), a GPU, and the compiled what-if have
     no CPU time."""

@@ -78,9 +78,14 @@ class MeasuredDevice:
         return kernel_s * factor + self._fresh_pages_s(op)
 
     def _memory_curve(self, op: OpRecord) -> SizeCurve:
-        if op.phase == "optimizer" and self.optimizer_memory is not None:
+        """The curve that bounds `op`: its class's; in the optimizer, the streamed one where moving the operands
+        from memory takes longer than the class's kernel does on cached operands (an elementwise update
+        waits on memory; a square root of the second moments computes for longer than its bytes stream)."""
+        curve = self.memory[memory_class(op)]
+        if op.phase == "optimizer" and self.optimizer_memory is not None \
+                and self.optimizer_memory(op.bytes) > curve(op.bytes):
             return self.optimizer_memory
-        return self.memory[memory_class(op)]
+        return curve
 
     def memory_s(self, op: OpRecord) -> float:
         scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
