@@ -16,7 +16,7 @@ from planner.steptime import device_cache
 from planner.steptime.curves import GemmGrid, SizeCurve
 from planner.steptime.gpu_presets import preset_for_device_name
 from planner.steptime.ops import OpRecord, StepTrace
-from tests.steptime_fixtures import (FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
+from tests.steptime_fixtures import (BYTES_PER_S, FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
                                      simple_measured_device)
 
 MM = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 10**9, 10**6, 10**6, (1, 1000, 1000, 1000))
@@ -91,6 +91,19 @@ def test_a_compute_bound_optimizer_op_is_priced_on_its_class_when_slower_than_st
     assert step.memory_s == pytest.approx(5 * 10**7 / 1e8 + 10**8 / 1e9)
     # the CPU time follows the bounding curve's busy threads: 1 for the class, 1 for the streamed curve
     assert step.cpu_s == pytest.approx(step.memory_s + 2 * HOST_S["optimizer"] * HOST_BUSY["optimizer"])
+
+
+def test_fresh_pages_counted_in_the_step_replace_the_threshold_rule():
+    """A 20 MB output under the 32 MiB mmap threshold that faulted 8 MB of new pages in the recorded step pays
+    those 8 MB (a heap trimmed between steps hands out new pages below the threshold); a 100 MB output that
+    faulted none pays none; a shape-only record (None) keeps the rule (100 MB above the threshold: all new)."""
+    device = simple_measured_device()
+    small = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 4 * 10**7, 2 * 10**7, fresh_bytes=8 * 10**6)
+    big = replace(small, bytes_read=2 * 10**8, bytes_written=10**8, fresh_bytes=0)
+    assert device.memory_s(small) == pytest.approx(6 * 10**7 / BYTES_PER_S + 8 * 10**6 * FRESH_S_PER_BYTE)
+    assert device.memory_s(big) == pytest.approx(3 * 10**8 / BYTES_PER_S)
+    assert device.memory_s(replace(big, fresh_bytes=None)) == pytest.approx(3 * 10**8 / BYTES_PER_S + 10**8 * FRESH_S_PER_BYTE)
+    assert device.memory_s(replace(small, fresh_bytes=None)) == pytest.approx(6 * 10**7 / BYTES_PER_S)
 
 
 def test_cpu_time_unknown_where_a_term_was_not_measured():

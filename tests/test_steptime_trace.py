@@ -250,3 +250,63 @@ def test_trace_key_follows_the_traced_code(tmp_path, monkeypatch):
     trace_cache._code_digest.cache_clear()
     assert trace_cache.trace_key(*arguments) != before
     trace_cache._code_digest.cache_clear()
+
+
+def test_a_real_step_counts_the_pages_each_op_touches_first():
+    """Recorded in a real step, each op carries the new pages it touched (page faults × page size): filling
+    64 MiB of newly mapped memory counts its 64 MiB, a small copy none; a step recorded without counting, a
+    shape-only trace and the optimizer's meta-tensor step carry None (the device's rule stands in), and the
+    counted bytes survive the trace's round trip."""
+    import mmap
+
+    from planner.steptime.trace import OpRecorder
+
+    region = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # no page touched yet
+    untouched = torch.frombuffer(region, dtype=torch.float32)
+    recorder = OpRecorder(set(), count_fresh_pages=True)
+    with recorder:
+        untouched.fill_(1.0)
+        untouched[:16].clone()
+    fresh = {op.name: op.fresh_bytes for op in recorder.records}
+    assert 64 * 2**20 <= fresh["aten.fill_.Scalar"] <= 65 * 2**20
+    assert fresh["aten.clone.default"] == 0
+    del untouched
+    region.close()
+
+    config = config_of("expert_only")
+    model = build_model_from_config(config)
+    batch = token_batch(config, WORKLOAD, torch.Generator().manual_seed(0))
+    counted = record_step(model, batch, WORKLOAD, "train", count_fresh_pages=True)
+    assert all(op.fresh_bytes is not None for op, _ in counted.ops if op.phase in ("forward", "backward"))
+    assert all(op.fresh_bytes is None for op, _ in counted.ops if op.phase == "optimizer")
+    assert StepTrace.from_dict(counted.to_dict()) == counted
+    assert all(op.fresh_bytes is None for op, _ in record_step(model, batch, WORKLOAD, "forward").ops)
+    assert all(op.fresh_bytes is None for op, _ in trace_step(config, WORKLOAD, "forward").ops)
+
+
+def test_a_trace_saved_before_fresh_pages_were_counted_still_reads():
+    trace = trace_step(config_of("dense"), WORKLOAD, "forward")
+    saved = trace.to_dict()
+    saved["fields"] = saved["fields"][:10] + ["count"]
+    saved["ops"] = [row[:10] + row[11:] for row in saved["ops"]]
+    assert StepTrace.from_dict(saved) == trace
+
+
+def test_the_benchmarks_recorded_training_step_makes_its_gradients_afresh():
+    """A benchmark records one more training step after its timed ones, whose gradients are still set; the
+    timed step starts from none (train_step's zero_grad(set_to_none=True)), so the recording must too: its
+    backward dispatches what the recording of a model that never stepped does (each gradient made, not
+    added into the last step's)."""
+    from planner.bench.spec import BenchSpec
+    from planner.bench.steps import make_step
+
+    spec = BenchSpec(size="debug", mode="train", batch_size=2, context_length=16, prediction_length=4, device="cpu")
+
+    def backward_of_recording(timed_steps: int) -> collections.Counter:
+        torch.manual_seed(0)
+        step = make_step(spec, build_model_from_config(spec.model_config()), "cpu")
+        for _ in range(timed_steps):
+            step()
+        return collections.Counter({op.name: n for op, n in step.record().ops if op.phase == "backward"})
+
+    assert backward_of_recording(2) == backward_of_recording(0)

@@ -76,15 +76,20 @@ def make_step(spec: BenchSpec, model: torch.nn.Module, device: str) -> BenchStep
              training_batch(model, series, spec.context_length, spec.prediction_length).items()}
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
 
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=LEARNING_RATE) if spec.mode == "train" else None
+
     def record():
         from planner.steptime.trace import record_step  # the tracer, only once the timing is done
 
+        if optimizer is not None:  # as train_step starts: the backward makes each gradient, not adds into it
+            optimizer.zero_grad(set_to_none=True)
         return record_step(model, inputs, spec.workload(), spec.mode, spec.dtype,
-                           generator=torch.Generator(device=device).manual_seed(spec.seed))
+                           generator=torch.Generator(device=device).manual_seed(spec.seed),
+                           count_fresh_pages=device == "cpu")  # the pages this run's allocator hands out
 
-    if spec.mode == "train":
+    if optimizer is not None:
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
         autocast = spec.dtype != "fp32"
 
         def train() -> MoEOutput:

@@ -65,6 +65,10 @@ class MeasuredDevice:
                       if gemm_key(*shape) not in self.gemm_shape_s or gemm_key(*shape) not in self.gemm_shape_busy)
 
     def _fresh_pages_s(self, op: OpRecord) -> float:
+        """New pages the op touches first: as counted in a recorded step, or else its output when that is
+        above glibc's mmap threshold (a shape-only trace cannot see the heap's state)."""
+        if op.fresh_bytes is not None:
+            return op.fresh_bytes * self.fresh_page_s_per_byte
         fresh = allocates_output(op) and op.bytes_written > self.fresh_above_bytes
         return op.bytes_written * self.fresh_page_s_per_byte if fresh else 0.0
 

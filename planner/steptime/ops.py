@@ -27,6 +27,9 @@ class OpRecord:
     gemm: Optional[tuple[int, int, int, int]] = None
     pointwise: bool = False  # elementwise (PyTorch's pointwise tag): what a compiler fuses into its neighbours
     index_rows: int = 0  # index ops: the rows their indices address (a scatter-add's cost grows with them)
+    # Bytes of new pages the op touched first (page faults × 4 KiB), counted when it was recorded in a real
+    # step; None when traced by shape, where the device's rule (outputs above the mmap threshold) stands in.
+    fresh_bytes: Optional[int] = None
 
     @property
     def bytes(self) -> int:
@@ -64,7 +67,8 @@ class StepTrace:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows")
+        fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows",
+                  "fresh_bytes")
         return {"fields": [*fields, "count"],
                 "ops": [[getattr(op, f) for f in fields] + [count] for op, count in self.ops]}
 
@@ -74,14 +78,16 @@ class StepTrace:
         try:
             ops = []
             for *fields, count in values["ops"]:
-                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows = fields
+                if len(fields) == 10:  # a trace saved before fresh pages were counted
+                    fields = [*fields, None]
+                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh = fields
                 if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
                     raise ValueError(f"bad op record {str(fields)[:200]}")
-                if min(int(flops), int(read), int(written), int(index_rows)) < 0:
+                if min(int(flops), int(read), int(written), int(index_rows), int(fresh or 0)) < 0:
                     raise ValueError(f"negative FLOPs or bytes in {str(fields)[:200]}")
                 ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
                                      tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
-                                     int(index_rows)),
+                                     int(index_rows), int(fresh) if fresh is not None else None),
                             count))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step trace: {error}") from None

@@ -29,6 +29,7 @@ not a device sync). Identical ops are merged with a count; traces are cached per
 from __future__ import annotations
 
 import contextlib
+import resource
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -55,6 +56,10 @@ SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "unique
 GATHER_OPS = frozenset({"embedding", "index", "index_select", "gather", "take"})
 # Metadata-only ops PyTorch does not tag as views (and the profiler's range markers, namespace "profiler").
 METADATA_OPS = frozenset({"_unsafe_view"})
+# Counted fresh pages: a page fault maps one base page (transparent huge pages are only used on request, and
+# PyTorch's CPU allocator does not ask by default); a few faults are the Python objects around an op, not it.
+PAGE_BYTES = resource.getpagesize()
+FRESH_COUNT_FLOOR_BYTES = 64 * 2**10
 # What a shape-only step runs at most, to stop a runaway trace (the largest Chronos forecast runs ~60,000).
 MAX_TRACED_OPS = 5_000_000
 
@@ -83,9 +88,12 @@ class OpRecorder(TorchDispatchMode):
 
     Enter it inside ShapeOnlyMatmuls (this mode sees each op first, with its real arguments)."""
 
-    def __init__(self, full_size_storages: set[int]) -> None:
+    def __init__(self, full_size_storages: set[int], count_fresh_pages: bool = False) -> None:
         super().__init__()
         self.phase = "forward"
+        # A real step: count the pages each op touches first (what the allocator hands out as new memory,
+        # whatever its size: a heap trimmed between steps hands out new pages below the mmap threshold too).
+        self.count_fresh_pages = count_fresh_pages
         self.records: Counter[OpRecord] = Counter()
         self.sync_exempt_phases: set[str] = set()
         self._full_size = full_size_storages  # storages of broadcast parameters: count them in full
@@ -112,7 +120,7 @@ class OpRecorder(TorchDispatchMode):
             return "view"
         return "memory"
 
-    def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+    def record(self, func, args: tuple, kwargs: dict, out: Any, fresh_bytes: Optional[int] = None) -> None:
         name = func.overloadpacket.__name__
         kind = self._kind(func, name, args)
         outputs = _tensors(out)
@@ -132,14 +140,20 @@ class OpRecorder(TorchDispatchMode):
         dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
         pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
         self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
-                              index_rows)] += 1
+                              index_rows, fresh_bytes)] += 1
         if sum(self.records.values()) > MAX_TRACED_OPS:
             raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.count_fresh_pages:
+            out = func(*args, **kwargs)
+            self.record(func, args, kwargs, out)
+            return out
+        faults = _page_faults()
         out = func(*args, **kwargs)
-        self.record(func, args, kwargs, out)
+        fresh = (_page_faults() - faults) * PAGE_BYTES
+        self.record(func, args, kwargs, out, fresh if fresh >= FRESH_COUNT_FLOOR_BYTES else 0)
         return out
 
 
@@ -155,8 +169,9 @@ class HostReads(TorchFunctionMode):
         if func is torch.Tensor.tolist:
             tensor = args[0]
             size = tensor.numel() * tensor.element_size()
+            counted = 0 if self.recorder.count_fresh_pages else None  # a read to Python makes no tensor
             self.recorder.records[OpRecord("Tensor.tolist", "sync", self.recorder.phase, _dtype_name(tensor.dtype),
-                                           0, size, 0, None)] += 1
+                                           0, size, 0, None, fresh_bytes=counted)] += 1
         return out
 
 
@@ -236,6 +251,10 @@ def _full_size_storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size], foreach: bool) -> None:
     """One steady-state AdamW step (the second: the first also creates the moments) on meta tensors, in
     PyTorch's default implementation for the device: a loop over the parameters on CPU, `foreach` (a few
@@ -249,6 +268,7 @@ def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size], for
     optimizer.step()
     recorder.phase = "optimizer"
     recorder.sync_exempt_phases.add("optimizer")
+    recorder.count_fresh_pages = False  # meta tensors: no pages; the device's rule prices the optimizer's
     with recorder:
         optimizer.step()
 
@@ -312,10 +332,12 @@ def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: 
 
 
 def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
-                generator: Optional[torch.Generator] = None, foreach_optimizer: Optional[bool] = None) -> StepTrace:
+                generator: Optional[torch.Generator] = None, foreach_optimizer: Optional[bool] = None,
+                count_fresh_pages: bool = False) -> StepTrace:
     """Record the ops of one step of `mode` on `model` (shape-only or real; see `run_step`), the training
-    step's AdamW step included (traced on meta tensors of the parameters that received a gradient)."""
-    recorder = OpRecorder(_full_size_storages(model))
+    step's AdamW step included (traced on meta tensors of the parameters that received a gradient).
+    `count_fresh_pages` (a real step on the CPU): each op's first-touched pages, as OpRecord.fresh_bytes."""
+    recorder = OpRecorder(_full_size_storages(model), count_fresh_pages)
     recorder.phase = "forecast" if mode == "forecast" else "forward"
     trained: dict[int, torch.Size] = {}
 
