@@ -34,6 +34,11 @@ Two layouts of the same states:
   - data_parallel is DDP: its gradient buckets are a second copy of the gradients (`bucket_bytes`,
     `gradient_as_bucket_view=False`, the default);
   - expert_parallel is model.expert_parallel: rank r holds experts [r·c, min(E, (r+1)·c)), c = ceil(E/n).
+    shared_then_expert's and expert_only's heads send their (rows, T, V) logits back through the exchange, whose
+    temporaries at the end of the forward can outgrow the loss's backward (estimate_expert_exchange_transient_bytes);
+  - on CPU ranks (`backend="gloo"`) the plan's memory is the host's, so it holds FSDP2's Python-side state too
+    (estimate_fsdp_host_state_bytes); gloo's own collective buffers are transient and come after the step's peak
+    (see that function).
   Values that depend on the rank are given for `rank` (default 0: the largest shard and the most experts).
 - DeepSpeed's (`mixed_fp16`, the regime its estimators assume): fp16 weights and gradients, with an fp32 copy
   of the gradients, fp32 master weights and fp32 Adam moments (2 + 2 + 16 bytes per parameter), partitions of
@@ -52,7 +57,7 @@ from typing import Optional
 
 from model.checks import SettingError, check_int
 from model.config import ChronosMoEConfig
-from planner.activations import (activation_widths, estimate_activation_breakdown,
+from planner.activations import (FLOAT32_BYTES, activation_widths, estimate_activation_breakdown,
                                  estimate_loss_backward_transient_bytes)
 from planner.headroom import Headroom, check_headroom, communication_buffer_bytes
 from planner.memory import OPTIMIZER_STATE_BYTES, WEIGHT_AND_GRADIENT_BYTES
@@ -81,6 +86,14 @@ _ZERO_STAGE = {"data_parallel": 0, "zero1": 1, "zero2": 2, "zero3": 3, "expert_p
 ADAMW_STEP_BYTES = 4  # torch.optim.Adam/AdamW's `step`: one fp32 scalar tensor per parameter with state
 STEP_COUNTER_OPTIMIZERS = ("adam", "adamw")
 DEEPSPEED_REGIME = "mixed_fp16"
+BACKENDS = ("gloo", "nccl")
+# FSDP2's Python-side state on a rank (torch 2.13, tracemalloc, FSDP2 minus DDP after three training steps, 2
+# gloo ranks; debug dense, token_ffn, shared_then_expert, expert_only and tiny dense: 47 to 109 parameter tensors,
+# 2.11 to 2.64 MiB, fitted to 0.1 MiB): a fixed part, most of it the source text linecache keeps once DTensor's
+# sharding propagation builds a FakeTensorMode (whose constructor calls traceback.extract_stack), and per
+# parameter tensor its FSDPParam, DTensor and hooks.
+FSDP2_HOST_FIXED_BYTES = 1_780_000
+FSDP2_HOST_PER_TENSOR_BYTES = 8_500
 
 # Memory a program can allocate, as torch.cuda reports it (a little under the marketed size), by the GPU
 # presets' keys (planner.steptime.gpu_presets) with the label the Devices tab and `plan --gpu` show. The H200's is
@@ -165,6 +178,56 @@ def estimate_fsdp_zero3_gathered_bytes(config: ChronosMoEConfig, num_devices: in
     return (root + max(root, largest_block)) * weight_bytes
 
 
+def estimate_fsdp_host_state_bytes(config: ChronosMoEConfig) -> int:
+    """Host memory FSDP2 (zero2 / zero3) adds on a rank beside its tensors: Python objects, measured with
+    tracemalloc on 2 gloo ranks as what an FSDP2 rank holds after training steps beyond a DDP rank of the same
+    model (tests/test_parallel_host.py measures it again). A fixed FSDP2_HOST_FIXED_BYTES, most of it (1.3 MB)
+    source text: the first DTensor op whose sharding is not cached builds a FakeTensorMode, whose constructor
+    calls `traceback.extract_stack()`, and linecache then keeps the whole source of every file on that stack;
+    the rest DTensor's sharding caches. And FSDP2_HOST_PER_TENSOR_BYTES per parameter tensor (its FSDPParam,
+    the DTensor and sharded views, the hooks). On CUDA ranks it is host memory, not the device's, so only CPU
+    ranks (gloo) count it.
+
+    Not counted, because it does not coincide with the step's peak: gloo has no native reduce-scatter or
+    all-gather into one tensor. Its `_allgather_base` gathers into a new flat tensor (the unit's unsharded
+    size) and copies it out; its `_reduce_scatter_base` clones the whole unsharded gradient, all-reduces the
+    clone and copies out the rank's chunk (the high-water mark of one call on 2 and 4 ranks, 1–8 MiB buffers:
+    0.75–0.98× and 1.07–1.47× the unsharded buffer).
+    Both run in FSDP2's forward and after each unit's backward, when the loss's backward temporaries, the
+    step's peak, are gone (a per-op high-water trace of debug zero2 / zero3 puts the peak at log-softmax's
+    backward)."""
+    return FSDP2_HOST_FIXED_BYTES + FSDP2_HOST_PER_TENSOR_BYTES * len(parameter_tensors(config))
+
+
+def estimate_expert_exchange_transient_bytes(config: ChronosMoEConfig, workload: Workload, num_devices: int,
+                                             rank: int = 0, expert_load_factor: float = 1.0, *,
+                                             device: str = "cuda") -> int:
+    """Expert parallel, shared_then_expert and expert_only: what the heads' exchange holds when it returns (the
+    end of the forward: model.expert_parallel.expert_parallel_dispatch) beyond the saved activations, less the
+    loss's fp32 log-probabilities, which the activations count and which do not exist yet. V-wide, per (T, V)
+    row of logits (measured op by op on 2 gloo ranks):
+    - per slot the rank's experts received (load × B·K): the heads' outputs, their concatenation (only when
+      the rank holds more than one expert), the cast to the input's dtype (only when it differs) and the copy
+      in the order received that goes back;
+    - per slot the rank's batch sent (B·K): the weighted outputs (the outputs themselves are saved for the
+      routing weights' gradient: expert_combine_bytes);
+    - per series: the zeros the weighted outputs are summed into and the sum, the logits.
+    In the backward the gradients take the same way back (two received-wide copies), after the loss's
+    backward has freed its temporaries and the first blocks' activations. 0 for other architectures
+    (token_ffn's exchanges are D-wide) and other strategies."""
+    if not (config.is_moe and config.architecture in ("shared_then_expert", "expert_only")):
+        return 0
+    widths = activation_widths(workload.precision, device)
+    held = len(experts_of_device(config.num_experts, num_devices, rank))
+    sent = workload.batch_size * config.top_k
+    received = round(expert_load_factor * sent) if held else 0
+    received_copies = (widths.compute + (widths.compute if held > 1 else 0)
+                       + (widths.stream if widths.compute != widths.stream else 0) + widths.stream)
+    row = workload.decoder_tokens * config.dims.vocab_size  # elements of one row's logits
+    held_bytes = row * (received * received_copies + sent * widths.stream + 2 * workload.batch_size * widths.stream)
+    return held_bytes - workload.batch_size * row * FLOAT32_BYTES
+
+
 def max_expert_load_factor(config: ChronosMoEConfig, num_devices: int, rank: int = 0) -> float:
     """The most routing slots rank `rank`'s experts can receive under expert parallelism, relative to the
     balanced figure (as many as its own batch routes, B·K per row kind): every row of every rank sends
@@ -195,7 +258,10 @@ class DevicePlan:
     gradient buckets: allocated beside the gradients, part of `peak_bytes`, left out of `total_bytes` because
     planner.headroom adds them with the other communication buffers when it decides whether a plan fits.
     `loss_transient_bytes` are the logits and the loss's backward temporaries beside the saved activations
-    (planner.activations.estimate_loss_backward_transient_bytes), also part of `peak_bytes` only."""
+    (planner.activations.estimate_loss_backward_transient_bytes), also part of `peak_bytes` only; so are
+    `exchange_transient_bytes` (expert parallel: the heads' exchange at the end of the forward, which comes
+    before the loss, so the peak holds the larger of the two) and `host_state_bytes` (CPU ranks: FSDP2's
+    Python-side state)."""
 
     strategy: str
     num_devices: int
@@ -208,6 +274,8 @@ class DevicePlan:
     rank: int = 0
     bucket_bytes: int = 0
     loss_transient_bytes: int = 0
+    exchange_transient_bytes: int = 0
+    host_state_bytes: int = 0
 
     @property
     def model_states_bytes(self) -> int:
@@ -219,9 +287,10 @@ class DevicePlan:
 
     @property
     def peak_bytes(self) -> int:
-        """Everything the process allocates for the step: the model states, activations, DDP's buckets and
-        the loss's logits and backward temporaries."""
-        return self.total_bytes + self.bucket_bytes + self.loss_transient_bytes
+        """Everything the process allocates for the step: the model states, activations, DDP's buckets,
+        the larger of the loss's backward temporaries and the expert exchange's, and the host-side state."""
+        transient = max(self.loss_transient_bytes, self.exchange_transient_bytes)
+        return self.total_bytes + self.bucket_bytes + transient + self.host_state_bytes
 
 
 def estimate_checkpointed_activation_bytes(config: ChronosMoEConfig, workload: Workload, *, device: str = "cuda") -> int:
@@ -259,17 +328,22 @@ def plan_devices(
     device: str = "cuda",
     rank: int = 0,
     expert_load_factor: float = 1.0,
+    backend: Optional[str] = None,
 ) -> DevicePlan:
     """Per-device memory of one training step, on device `rank` (default 0, the one that holds the most).
     `precision` defaults to the workload's regime; the layout is PyTorch's, or DeepSpeed's for mixed_fp16.
     `expert_load_factor` (expert_parallel only): the routing slots the rank's experts receive relative to the
     balanced figure (1.0: as many as its own batch routes; at most max_expert_load_factor); the activations
     the experts save scale with it (series-slots for shared_then_expert / expert_only, token-slots for
-    token_ffn). A fresh router is far from balanced: planner.bench.distributed measures each rank's load."""
+    token_ffn), and so do the heads' exchange temporaries. A fresh router is far from balanced:
+    planner.bench.distributed measures each rank's load. `backend`: the process group's, for real ranks; "gloo"
+    (CPU ranks, whose memory is the host's) adds FSDP2's Python-side state (estimate_fsdp_host_state_bytes)."""
     if strategy not in STRATEGIES:
         raise SettingError("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     check_int("num_devices", num_devices, 1, 1_000_000)
     check_int("rank", rank, 0, num_devices - 1)
+    if backend is not None and backend not in BACKENDS:
+        raise SettingError("backend", f"backend must be one of {', '.join(BACKENDS)} (or None), got {backend!r}")
     if strategy == "expert_parallel" and not config.is_moe:
         raise SettingError("strategy", "strategy expert_parallel needs experts (num_experts > 0); use data_parallel or zero*")
     if strategy == "expert_parallel" and experts_of_device(config.num_experts, num_devices, rank):
@@ -332,6 +406,12 @@ def plan_devices(
     # load); weighting and summing the outputs stays with the rows' own batch (expert_combine_bytes). With
     # checkpointing this scales the whole, un-checkpointed expert part (an upper bound).
     activations += round(breakdown.experts_bytes * (expert_load_factor - 1))
+    exchange = 0
+    if strategy == "expert_parallel":
+        exchange = estimate_expert_exchange_transient_bytes(config, activation_workload, n, rank, expert_load_factor,
+                                                            device=device)
+    fsdp = strategy in ("zero2", "zero3") and torch_layout and n > 1
+    host = estimate_fsdp_host_state_bytes(config) if fsdp and backend == "gloo" else 0
     return DevicePlan(
         strategy=strategy,
         num_devices=num_devices,
@@ -344,6 +424,8 @@ def plan_devices(
         rank=rank,
         bucket_bytes=bucket,
         loss_transient_bytes=estimate_loss_backward_transient_bytes(config, activation_workload, device=device),
+        exchange_transient_bytes=exchange,
+        host_state_bytes=host,
     )
 
 

@@ -137,6 +137,49 @@ def _check_exchange_with_idle_rank(rank):
     assert calls == ([8, 8] if rank == 0 else [])  # 4 slots each from each of the 2 ranks
 
 
+EXCHANGE_ROWS, EXCHANGE_TOKENS = 4, 5  # series per rank (B), decoder tokens (T)
+# shared_then_expert, top-2 over 4 experts: rank 0 (experts 0, 1) routes every series to its own experts, rank 1
+# half of its series to rank 0's: rank 0 receives 12 slots (8 + 4) for the 8 it sends, rank 1 receives 4.
+EXCHANGE_ROUTES = {0: [[0, 1], [1, 0], [0, 1], [1, 0]], 1: [[0, 1], [1, 0], [2, 3], [3, 2]]}
+EXCHANGE_RECEIVED = {0: 12, 1: 4}
+
+
+def _measure_heads_exchange(rank, results):
+    """What the heads' exchange holds when it returns, under torch's MemTracker: its peak over the call beyond
+    what existed before it, and apart from it what the held heads save for backward on the rows they received
+    (saved-tensor hooks). Written to `results` for test_heads_exchange_transient_is_the_planners."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = build_model("debug", architecture="shared_then_expert", num_experts=4).train()
+    dims = model.config.dims
+    placement = ExpertPlacement(4, WORLD_SIZE, rank)
+    heads = [model.experts[j] for j in placement.held]
+    hidden = torch.randn(EXCHANGE_ROWS, EXCHANGE_TOKENS, dims.d_model, requires_grad=True)
+    weights = torch.full((EXCHANGE_ROWS, 2), 0.5, requires_grad=True)
+    routing = RoutingDecision(torch.tensor(EXCHANGE_ROUTES[rank]), weights, torch.full((EXCHANGE_ROWS, 4), 0.25))
+    tracker = MemTracker()
+    tracker.track_external(*heads, hidden, weights)
+    with tracker:
+        before = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
+        out = expert_parallel_dispatch(hidden, routing, heads, placement, dims.vocab_size, experts_need_grad=True)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert out.shape == (EXCHANGE_ROWS, EXCHANGE_TOKENS, dims.vocab_size)
+    storages, weights_ptrs = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights_ptrs:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    received = {0: [6, 6], 1: [2, 2]}[rank]  # per held expert
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        for head, rows in zip(heads, received):
+            head(torch.randn(rows, EXCHANGE_TOKENS, dims.d_model, requires_grad=True))
+    with open(os.path.join(results, f"exchange-{rank}"), "w") as out_file:
+        out_file.write(f"{peak - before} {sum(storages.values())}")
+
+
 CASES = [(architecture, num_experts) for architecture in ARCHITECTURES for num_experts in (4, 3)]
 CASES.append(("expert_only", 3, "experts"))  # frozen embedding: the experts' inputs need no gradient, they do
 
@@ -148,6 +191,7 @@ def _worker(rank, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
     try:
         _check_exchange_with_idle_rank(rank)
+        _measure_heads_exchange(rank, results)
         for case in CASES:
             _check_architecture(rank, *case)
             with open(os.path.join(results, f"{case}-{rank}"), "w") as done:
@@ -193,3 +237,35 @@ def test_refuses_what_it_does_not_support(settings, field):
         make_expert_parallel(build_model("debug", **settings))
     assert refused.value.field == field
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("rank", range(WORLD_SIZE))
+def test_heads_exchange_transient_is_the_planners(spawned, rank):
+    """planner.parallel.estimate_expert_exchange_transient_bytes against the exchange itself (2 gloo ranks,
+    shared_then_expert debug, rank 0 at load 1.5, rank 1 at 0.5): what the call holds when it returns, less
+    what the heads save for the rows they received (the plan's experts_bytes at that load), is V-wide: the
+    planner's term, plus what it leaves to other terms (the loss's log-probabilities it subtracts, the outputs
+    kept for the routing weights' gradient, which expert_combine_bytes counts), within the D-wide rows the
+    exchange also sends and regroups and the heads' own (rows, T, 4D) intermediates (measured: 65 KB of
+    5.0 MB on rank 0)."""
+    from planner.parallel import estimate_expert_exchange_transient_bytes
+    from planner.workload import Workload
+
+    results, error = spawned
+    path = os.path.join(results, f"exchange-{rank}")
+    assert os.path.exists(path), f"the 2-rank run stopped early: {error}"
+    with open(path) as measured:
+        held, saved = map(int, measured.read().split())
+    config = build_model("debug", architecture="shared_then_expert", num_experts=4, device="meta").config
+    workload = Workload(batch_size=EXCHANGE_ROWS, context_length=16, prediction_length=EXCHANGE_TOKENS - 1)
+    sent, received = EXCHANGE_ROWS * 2, EXCHANGE_RECEIVED[rank]
+    planned = estimate_expert_exchange_transient_bytes(config, workload, WORLD_SIZE, rank, received / sent,
+                                                       device="cpu")
+    row = EXCHANGE_TOKENS * config.dims.vocab_size * 4  # one (T, V) fp32 row of logits
+    # by hand: three received-wide copies (two held heads: outputs, concatenation, reordered copy), the weighted
+    # outputs, the zeros and the sum, less the loss's log-probabilities
+    assert planned == row * (3 * received + sent + 2 * EXCHANGE_ROWS) - EXCHANGE_ROWS * row
+    d_model = config.dims.d_model
+    d_wide = (sent + 2 * received + 4 * received) * EXCHANGE_TOKENS * d_model * 4  # rows sent, received, regrouped
+    residual = held - saved - (planned + EXCHANGE_ROWS * row + sent * row)  # and a head's hidden layer
+    assert 0 <= residual <= d_wide, (held, saved, planned, residual)

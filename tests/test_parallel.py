@@ -362,3 +362,34 @@ def test_expert_load_scales_the_heads_saved_activations():
     assert plans[2].activations_bytes - plans[1].activations_bytes == per_share
     assert per_share == head_bytes
     assert plans[1] == plan_devices(model.config, workload, "expert_parallel", 2, device="cpu")  # the default
+
+
+@pytest.mark.parametrize("architecture,held_experts", [("shared_then_expert", 2), ("expert_only", 2),
+                                                       ("shared_then_expert", 1)])
+def test_expert_exchange_transient_scales_with_the_load_and_competes_with_the_loss(architecture, held_experts):
+    """The heads' exchange at the end of the forward (measured on the exchange itself in
+    tests/test_expert_parallel.py): per received (T, V) fp32 row three copies (two when the rank holds one
+    expert: no concatenation), per sent row the weighted outputs, per series the zeros and the sum, less the
+    loss's log-probabilities. The peak holds the larger of it and the loss's backward temporaries."""
+    from planner.parallel import estimate_expert_exchange_transient_bytes
+
+    n = 4 // held_experts  # E = 4 over n devices
+    config = make_config("debug", architecture=architecture, num_experts=4)
+    workload = Workload(batch_size=4, context_length=128, prediction_length=32)
+    row, b, sent = 33 * 4096 * 4, 4, 4 * 2
+    copies = 3 if held_experts > 1 else 2
+    for load in (0.0, 1.0, 1.75, 2.0):
+        plan = plan_devices(config, workload, "expert_parallel", n, device="cpu", expert_load_factor=load)
+        received = round(load * sent)
+        assert plan.exchange_transient_bytes == row * (copies * received + sent + 2 * b) - b * row
+        assert plan.exchange_transient_bytes == estimate_expert_exchange_transient_bytes(
+            config, workload, n, 0, load, device="cpu")
+        assert plan.peak_bytes == plan.total_bytes + max(plan.loss_transient_bytes, plan.exchange_transient_bytes)
+    # balanced on 2 devices it already outgrows the loss's B·T·V × 12 bytes: 3·8 + 8 + 8 rows against 4 + 3·4
+    if held_experts > 1:
+        assert plan_devices(config, workload, "expert_parallel", n, device="cpu").exchange_transient_bytes \
+            > plan.loss_transient_bytes
+    # only V-wide heads' exchanges, only under expert parallel
+    for other, strategy in ((make_config("debug", architecture="token_ffn", num_experts=4), "expert_parallel"),
+                            (config, "data_parallel"), (config, "zero3")):
+        assert plan_devices(other, workload, strategy, 2, device="cpu").exchange_transient_bytes == 0
