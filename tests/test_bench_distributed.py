@@ -18,6 +18,7 @@ import pytest
 from model import build_model
 from planner.__main__ import main as planner_main
 from planner.bench.distributed import DistributedSpec, _run_launcher, check_distributed, run_distributed
+from planner.bench.distributed_worker import peak_step
 from planner.bench.spec import BenchSpec
 from tests.fsdp_fixtures import fsdp2_shards
 
@@ -138,11 +139,28 @@ def test_expert_parallel_holds_and_sends_what_the_planner_says(runs):
     assert [row["expert_slots_sent"] for row in rows] == [slots // RANKS] * RANKS
     per_step = [list(map(int, row["expert_slots_received_steps"].split(","))) for row in rows]
     assert [sum(step) for step in zip(*per_step)] == [slots] * 2  # the warm-up and the timed step
-    assert [row["expert_slots_received"] for row in rows] == [max(steps) for steps in per_step]
+    for row, steps in zip(rows, per_step):
+        # predicted at the load of the step that set the rank's peak (each step's peak measured on its own)
+        peaks = list(map(int, row["peak_memory_bytes_steps"].split(",")))
+        assert len(peaks) == 2 and row["peak_memory_bytes"] >= max(peaks)
+        assert row["peak_step"] == peaks.index(max(peaks))
+        assert row["expert_slots_received"] == steps[row["peak_step"]]
     for row in rows:
         assert row["expert_load_factor"] == row["expert_slots_received"] / row["expert_slots_sent"]
         if row["expert_load_factor"] != 1:
             assert row["predicted_peak_bytes"] != row["predicted_peak_bytes_balanced"]
+
+
+def test_the_load_predicted_is_the_step_that_set_the_peak():
+    """tiny expert_only ×4, rank 2 (docs/measurements/cpu-2core-distributed.csv): its experts received 16, 10
+    and 10 slots of its 16 sent; the first step peaks lowest (AdamW's moments do not exist yet at its peak), so
+    the rank is predicted at a later step's 10 slots, not at the most loaded step's 16."""
+    routed = [(16, 16), (10, 16), (10, 16)]
+    assert peak_step(routed, [200 * 2**20, 240 * 2**20, 239 * 2**20]) == 1
+    assert peak_step(routed, [250 * 2**20, 240 * 2**20, 240 * 2**20]) == 0
+    assert peak_step(routed, [240 * 2**20, 240 * 2**20, 240 * 2**20]) == 0  # equal peaks: the first
+    assert peak_step(routed, None) == 0  # no per-step peaks: the most loaded step
+    assert peak_step([(2, 8), (6, 8), (4, 8)], None) == 1
 
 
 def test_frozen_experts_send_no_backward_all_to_all_where_nothing_upstream_learns(runs):

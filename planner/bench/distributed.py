@@ -21,8 +21,10 @@ for that rank (`rank=r`: FSDP2's padded shards, the rank's own rows of the momen
 planner.communication.step_collectives. `states_exact`: all three measured values equal the rank's plan;
 `<kind>_exact`: the count and the bytes of that kind of collective equal the planner's (all_to_all: the
 count on the rank, the bytes summed over the ranks, since what a rank routes depends on its batch);
-`collectives_exact`: every kind. The predicted peak is `DevicePlan.peak_bytes` (the model states,
-activations, DDP's buckets and the loss's logits with its two B·T·V backward gradients).
+`collectives_exact`: every kind. The predicted peak is `DevicePlan.peak_bytes` for the run's backend (the model
+states, activations, DDP's buckets, the larger of the loss's logits with its two B·T·V backward gradients and
+the expert exchange's V-wide temporaries, and on gloo FSDP2's Python-side state); for expert parallel at the
+routing load of the step that set the rank's peak (each step's peak is measured).
 """
 
 from __future__ import annotations
@@ -99,12 +101,16 @@ def resolve_distributed_device(requested: str) -> str:
     return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def backend_of(spec: DistributedSpec) -> str:
+    return "gloo" if spec.device == "cpu" else "nccl"
+
+
 def predicted_rank_bytes(spec: DistributedSpec) -> int:
     """The planner's per-device peak (model states, activations, DDP's buckets, the loss's backward
-    temporaries) for this run, on rank 0."""
+    temporaries, on gloo FSDP2's host-side state) for this run, on rank 0."""
     bench = spec.bench
     return plan_devices(bench.model_config(), bench.workload(), spec.strategy, spec.ranks,
-                        device="cpu" if spec.device == "cpu" else "cuda").peak_bytes
+                        device="cpu" if spec.device == "cpu" else "cuda", backend=backend_of(spec)).peak_bytes
 
 
 def check_distributed(spec: DistributedSpec, *, cores: Optional[int] = None, available_bytes: Optional[int] = None,
@@ -234,14 +240,18 @@ def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[s
     routed_sum = sum(measured["collective_bytes"].get("all_to_all", 0) for measured in ranks)
     routed_exact = routed_sum == spec.ranks * predicted.get("all_to_all", {}).get("bytes", 0)
     rows = []
+    backend = backend_of(spec)
     for measured in ranks:
-        balanced = plan_devices(config, workload, spec.strategy, spec.ranks, device=device, rank=measured["rank"])
-        # Expert parallel: the rank's peak at the load its experts measurably received (slots received over
-        # the slots its own batch sent, the balanced figure), beside the balanced prediction.
+        balanced = plan_devices(config, workload, spec.strategy, spec.ranks, device=device, rank=measured["rank"],
+                                backend=backend)
+        # Expert parallel: the rank's peak at the load its experts measurably received in the step that set the
+        # peak (slots received over the slots its own batch sent, the balanced figure), beside the balanced
+        # prediction.
         received, sent = measured.get("expert_slots_received"), measured.get("expert_slots_sent")
         load = received / sent if received is not None and sent else None
         plan = balanced if load is None else plan_devices(config, workload, spec.strategy, spec.ranks, device=device,
-                                                          rank=measured["rank"], expert_load_factor=load)
+                                                          rank=measured["rank"], expert_load_factor=load,
+                                                          backend=backend)
         values = {"param": measured["param_bytes"], "grad": measured["grad_bytes"],
                   "optimizer": measured["optimizer_bytes"]}
         planned = {"param": plan.weights_bytes, "grad": plan.gradients_bytes, "optimizer": plan.optimizer_states_bytes}
@@ -264,6 +274,8 @@ def rank_rows(spec: DistributedSpec, ranks: list[dict[str, Any]]) -> list[dict[s
             "predicted_peak_bytes_balanced": balanced.peak_bytes,
             "expert_slots_received": received, "expert_slots_sent": sent, "expert_load_factor": load,
             "expert_slots_received_steps": ",".join(map(str, measured.get("expert_slots_received_steps", []))) or None,
+            "peak_memory_bytes_steps": ",".join(map(str, measured.get("step_peak_bytes") or [])) or None,
+            "peak_step": measured.get("peak_step"),
             "step_time_s": statistics.median(times) if times else None,
             "collective_bytes": sum(sizes.values()),
             "predicted_collective_bytes": sum(entry["bytes"] for entry in predicted.values()),

@@ -14,15 +14,17 @@ Each rank (gloo on CPU, nccl on CUDA, one device per rank): builds the variant w
 runs `warmup + repeats` AdamW training steps on its own batch of synthetic series (timed: the repeats), then
 one more under CommDebugMode whose collectives it counts, and reports the bytes it holds, measured from its
 local tensors' storages (each storage once: FSDP2's padded shards, DDP's full tensors, the expert-parallel
-rank's held parameters), its peak memory above its baseline, and its step times.
+rank's held parameters), its peak memory above its baseline, each step's peak, and its step times.
 
-Peak memory on CPU: the peak resident set (VmHWM, reset at the baseline) minus the resident set at the
-baseline, less the file-backed pages mapped since (RssFile: the code of libtorch, gloo and the kernels'
-libraries, paged in the first time each op runs, about 17 MB a rank, which is not memory the step allocates).
-The baseline is taken after the process group is up and every collective kind the strategy uses has run
-once on a tiny tensor (gloo's own set-up is not the step's). File-backed pages stop growing after the first
-step (`file_backed_after_warmup_bytes` says by how much they grew later), so the peak's file-backed part is
-the final one.
+Peak memory on CPU: the peak resident set (VmHWM) minus the resident set at the baseline, less the file-backed
+pages mapped since (RssFile: the code of libtorch, gloo and the kernels' libraries, paged in the first time
+each op runs, about 17 MB a rank, which is not memory the step allocates). The baseline is taken after the
+process group is up and every collective kind the strategy uses has run once on a tiny tensor (gloo's own
+set-up is not the step's). The high-water mark is reset at the start of every step and read at its end, so
+each step has its own peak (less the file-backed pages mapped by then); the rank's peak is the highest of
+them and of the set-up before the first step. File-backed pages stop growing after the first step
+(`file_backed_after_warmup_bytes` says by how much they grew later). On CUDA the same with
+`max_memory_allocated` and `reset_peak_memory_stats`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 import traceback
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from planner.bench.worker import PR_SET_PDEATHSIG, open_protocol
 
@@ -194,6 +196,57 @@ def _status_bytes(*fields: str) -> dict[str, int]:
     return values
 
 
+class StepPeaks:
+    """Each step's peak above the probe's baseline: the high-water mark reset at the step's start and read at
+    its end (CPU: VmHWM through /proc/self/clear_refs, less the file-backed pages mapped since the baseline;
+    CUDA: max_memory_allocated). `peaks[0]` is the set-up's (the model built and wrapped), then one per step.
+    Where there is no /proc, None: the probe's single peak stands."""
+
+    def __init__(self, probe, device: str) -> None:
+        self.probe, self.cuda = probe, device.startswith("cuda")
+        self.file_backed = _status_bytes("RssFile").get("RssFile")
+        self.peaks: Optional[list[int]] = [] if self.cuda or self.file_backed is not None else None
+
+    def _read(self) -> Optional[int]:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() - self.probe.baseline_bytes
+        status = _status_bytes("VmHWM", "RssFile")
+        if "VmHWM" not in status or "RssFile" not in status:
+            return None
+        return status["VmHWM"] - self.probe.baseline_bytes - max(0, status["RssFile"] - self.file_backed)
+
+    def close(self) -> None:
+        """The peak since the last reset (the set-up's, or a step's), and a fresh high-water mark."""
+        if self.peaks is None:
+            return
+        peak = self._read()
+        if peak is None:
+            self.peaks = None
+            return
+        self.peaks.append(max(0, peak))
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.peaks = None
+
+
+def peak_step(routed: list[tuple[int, int]], step_peaks: Optional[list[int]]) -> int:
+    """The step whose routing load the rank's peak is predicted at: the one that set the peak (the first of
+    equal peaks), or without per-step peaks the one whose experts received the most. A later step can peak
+    higher at a lower load: the first step's peak comes before AdamW's moments exist."""
+    steps = range(len(routed))
+    if step_peaks:
+        return max(steps, key=step_peaks.__getitem__)
+    return max(steps, key=routed.__getitem__)
+
+
 def _warm_up_collectives(strategy: str, device: str) -> None:
     """One tiny call of every collective kind `strategy` issues, before the memory baseline: gloo's (or
     NCCL's) first use of each sets up buffers that belong to the process group, not to the step."""
@@ -255,6 +308,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     dist.barrier()
     probe.start()  # after the imports, the process group and its first collectives: everything but the run
     file_backed = _status_bytes("RssFile").get("RssFile")
+    step_peaks = StepPeaks(probe, device)
     torch.manual_seed(bench.seed)  # every rank builds the same model
     model = build_model_from_config(config, device=device, trainable=bench.trainable)
     padded_numel = fsdp_padded_numel(model, spec["ranks"])  # FSDP2's per-rank shard, dim 0 padded
@@ -287,6 +341,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     routed = []  # expert parallel: per step, (slots this rank's experts received, slots its batch sent)
     for index in range(bench.warmup + bench.repeats):
         dist.barrier()  # every rank starts the step together: the time is the step's, not a wait for a peer
+        step_peaks.close()  # the set-up's or the previous step's peak; the high-water mark starts again
         if expert_parallel:
             inner.placement.routed_slots.clear()
         started = time.perf_counter()
@@ -311,6 +366,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         "param_tensors": param_tensors, "padded_numel": padded_numel,
         "grad_tensors": sum(1 for p in inner.parameters() if p.grad is not None),
     }
+    step_peaks.close()  # the last step's
     peak, method = probe.peak_bytes(), probe.method
     file_backed_end = _status_bytes("RssFile").get("RssFile")
     file_growth = later_growth = None
@@ -319,6 +375,9 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         later_growth = file_backed_end - file_backed_after_first
         peak = max(0, peak - file_growth)
         method += ", less the file-backed pages mapped since the baseline"
+    if step_peaks.peaks is not None:  # the high-water mark was reset at each step: the highest step's
+        peak = max(step_peaks.peaks)
+        method += ", highest of the set-up's and each step's (high-water mark reset per step)"
     comm = make_comm_mode()
     dist.barrier()
     with comm:
@@ -329,14 +388,17 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         "peak_memory_bytes": peak, "memory_method": method, "baseline_bytes": probe.baseline_bytes,
         "file_backed_growth_bytes": file_growth, "file_backed_after_warmup_bytes": later_growth,
         "times_s": times, "losses": losses,
+        "step_peak_bytes": step_peaks.peaks[1:] if step_peaks.peaks is not None else None,
+        "setup_peak_bytes": step_peaks.peaks[0] if step_peaks.peaks else None,
         "collective_counts": dict(comm.kind_counts), "collective_bytes": dict(comm.kind_bytes),
         "comm_debug_counts": {str(op): count for op, count in comm.get_comm_counts().items()},
     }
     if expert_parallel:
         result["held_experts"] = list(inner.placement.held)
-        # the peak is the steps' highest: predicted at the step whose experts received the most
         result["expert_slots_received_steps"] = [received for received, _ in routed]
-        result["expert_slots_received"], result["expert_slots_sent"] = max(routed)
+        result["expert_slots_sent_steps"] = [sent for _, sent in routed]
+        result["peak_step"] = peak_step(routed, result["step_peak_bytes"])
+        result["expert_slots_received"], result["expert_slots_sent"] = routed[result["peak_step"]]
     (results / f"rank-{rank}.json").write_text(json.dumps(result))
 
 
