@@ -212,9 +212,10 @@ def estimate_expert_exchange_transient_bytes(config: ChronosMoEConfig, workload:
     - per slot the rank's batch sent (B·K): the weighted outputs (the outputs themselves are saved for the
       routing weights' gradient: expert_combine_bytes);
     - per series: the zeros the weighted outputs are summed into and the sum, the logits.
-    In the backward the gradients take the same way back (two received-wide copies), after the loss's
-    backward has freed its temporaries and the first blocks' activations. 0 for other architectures
-    (token_ffn's exchanges are D-wide) and other strategies."""
+    In the backward the gradients take the same way back (two received-wide copies beside the sent-wide
+    gradients), after the loss's backward has freed its temporaries; not priced (the lightly loaded ranks of
+    the distributed benchmark, where it weighs most against the forward's, read 0.96–1.07). 0 for other
+    architectures (token_ffn's exchanges are D-wide) and other strategies."""
     if not (config.is_moe and config.architecture in ("shared_then_expert", "expert_only")):
         return 0
     widths = activation_widths(workload.precision, device)
