@@ -18,7 +18,7 @@ import pytest
 from model import build_model
 from planner.__main__ import main as planner_main
 from planner.bench.distributed import DistributedSpec, _run_launcher, check_distributed, run_distributed
-from planner.bench.distributed_worker import peak_step
+from planner.bench.rank_memory import peak_step
 from planner.bench.spec import BenchSpec
 from tests.fsdp_fixtures import fsdp2_shards
 

@@ -210,3 +210,22 @@ def test_dense_dispatch_keeps_every_expert_resident_in_the_active_experts_what_i
     every = sum(p.numel() for p in build_model("tiny", device="meta", architecture="shared_then_expert",
                                                num_experts=8).parameters())
     assert forecast.active_experts_weights_bytes == 4 * every
+
+
+def test_the_probes_high_water_mark_restarts_with_its_baseline_kept():
+    """A step's own peak: after 200 MB were touched and freed, restarting the CPU probe's high-water mark drops
+    its peak to what is resident now; touching 100 MB then reads ~100 MB above the same baseline."""
+    import numpy as np
+
+    from planner.bench.memory_probe import PeakMemoryProbe
+
+    probe = PeakMemoryProbe("cpu")
+    probe.start()
+    block = np.ones(25_000_000)  # 200 MB, touched
+    del block
+    assert probe.peak_bytes() >= 190 * 10**6
+    assert probe.restart_peak()
+    assert probe.peak_bytes() < 50 * 10**6
+    block = np.ones(12_500_000)  # 100 MB
+    assert 90 * 10**6 <= probe.peak_bytes() < 150 * 10**6
+    del block

@@ -39,8 +39,9 @@ import time
 import traceback
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from planner.bench.rank_memory import StepPeaks, peak_step, status_bytes
 from planner.bench.worker import PR_SET_PDEATHSIG, open_protocol
 
 RANK_TIMEOUT_S = 120  # a rank stuck in a collective fails (gloo's timeout) rather than waiting for the runner
@@ -182,71 +183,6 @@ def _wrap(model, spec: dict, config, device: str):
     return make_expert_parallel(model), model
 
 
-def _status_bytes(*fields: str) -> dict[str, int]:
-    """Fields of /proc/self/status in bytes (VmRSS, VmHWM, RssFile, ...); empty where there is no /proc."""
-    values: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key in fields:
-                    values[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return values
-
-
-class StepPeaks:
-    """Each step's peak above the probe's baseline: the high-water mark reset at the step's start and read at
-    its end (CPU: VmHWM through /proc/self/clear_refs, less the file-backed pages mapped since the baseline;
-    CUDA: max_memory_allocated). `peaks[0]` is the set-up's (the model built and wrapped), then one per step.
-    Where there is no /proc, None: the probe's single peak stands."""
-
-    def __init__(self, probe, device: str) -> None:
-        self.probe, self.cuda = probe, device.startswith("cuda")
-        self.file_backed = _status_bytes("RssFile").get("RssFile")
-        self.peaks: Optional[list[int]] = [] if self.cuda or self.file_backed is not None else None
-
-    def _read(self) -> Optional[int]:
-        if self.cuda:
-            import torch
-
-            return torch.cuda.max_memory_allocated() - self.probe.baseline_bytes
-        status = _status_bytes("VmHWM", "RssFile")
-        if "VmHWM" not in status or "RssFile" not in status:
-            return None
-        return status["VmHWM"] - self.probe.baseline_bytes - max(0, status["RssFile"] - self.file_backed)
-
-    def close(self) -> None:
-        """The peak since the last reset (the set-up's, or a step's), and a fresh high-water mark."""
-        if self.peaks is None:
-            return
-        peak = self._read()
-        if peak is None:
-            self.peaks = None
-            return
-        self.peaks.append(max(0, peak))
-        if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.peaks = None
-
-
-def peak_step(routed: list[tuple[int, int]], step_peaks: Optional[list[int]]) -> int:
-    """The step whose routing load the rank's peak is predicted at: the one that set the peak (the first of
-    equal peaks), or without per-step peaks the one whose experts received the most. A later step can peak
-    higher at a lower load: the first step's peak comes before AdamW's moments exist."""
-    steps = range(len(routed))
-    if step_peaks:
-        return max(steps, key=step_peaks.__getitem__)
-    return max(steps, key=routed.__getitem__)
-
-
 def _warm_up_collectives(strategy: str, device: str) -> None:
     """One tiny call of every collective kind `strategy` issues, before the memory baseline: gloo's (or
     NCCL's) first use of each sets up buffers that belong to the process group, not to the step."""
@@ -307,8 +243,8 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     _warm_up_collectives(spec["strategy"], device)
     dist.barrier()
     probe.start()  # after the imports, the process group and its first collectives: everything but the run
-    file_backed = _status_bytes("RssFile").get("RssFile")
-    step_peaks = StepPeaks(probe, device)
+    file_backed = status_bytes("RssFile").get("RssFile")
+    step_peaks = StepPeaks(probe)
     torch.manual_seed(bench.seed)  # every rank builds the same model
     model = build_model_from_config(config, device=device, trainable=bench.trainable)
     padded_numel = fsdp_padded_numel(model, spec["ranks"])  # FSDP2's per-rank shard, dim 0 padded
@@ -352,7 +288,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
         if index >= bench.warmup:
             times.append(time.perf_counter() - started)
         if index == 0:
-            file_backed_after_first = _status_bytes("RssFile").get("RssFile")
+            file_backed_after_first = status_bytes("RssFile").get("RssFile")
     # Sizes after a step: FSDP2 has resharded, the gradients are the reduced (sharded) ones.
     measured = {
         "param_bytes": storage_bytes(inner.parameters()),
@@ -368,7 +304,7 @@ def _run_rank(rank: int, spec: dict, device: str, results: Path) -> None:
     }
     step_peaks.close()  # the last step's
     peak, method = probe.peak_bytes(), probe.method
-    file_backed_end = _status_bytes("RssFile").get("RssFile")
+    file_backed_end = status_bytes("RssFile").get("RssFile")
     file_growth = later_growth = None
     if probe.method.startswith("cpu") and None not in (file_backed, file_backed_end, file_backed_after_first):
         file_growth = file_backed_end - file_backed

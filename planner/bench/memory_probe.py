@@ -93,6 +93,20 @@ class PeakMemoryProbe:
             except OSError:  # not Linux, or /proc read-only: the peak so far is the baseline
                 self.baseline_bytes = _peak_rss_bytes()
 
+    def restart_peak(self) -> bool:
+        """A new high-water mark from the current use, the baseline kept: the next peak_bytes() is the peak
+        since (a step's own). False where the mark cannot be reset (no writable /proc)."""
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.device == "mps":
+            self._sampled_peak_bytes = torch.mps.current_allocated_memory()
+        else:
+            try:
+                _CLEAR_REFS.write_text(_RESET_HIGH_WATER_MARK)
+            except OSError:
+                return False
+        return True
+
     def sample(self) -> None:
         if self.device == "mps":
             self._sampled_peak_bytes = max(self._sampled_peak_bytes, torch.mps.current_allocated_memory())
