@@ -142,6 +142,7 @@ EXCHANGE_ROWS, EXCHANGE_TOKENS = 4, 5  # series per rank (B), decoder tokens (T)
 # half of its series to rank 0's: rank 0 receives 12 slots (8 + 4) for the 8 it sends, rank 1 receives 4.
 EXCHANGE_ROUTES = {0: [[0, 1], [1, 0], [0, 1], [1, 0]], 1: [[0, 1], [1, 0], [2, 3], [3, 2]]}
 EXCHANGE_RECEIVED = {0: 12, 1: 4}
+EXCHANGE_BOOKKEEPING_SLACK_BYTES = 4096  # small integer tensors alive or not when the exchange returns
 
 
 def _measure_heads_exchange(rank, results):
@@ -268,4 +269,6 @@ def test_heads_exchange_transient_is_the_planners(spawned, rank):
     d_model = config.dims.d_model
     d_wide = (sent + 2 * received + 4 * received) * EXCHANGE_TOKENS * d_model * 4  # rows sent, received, regrouped
     residual = held - saved - (planned + EXCHANGE_ROWS * row + sent * row)  # and a head's hidden layer
-    assert 0 <= residual <= d_wide, (held, saved, planned, residual)
+    # and the exchange's integer bookkeeping (the gathered counts, the orders), some of which gloo's thread
+    # frees after the call returns: measured up to 632 B beyond the D-wide rows in one of ten runs
+    assert 0 <= residual <= d_wide + EXCHANGE_BOOKKEEPING_SLACK_BYTES, (held, saved, planned, residual)
