@@ -16,7 +16,7 @@ from planner.bench.device import describe_device
 from planner.bench.lock import BenchLock
 from planner.steptime.device_cache import save_measured_device
 from planner.steptime.predict import StepTime
-from tests.steptime_fixtures import simple_measured_device
+from tests.steptime_fixtures import HOST_S, simple_measured_device
 from planner.bench.timing import summarise_times
 from planner.cli import main
 from planner.parallel import GPU_MEMORY_BYTES, plan_all_strategies
@@ -203,6 +203,7 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     # Where the prediction comes from: the cached probe's source and age, the threads' state, the load
     (calibration,) = [c.value for c in at.caption if "Predicted with" in c.value]
     assert "probe of 2026-01-01" in calibration and "days old" in calibration and "when probed" in calibration
+    assert f"and {HOST_S['forward'] * 1e6:.1f} µs when probed" in calibration  # the host's time per op
     assert "load now" in calibration and at.checkbox(key="bench_recalibrate").value is False
 
 

@@ -252,6 +252,8 @@ def test_runner_returns_every_field():
     # The threads' speedup is a timing: measured and reported, its size left to the machine's load (under load
     # from other processes it falls below 1), so no threshold here.
     assert row["probe_parallel_speedup"] == cached.parallel_speedup and 0 < row["parallel_speedup"] < math.inf
+    # The host's time per op, re-timed after the run for its prediction, beside the cached probe's
+    assert row["probe_host_s_per_op"] == cached.host_s_per_op["forward"] != row["host_s_per_op"] > 0
     assert result.predicted.total_s == pytest.approx(sum(result.predicted.split().values()))
     assert result.predicted.op_count > 100 and result.predicted.sync_count == 1  # one grouped dispatch
     assert {"torch", "transformers", "chronos-forecasting", "python"} <= set(result.versions)

@@ -107,3 +107,40 @@ def test_fresh_page_probe_touches_new_pages_whatever_the_heap_holds():
     _write_fresh_pages(elements)
     _write_fresh_pages(elements)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before >= 2 * 4
+
+
+def test_remeasure_host_retimes_only_the_phases_a_step_dispatches():
+    """A benchmark prices its run at the host's speed at the run: remeasure_host re-times the host's terms of
+    the phases its mode dispatches on the probe's calibration steps and keeps every other term. A host time of
+    a second per op (a probe taken in another machine state, exaggerated) is replaced by one that prices a
+    dispatch-bound step the calibration did not time (debug forward at batch 1, context 64) within 2× of its
+    measured time."""
+    from dataclasses import replace
+
+    import torch
+
+    from model.build import build_model_from_config
+    from model.config import make_config
+    from planner.measure import token_batch
+    from planner.steptime.predict import predict_step_time
+    from planner.steptime.trace import record_step, run_step
+    from planner.workload import Workload
+    from tests.steptime_fixtures import simple_measured_device
+
+    stale = {"forward": 1.0, "forecast": 1.0, "backward": 1.0, "optimizer": 1.0}
+    device = replace(simple_measured_device("this CPU"), host_s_per_op=stale)
+    retimed = {mode: probe.remeasure_host(device, mode) for mode in ("forward", "forecast", "train")}
+    dispatched = {"forward": {"forward"}, "forecast": {"forecast"}, "train": {"forward", "backward", "optimizer"}}
+    for mode, phases in dispatched.items():
+        host = retimed[mode].host_s_per_op
+        assert {phase for phase, seconds in host.items() if seconds != 1.0} == phases
+        assert all(0 < host[phase] < 1e-3 for phase in phases)
+        assert retimed[mode].mm == device.mm and retimed[mode].memory == device.memory
+        assert retimed[mode].gemm_in_model_factor == device.gemm_in_model_factor
+    workload = Workload(batch_size=1, context_length=64, prediction_length=4, num_samples=2)
+    config = make_config("debug")
+    model = build_model_from_config(config)
+    batch = token_batch(config, workload, torch.Generator().manual_seed(0))
+    measured_s = kernel_probes.typical_time_s(lambda: run_step(model, batch, workload, "forward"), min_time_s=0.3)
+    predicted = predict_step_time(record_step(model, batch, workload, "forward"), retimed["forward"])
+    assert 0.5 < measured_s / predicted.total_s < 2.0

@@ -263,7 +263,8 @@ def usage_figure(results: Sequence[BenchResult]):
 
 def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.date] = None) -> Optional[str]:
     """Where the predictions come from: the device model's source and age, the machine's load now, and the
-    threads' speedup during the runs beside the probe's (planner.steptime.host_state)."""
+    threads' speedup and the host's time per op during the runs beside the probe's (planner.steptime.host_state,
+    probe.remeasure_host)."""
     described = [r for r in results if r.ok and r.device_model]
     if not described:
         return None
@@ -277,6 +278,11 @@ def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.da
     if speedups and probe:
         text += (f"; threads ran {min(speedups):.2f}–{max(speedups):.2f}× one thread's rate during the runs and "
                  f"{probe:.2f}× when probed")
+    hosts = [r.host_s_per_op for r in described if r.host_s_per_op]
+    probe_host = described[-1].probe_host_s_per_op
+    if hosts and probe_host:
+        text += (f"; the host dispatched an op in {min(hosts) * 1e6:.1f}–{max(hosts) * 1e6:.1f} µs at the runs "
+                 f"(re-timed for their predictions) and {probe_host * 1e6:.1f} µs when probed")
     return text + f"; load now {os.getloadavg()[0]:.2f} (1-minute average). Re-probe when they differ."
 
 

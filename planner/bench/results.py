@@ -31,6 +31,9 @@ MEASUREMENT_NOTES = {
     "parallel_speedup": "CPU: a reference GEMM on every thread ÷ on one thread, just before the timed steps, beside "
     "the same when the device was probed; a virtual machine whose host shares its cores changes it, and every "
     "multi-threaded step with it (planner.steptime.host_state)",
+    "host_s_per_op": "CPU: the host's time per dispatched op (the forward's, or the forecast's in a forecast), "
+    "timed again after the run on the probe's own calibration steps and used in its prediction, beside the "
+    "probe's: it moves with the machine's state (planner.steptime.probe.remeasure_host)",
     "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
     "forecast: forecast; forward: one-path forecast)",
 }
@@ -58,6 +61,8 @@ class BenchResult:
     notes: tuple[str, ...] = ()  # what the user should know about the prediction (a refused cache, ...)
     parallel_speedup: Optional[float] = None  # CPU: the threads' speedup before the timed steps (host_state)
     probe_parallel_speedup: Optional[float] = None  # ... and when the device model was probed
+    host_s_per_op: Optional[float] = None  # CPU: the host's time per dispatched op, re-timed at this run
+    probe_host_s_per_op: Optional[float] = None  # ... and when the device model was probed
     usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
     usage_entropy_nats: Optional[float] = None
     balance_loss: Optional[float] = None  # summed over MoE layers, as the training loss adds it
@@ -134,6 +139,8 @@ class BenchResult:
             "device_model_measured_on": model.get("measured_on"),
             "parallel_speedup": self.parallel_speedup,
             "probe_parallel_speedup": self.probe_parallel_speedup,
+            "host_s_per_op": self.host_s_per_op,
+            "probe_host_s_per_op": self.probe_host_s_per_op,
             "notes": "; ".join(self.notes),
             "usage_counts": list(self.usage_counts) if self.usage_counts is not None else None,
             "usage_entropy_nats": self.usage_entropy_nats,

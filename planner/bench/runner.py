@@ -170,6 +170,8 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
         notes=tuple(final.get("notes", ())),
         parallel_speedup=final.get("parallel_speedup"),
         probe_parallel_speedup=final.get("probe_parallel_speedup"),
+        host_s_per_op=final.get("host_s_per_op"),
+        probe_host_s_per_op=final.get("probe_host_s_per_op"),
         usage_counts=tuple(final["usage_counts"]) if "usage_counts" in final else None,
         usage_entropy_nats=final.get("usage_entropy_nats"),
         balance_loss=final.get("balance_loss"),

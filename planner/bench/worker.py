@@ -74,6 +74,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime.device_cache import with_gemm_shapes_of
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import parallel_speedup, state_note
+    from planner.steptime.probe import remeasure_host
 
     probe = PeakMemoryProbe(device)
     pin_allocator()
@@ -114,9 +115,14 @@ def run(spec: BenchSpec, emit: Emit) -> None:
 
     device_name = describe_device(device)
     device_model, notes = _device_model(device, device_name, spec)
+    host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace)
         notes += shape_notes
+        dispatch_phase = "forecast" if spec.mode == "forecast" else "forward"
+        probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase)
+        device_model = remeasure_host(device_model, spec.mode)  # the host's speed now, not the probe's
+        host_s_per_op = device_model.host_s_per_op[dispatch_phase]
     predicted = predict_step_time(trace, device_model) if device_model is not None else None
     speedup, probe_speedup = (speedups or [None])[0], getattr(device_model, "parallel_speedup", None)
     if speedup is not None and probe_speedup is not None:
@@ -125,7 +131,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
          versions=library_versions(), times_s=times.wall_s, cpu_times_s=times.cpu_s, peak_memory_bytes=peak[0],
          memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,
          predicted=predicted.to_dict() if predicted else None, device_model=_describe_model(device_model),
-         notes=notes, parallel_speedup=speedup, probe_parallel_speedup=probe_speedup, **usage)
+         notes=notes, parallel_speedup=speedup, probe_parallel_speedup=probe_speedup, host_s_per_op=host_s_per_op,
+         probe_host_s_per_op=probe_host_s_per_op, **usage)
 
 
 def _device_model(device: str, device_name: str, spec: BenchSpec):
