@@ -99,6 +99,24 @@ def test_measure_step_times_counts_warmup_and_repeats():
                       ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
 
 
+def test_measure_step_times_counts_each_steps_new_pages():
+    """A step that fills 16 MiB of newly mapped memory faults its 16 MiB (within a page table's worth); one that
+    touches nothing new faults (almost) nothing."""
+    import mmap
+
+    import torch
+
+    def fill_fresh_pages():
+        region = mmap.mmap(-1, 16 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        torch.frombuffer(region, dtype=torch.float32).fill_(1.0)
+
+    fresh = measure_step_times(fill_fresh_pages, warmup=1, repeats=3, synchronize=lambda: None)
+    assert all(16 * 2**20 <= faulted <= 17 * 2**20 for faulted in fresh.fault_bytes), fresh.fault_bytes
+    mapped = torch.empty(2**20)
+    warm = measure_step_times(lambda: mapped.fill_(1.0), warmup=1, repeats=3, synchronize=lambda: None)
+    assert len(warm.fault_bytes) == 3 and max(warm.fault_bytes) < 2**20
+
+
 # --- the preflight (pure) ---------------------------------------------------------------------------------
 
 

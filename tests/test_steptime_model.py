@@ -106,6 +106,26 @@ def test_fresh_pages_counted_in_the_step_replace_the_threshold_rule():
     assert device.memory_s(replace(small, fresh_bytes=None)) == pytest.approx(6 * 10**7 / BYTES_PER_S)
 
 
+def test_a_recorded_steps_fresh_pages_take_the_timed_steps_total():
+    """A benchmark replaces the one recorded step's new pages by its timed steps' median, each op keeping its
+    share (an add that faulted 8 MB of 10 MB gets 80 % of 30 MB); where the recording faulted none, the total
+    goes to the computing ops by the bytes each writes (a 20 MB add takes 2/3 of 30 MB beside a 10 MB GEMM
+    output, a view nothing); a shape-only trace has no count to replace."""
+    add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 4 * 10**7, 2 * 10**7, fresh_bytes=8 * 10**6)
+    mm = replace(MM, fresh_bytes=10**6, bytes_written=10**7)
+    view = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0, fresh_bytes=0)
+    recorded = StepTrace(((add, 1), (mm, 2), (view, 3)))
+    assert recorded.fresh_bytes == 10**7
+    scaled = recorded.with_fresh_bytes(3 * 10**7)
+    assert [op.fresh_bytes for op, _ in scaled.ops] == [24 * 10**6, 3 * 10**6, 0] and scaled.fresh_bytes == 3 * 10**7
+    assert [(replace(op, fresh_bytes=None), n) for op, n in scaled.ops] == \
+        [(replace(op, fresh_bytes=None), n) for op, n in recorded.ops]  # nothing else changes
+    none_counted = StepTrace(tuple((replace(op, fresh_bytes=0), n) for op, n in ((add, 1), (replace(mm, fresh_bytes=0), 1), (view, 3))))
+    assert [op.fresh_bytes for op, _ in none_counted.with_fresh_bytes(3 * 10**7).ops] == [2 * 10**7, 10**7, 0]
+    by_shape = StepTrace(((replace(add, fresh_bytes=None), 1),))
+    assert by_shape.fresh_bytes is None and by_shape.with_fresh_bytes(10**6) == by_shape
+
+
 def test_cpu_time_unknown_where_a_term_was_not_measured():
     """A GEMM read off the grid (no exact timing, so no busy threads), a GPU, and the compiled what-if have
     no CPU time."""

@@ -3,11 +3,14 @@
 Each timed step also records the process's CPU time (user + system, every thread): each kernel's time × the
 threads it keeps busy (a serial kernel, such as dropout's draws, leaves the others asleep). When other
 processes share the cores the wall time grows and the CPU time mostly does not, so a ratio of CPU times
-survives a noisy machine better than a ratio of wall times.
+survives a noisy machine better than a ratio of wall times. And the bytes of new pages it faulted in (minor
+page faults × the page size): on a CPU each costs the kernel a zero-fill, and how many the allocator needs
+varies from step to step.
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ StepCallback = Callable[[str, int, int], None]
 class StepTimes:
     wall_s: list[float]
     cpu_s: list[float]
+    fault_bytes: list[int]  # new pages each step touched first (the process's minor faults × the page size)
 
 
 def measure_step_times(
@@ -41,17 +45,25 @@ def measure_step_times(
             on_step("warmup", done, warmup)
     if after_warmup:
         after_warmup()
-    times = StepTimes([], [])
+    times = StepTimes([], [], [])
     for done in range(1, repeats + 1):
         synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu, start_faults = time.perf_counter(), time.process_time(), _minor_faults()
         step()
         synchronize()
         times.wall_s.append(time.perf_counter() - start)
         times.cpu_s.append(time.process_time() - start_cpu)
+        times.fault_bytes.append((_minor_faults() - start_faults) * PAGE_BYTES)
         if on_step:
             on_step("measure", done, repeats)
     return times
+
+
+PAGE_BYTES = resource.getpagesize()
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def percentile(values: Sequence[float], q: int) -> float:

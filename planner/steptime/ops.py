@@ -6,7 +6,7 @@ Torch-free, so predictions can read a cached trace without loading torch. `trace
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional
 
 KINDS = ("matmul", "memory", "view", "sync", "collective")
@@ -58,6 +58,31 @@ class StepTrace:
         """Ops of `kind` (any kind when None) in `phase` (any phase when None)."""
         return sum(count for op, count in self.ops
                    if (kind is None or op.kind == kind) and (phase is None or op.phase == phase))
+
+    @property
+    def fresh_bytes(self) -> Optional[int]:
+        """New pages the step touched first, as counted when it was recorded; None when traced by shape."""
+        counted = [(op.fresh_bytes, count) for op, count in self.ops if op.fresh_bytes is not None]
+        return sum(fresh * count for fresh, count in counted) if counted else None
+
+    def with_fresh_bytes(self, total: int) -> "StepTrace":
+        """This recorded step with `total` bytes of new pages in place of those it counted, each op's share as
+        counted (where it counted none, by the bytes each computing op writes). How many pages glibc gives back
+        to the system and maps again varies from step to step (a small token_ffn training step at batch 1 faulted
+        0 to 945 MiB on consecutive steps), so one recorded step is one draw; a benchmark passes its timed
+        steps' median. A trace traced by shape is returned as it is."""
+        counted = self.fresh_bytes
+        if counted is None:
+            return self
+        if counted > 0:
+            share = {op: op.fresh_bytes / counted for op, _ in self.ops if op.fresh_bytes is not None}
+        else:
+            written = sum(op.bytes_written * count for op, count in self.ops
+                          if op.fresh_bytes is not None and op.kind in ("matmul", "memory"))
+            share = {op: op.bytes_written / written if op.kind in ("matmul", "memory") else 0.0
+                     for op, _ in self.ops if op.fresh_bytes is not None} if written else {}
+        return StepTrace(tuple((replace(op, fresh_bytes=round(total * share[op])) if op in share else op, count)
+                               for op, count in self.ops))
 
     def names(self) -> Counter:
         """How often each ATen op ran."""
