@@ -144,3 +144,50 @@ def test_remeasure_host_retimes_only_the_phases_a_step_dispatches():
     measured_s = kernel_probes.typical_time_s(lambda: run_step(model, batch, workload, "forward"), min_time_s=0.3)
     predicted = predict_step_time(record_step(model, batch, workload, "forward"), retimed["forward"])
     assert 0.5 < measured_s / predicted.total_s < 2.0
+
+
+def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):
+    """Steps made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M take n·h + g·K + M + views
+    × the view's time: one round of their timings gives back h and g exactly; of five rounds, one disturbed
+    (its GEMM-heavy steps 60 % slower) leaves the fit of the median round."""
+    from dataclasses import replace
+
+    from planner.steptime.ops import OpRecord, StepTrace
+    from tests.steptime_fixtures import BYTES_PER_S, FLOPS_PER_S, VIEW_S, simple_measured_device
+
+    def step(mm_count, flops, adds):
+        mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", flops, 10**4, 10**4, (1, 64, 64, 64))
+        add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**4, 10**4)
+        view = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0)
+        return StepTrace(((mm, mm_count), (add, adds), (view, 20)))
+
+    traces = [step(10, 10**5, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
+    device = simple_measured_device()
+    host_s, factor = 7e-6, 1.3
+
+    def spent(trace, gemm_factor):
+        non_views = trace.op_count - trace.count("view")
+        kernels = sum(n * (op.flops / FLOPS_PER_S * gemm_factor if op.kind == "matmul" else
+                           op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
+        return non_views * host_s + kernels + trace.count("view") * VIEW_S
+
+    timings = [kernel_probes.Timed(spent(trace, factor), 1.0) for trace in traces]
+    assert probe._solve_host_and_factor(timings, traces, device, VIEW_S) == (pytest.approx(host_s), pytest.approx(factor))
+
+    rounds = iter([factor, 1.25, 1.6, factor, 1.35])  # the third round disturbed
+    assert probe.FIT_ROUNDS == 5
+    round_timings: list = []
+
+    def typical(run, min_time_s=0.0):
+        if not round_timings:  # a new round: each step at that round's factor
+            gemm_factor = next(rounds)
+            round_timings.extend(kernel_probes.Timed(spent(trace, gemm_factor), 1.0) for trace in traces)
+        return round_timings.pop(0)
+
+    built = iter(traces)
+    monkeypatch.setattr(probe, "_calibration_run", lambda size, workload, dtype, mode: (lambda: None, next(built)))
+    monkeypatch.setattr(probe, "with_exact_gemms", lambda device, trace: device)
+    monkeypatch.setattr(probe, "typical_time", typical)
+    fitted_host_s, fitted_factor, _, (first, _) = probe._fit_host_and_gemm_factor(device, "fp32", VIEW_S, "forward")
+    assert fitted_factor == pytest.approx(factor) and fitted_host_s == pytest.approx(host_s)
+    assert first.seconds == pytest.approx(spent(step(10, 10**5, 200), factor))
