@@ -266,7 +266,9 @@ def test_runner_returns_every_field():
     assert len(row["usage_counts"]) == 4 and sum(row["usage_counts"]) == spec.batch_size * spec.top_k
     assert result.device_model == {"name": cpu_name, "source": "probe", "measured_on": cached.measured_on}
     # The only note a quiet run may carry: the host's cores in another state than the cached probe's (1.8×)
-    assert result.device_name == cpu_name and all(note.startswith("the threads ran") for note in result.notes)
+    # (or, on a busy machine, the host's time per op re-timed far from the probe's)
+    assert result.device_name == cpu_name and all(note.startswith(("the threads ran", "the host dispatched"))
+                                                  for note in result.notes)
     # The threads' speedup is a timing: measured and reported, its size left to the machine's load (under load
     # from other processes it falls below 1), so no threshold here.
     assert row["probe_parallel_speedup"] == cached.parallel_speedup and 0 < row["parallel_speedup"] < math.inf

@@ -2,7 +2,7 @@
 
 import torch
 
-from planner.steptime.host_state import SPEEDUP_TOLERANCE, parallel_speedup, state_note
+from planner.steptime.host_state import SPEEDUP_TOLERANCE, host_drift_note, parallel_speedup, state_note
 
 
 def test_one_thread_has_no_speedup_to_measure(one_thread):
@@ -21,6 +21,17 @@ def test_a_run_in_the_probes_state_has_no_note_and_another_state_is_named():
     assert state_note(1.9, 1.9) is None and state_note(1.9 * (1 + SPEEDUP_TOLERANCE * 0.9), 1.9) is None
     note = state_note(1.5, 1.9)
     assert note is not None and "1.50×" in note and "1.90×" in note and "\n" not in note
+
+
+def test_a_host_time_far_from_the_probes_is_a_busy_machine_and_named():
+    """Within half to twice the probe's time per op a run's re-timed host time is used (a quiet machine's
+    drift); beyond, the note names both times and says the probe's is kept."""
+    assert host_drift_note(7e-6, 7e-6) is None and host_drift_note(13e-6, 7e-6) is None
+    assert host_drift_note(3.6e-6, 7e-6) is None
+    for run_s in (2.4e-3, 3e-6):
+        note = host_drift_note(run_s, 7e-6)
+        assert note is not None and f"{run_s * 1e6:.1f} µs" in note and "7.0 µs" in note and "\n" not in note
+        assert "keeps the probe's" in note
 
 
 def test_a_cached_probe_without_the_speedup_is_refused(tmp_path, monkeypatch):

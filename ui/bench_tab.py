@@ -282,7 +282,7 @@ def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.da
     probe_host = described[-1].probe_host_s_per_op
     if hosts and probe_host:
         text += (f"; the host dispatched an op in {min(hosts) * 1e6:.1f}–{max(hosts) * 1e6:.1f} µs at the runs "
-                 f"(re-timed for their predictions) and {probe_host * 1e6:.1f} µs when probed")
+                 f"(re-timed at each run) and {probe_host * 1e6:.1f} µs when probed")
     return text + f"; load now {os.getloadavg()[0]:.2f} (1-minute average). Re-probe when they differ."
 
 

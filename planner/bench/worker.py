@@ -74,7 +74,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime import MeasuredDevice, predict_step_time
     from planner.steptime.device_cache import with_gemm_shapes_of
     from planner.bench.timing import measure_step_times
-    from planner.steptime.host_state import parallel_speedup, state_note
+    from planner.steptime.host_state import host_drift_note, parallel_speedup, state_note
     from planner.steptime.probe import remeasure_host
 
     probe = PeakMemoryProbe(device)
@@ -123,9 +123,12 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace)
         notes += shape_notes
         dispatch_phase = "forecast" if spec.mode == "forecast" else "forward"
-        probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase)
-        device_model = remeasure_host(device_model, spec.mode)  # the host's speed now, not the probe's
-        host_s_per_op = device_model.host_s_per_op[dispatch_phase]
+        probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase, device_model.host_s_per_op["forward"])
+        retimed = remeasure_host(device_model, spec.mode)  # the host's speed now, not the probe's
+        host_s_per_op = retimed.host_s_per_op[dispatch_phase]
+        busy_note = host_drift_note(host_s_per_op, probe_host_s_per_op)
+        notes += [busy_note] if busy_note else []
+        device_model = device_model if busy_note else retimed
     predicted = predict_step_time(trace, device_model) if device_model is not None else None
     speedup, probe_speedup = (speedups or [None])[0], getattr(device_model, "parallel_speedup", None)
     if speedup is not None and probe_speedup is not None:

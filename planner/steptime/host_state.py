@@ -16,6 +16,9 @@ import torch
 REFERENCE_GEMM = (256, 1024, 1024)  # (m, n, k): large enough that every thread gets work, small enough to be quick
 SPEEDUP_TIME_S = 0.08  # per thread count
 SPEEDUP_TOLERANCE = 0.10  # a run's speedup this far from its probe's is a different machine state
+# A run's re-timed host time per op beyond these multiples of its probe's is a busy machine, not a drift of its
+# state (quiet, it moved by up to ±40 % over hours; under a test suite on both cores it read 20–350 ×)
+HOST_DRIFT_RANGE = (0.5, 2.0)
 
 
 def parallel_speedup() -> float:
@@ -43,3 +46,13 @@ def state_note(run_speedup: float, probe_speedup: float) -> str | None:
     return (f"the threads ran {run_speedup:.2f}× one thread's rate together during this run and "
             f"{probe_speedup:.2f}× when this device was probed (the host shares its cores): measured ÷ "
             f"predicted includes that difference; run again, or with --recalibrate")
+
+
+def host_drift_note(run_s: float, probe_s: float) -> str | None:
+    """A one-line note when a run's re-timed host time per op is outside HOST_DRIFT_RANGE of its probe's (the
+    prediction then keeps the probe's); None when it may be used."""
+    if HOST_DRIFT_RANGE[0] <= run_s / probe_s <= HOST_DRIFT_RANGE[1]:
+        return None
+    return (f"the host dispatched an op in {run_s * 1e6:.1f} µs at this run and {probe_s * 1e6:.1f} µs when this "
+            f"device was probed: the machine is busy, so the prediction keeps the probe's; run again when it is "
+            f"quiet")
