@@ -16,7 +16,7 @@ from planner.steptime import device_cache
 from planner.steptime.curves import GemmGrid, SizeCurve
 from planner.steptime.gpu_presets import preset_for_device_name
 from planner.steptime.ops import OpRecord, StepTrace
-from tests.steptime_fixtures import (BYTES_PER_S, FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
+from tests.steptime_fixtures import (BYTES_PER_S, FLOPS_PER_S, FRESH_PAGE_BUSY, FRESH_S_PER_BYTE, HOST_BUSY, HOST_S, SCATTER_S_PER_ROW, VIEW_S,
                                      simple_measured_device)
 
 MM = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 10**9, 10**6, 10**6, (1, 1000, 1000, 1000))
@@ -351,3 +351,29 @@ def test_cli_predicts_without_running_and_lists_devices_for_a_bad_name():
     header = next(line for line in good.stdout.splitlines() if not line.startswith("#"))
     assert {"mode", "batch_size", "context_length", "prediction_length", "num_samples", "dtype",
             "predicted_matmul_s", "predicted_bound"} <= set(header.split(","))
+
+
+def test_gemm_timings_a_busy_machine_disturbed_are_neither_kept_nor_used(monkeypatch):
+    """An exact timing more than DISTURBED_GEMM_FACTOR × the grid's price for its shape (here 1 s for a
+    (64 × 64) · (64 × 64) product the grid prices at 52 µs) was taken on a busy machine: a step that times it
+    prices the shape from the grid, says so in a note and does not save it; a cache that holds one drops it
+    on loading; a timing 40× the grid's (a shape off the grid's axes) stays."""
+    from planner.steptime import kernel_probes
+    from planner.steptime.kernel_probes import Timed
+    from planner.steptime.measured import DISTURBED_GEMM_FACTOR, MeasuredDevice
+
+    device = simple_measured_device("Busy CPU")
+    grid_s = 2 * 64**3 / FLOPS_PER_S
+    mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 64**3, 2 * 64 * 64 * 4, 64 * 64 * 4,
+                  (1, 64, 64, 64), fresh_bytes=0)
+    monkeypatch.setattr(kernel_probes, "time_gemm_shapes",
+                        lambda shapes, dtype: {"1,64,64,64": Timed(1.0, 1.0)})
+    timed, notes = device_cache.with_gemm_shapes_of(device, StepTrace(((mm, 1),)))
+    assert "1,64,64,64" not in timed.gemm_shape_s and timed.matmul_s(mm, "fp32") == pytest.approx(grid_s)
+    assert len(notes) == 1 and "busy machine" in notes[0] and "\n" not in notes[0]
+    assert "1,64,64,64" not in device_cache.load_measured_device("Busy CPU", "fp32")[0].gemm_shape_s
+    values = replace(device, gemm_shape_s={"1,64,64,64": 1.0, "1,64,64,128": 40 * 2 * grid_s},
+                     gemm_shape_busy={"1,64,64,64": 1.0, "1,64,64,128": 1.0}).to_dict()
+    loaded = MeasuredDevice.from_dict(values)
+    assert loaded.gemm_shape_s == {"1,64,64,128": 40 * 2 * grid_s} and set(loaded.gemm_shape_busy) == {"1,64,64,128"}
+    assert 40 < DISTURBED_GEMM_FACTOR < 250

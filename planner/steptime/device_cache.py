@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Optional
 
 from planner.bench.cache import cache_dir
-from planner.steptime.measured import MeasuredDevice
+from planner.steptime.measured import DISTURBED_GEMM_FACTOR, MeasuredDevice
 
 DEVICE_MODEL_FILE = "device_model.json"
 
@@ -108,4 +108,8 @@ def with_gemm_shapes_of(device: MeasuredDevice, trace) -> tuple[MeasuredDevice, 
 
     device = with_exact_gemms(device, trace)
     problem = save_measured_device(device)
-    return device, [problem] if problem else []
+    notes = [problem] if problem else []
+    if disturbed := device.missing_gemm_shapes(trace):
+        notes.append(f"{len(disturbed)} GEMM shape(s) of this step timed more than {DISTURBED_GEMM_FACTOR:g}× slower "
+                     f"than this device's probed rates (a busy machine) were not kept: priced from the probed grid")
+    return device, notes

@@ -228,13 +228,16 @@ def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dic
 
 
 def with_exact_gemms(device: MeasuredDevice, trace: StepTrace) -> MeasuredDevice:
-    """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept)."""
+    """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept), less the
+    timings a busy machine disturbed (MeasuredDevice.without_disturbed_gemm_shapes: left to the grid)."""
     missing = device.missing_gemm_shapes(trace)
     if not missing:
         return device
     timed = time_gemm_shapes(missing, device.dtype)
-    return replace(device, gemm_shape_s={**device.gemm_shape_s, **{k: t.seconds for k, t in timed.items()}},
-                   gemm_shape_busy={**device.gemm_shape_busy, **{k: t.busy_threads for k, t in timed.items()}})
+    timed_device = replace(device, gemm_shape_s={**device.gemm_shape_s, **{k: t.seconds for k, t in timed.items()}},
+                           gemm_shape_busy={**device.gemm_shape_busy,
+                                            **{k: t.busy_threads for k, t in timed.items()}})
+    return timed_device.without_disturbed_gemm_shapes()  # a busy machine's timings: the grid prices those
 
 
 def scatter_s_per_row_probe(elementwise: SizeCurve, call_s: float) -> Timed:

@@ -58,6 +58,21 @@ class MeasuredDevice:
         moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
         return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
 
+    def grid_gemm_s(self, batch: int, m: int, n: int, k: int) -> float:
+        """A GEMM's kernel seconds read off the probed grid of shapes."""
+        return 2 * batch * m * n * k / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+
+    def without_disturbed_gemm_shapes(self) -> "MeasuredDevice":
+        """This device without the exact GEMM timings more than DISTURBED_GEMM_FACTOR × slower than the grid
+        prices their shape: timed while the machine was busy (a debug model's (130 × 64) · (64 × 256) took
+        15.6 ms beside a test suite, against 10 µs), they would price every later step with that shape."""
+        kept = {key: seconds for key, seconds in self.gemm_shape_s.items()
+                if seconds <= DISTURBED_GEMM_FACTOR * self.grid_gemm_s(*parse_gemm_key(key))}
+        if len(kept) == len(self.gemm_shape_s):
+            return self
+        return replace(self, gemm_shape_s=kept,
+                       gemm_shape_busy={key: busy for key, busy in self.gemm_shape_busy.items() if key in kept})
+
     def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
         """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
         shapes = {op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None}
@@ -78,7 +93,7 @@ class MeasuredDevice:
             return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
         exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
-        kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+        kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(batch, m, n, k)
         return kernel_s * factor + self._fresh_pages_s(op)
 
     def _memory_curve(self, op: OpRecord) -> SizeCurve:
@@ -154,7 +169,7 @@ class MeasuredDevice:
             # Both absent in probes made before exact shapes (and their busy threads) were timed.
             shapes = _per_gemm_shape(values, "gemm_shape_s", "seconds", _check_positive)
             busy_of_shape = _per_gemm_shape(values, "gemm_shape_busy", "busy threads", _check_busy)
-            return cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
+            loaded = cls(str(values["name"]), str(values["dtype"]), str(values["measured_on"]), grids["mm"],
                        grids["bmm"], curves, scalars["scatter_s_per_row"], scalars["fresh_page_s_per_byte"],
                        int(scalars["fresh_above_bytes"]), per_phase["gemm_in_model_factor"],
                        per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
@@ -163,6 +178,7 @@ class MeasuredDevice:
                        optimizer_memory=optimizer_memory)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
+        return loaded.without_disturbed_gemm_shapes()  # a cache written on a busy machine heals here
 
 
 def gemm_key(batch: int, m: int, n: int, k: int) -> str:
@@ -178,6 +194,10 @@ def parse_gemm_key(key: str) -> tuple[int, int, int, int]:
     return batch, m, n, k
 
 
+# An exact GEMM timing this many times slower than the grid's price for its shape was disturbed: shapes off the
+# grid's axes read up to ~45× its price here (an inner dimension of 1 to 6: a decoding step's attention over its
+# first positions, the grid's smallest being 16), timings taken beside a test suite 250× to 40,000×
+DISTURBED_GEMM_FACTOR = 100.0
 MAX_BUSY_THREADS = 4096  # more threads busy than any machine has: a damaged cache
 # What an optimizer step may move and still find its operands in the cache: twice a 32 MiB last-level cache,
 # the probe's own assumption for cold operands (kernel_probes.COLD_BYTES).
