@@ -150,8 +150,6 @@ def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):
     """Steps made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M take n·h + g·K + M + views
     × the view's time: one round of their timings gives back h and g exactly; of five rounds, one disturbed
     (its GEMM-heavy steps 60 % slower) leaves the fit of the median round."""
-    from dataclasses import replace
-
     from planner.steptime.ops import OpRecord, StepTrace
     from tests.steptime_fixtures import BYTES_PER_S, FLOPS_PER_S, VIEW_S, simple_measured_device
 
