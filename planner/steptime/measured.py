@@ -93,7 +93,7 @@ class MeasuredDevice:
             return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
         exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
-        kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(batch, m, n, k)
+        kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
         return kernel_s * factor + self._fresh_pages_s(op)
 
     def _memory_curve(self, op: OpRecord) -> SizeCurve:
