@@ -215,10 +215,17 @@ def test_dense_dispatch_keeps_every_expert_resident_in_the_active_experts_what_i
 def test_the_probes_high_water_mark_restarts_with_its_baseline_kept():
     """A step's own peak: after 200 MB were touched and freed, restarting the CPU probe's high-water mark drops
     its peak to what is resident now; touching 100 MB then reads ~100 MB above the same baseline."""
+    import ctypes
+    import gc
+
     import numpy as np
 
     from planner.bench.memory_probe import PeakMemoryProbe
 
+    # The baseline is what is resident at start: earlier tests' garbage freed after it would leave the process
+    # below it, where a 100 MB block need not rise above it (one full-suite run in several read 0)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     probe = PeakMemoryProbe("cpu")
     probe.start()
     block = np.ones(25_000_000)  # 200 MB, touched
