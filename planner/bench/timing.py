@@ -48,12 +48,12 @@ def measure_step_times(
     times = StepTimes([], [], [])
     for done in range(1, repeats + 1):
         synchronize()
-        start, start_cpu, start_faults = time.perf_counter(), time.process_time(), _minor_faults()
+        start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_faults()
         step()
         synchronize()
         times.wall_s.append(time.perf_counter() - start)
         times.cpu_s.append(time.process_time() - start_cpu)
-        times.fault_bytes.append((_minor_faults() - start_faults) * PAGE_BYTES)
+        times.fault_bytes.append((minor_faults() - start_faults) * PAGE_BYTES)
         if on_step:
             on_step("measure", done, repeats)
     return times
@@ -62,7 +62,8 @@ def measure_step_times(
 PAGE_BYTES = resource.getpagesize()
 
 
-def _minor_faults() -> int:
+def minor_faults() -> int:
+    """The process's minor page faults so far: each a new page touched first (× PAGE_BYTES)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

@@ -29,7 +29,6 @@ not a device sync). Identical ops are merged with a count; traces are cached per
 from __future__ import annotations
 
 import contextlib
-import resource
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -44,6 +43,7 @@ from model.config import ChronosMoEConfig
 from model.trainable import set_trainable
 from planner.bench.device import TORCH_DTYPES
 from planner.bench.memory_probe import pin_allocator, settle_allocator
+from planner.bench.timing import PAGE_BYTES, minor_faults
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
 from planner.steptime.devices import SCATTER_OPS
 from planner.steptime.ops import OpRecord, StepTrace
@@ -58,7 +58,6 @@ GATHER_OPS = frozenset({"embedding", "index", "index_select", "gather", "take"})
 METADATA_OPS = frozenset({"_unsafe_view"})
 # Counted fresh pages: a page fault maps one base page (transparent huge pages are only used on request, and
 # PyTorch's CPU allocator does not ask by default); a few faults are the Python objects around an op, not it.
-PAGE_BYTES = resource.getpagesize()
 FRESH_COUNT_FLOOR_BYTES = 64 * 2**10
 # What a shape-only step runs at most, to stop a runaway trace (the largest Chronos forecast runs ~60,000).
 MAX_TRACED_OPS = 5_000_000
@@ -150,9 +149,9 @@ class OpRecorder(TorchDispatchMode):
             out = func(*args, **kwargs)
             self.record(func, args, kwargs, out)
             return out
-        faults = _page_faults()
+        faults = minor_faults()
         out = func(*args, **kwargs)
-        fresh = (_page_faults() - faults) * PAGE_BYTES
+        fresh = (minor_faults() - faults) * PAGE_BYTES
         self.record(func, args, kwargs, out, fresh if fresh >= FRESH_COUNT_FLOOR_BYTES else 0)
         return out
 
@@ -249,10 +248,6 @@ class LeanShapeOnly(ShapeOnlyMatmuls):
 
 def _full_size_storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-
-def _page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _trace_optimizer(recorder: OpRecorder, trained_shapes: list[torch.Size], foreach: bool) -> None:
