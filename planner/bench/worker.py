@@ -75,6 +75,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime.device_cache import with_gemm_shapes_of
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import host_drift_note, parallel_speedup, state_note
+    from planner.steptime.ops import first_phase
     from planner.steptime.probe import remeasure_host
 
     probe = PeakMemoryProbe(device)
@@ -122,7 +123,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace)
         notes += shape_notes
-        dispatch_phase = "forecast" if spec.mode == "forecast" else "forward"
+        dispatch_phase = first_phase(spec.mode)
         probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase, device_model.host_s_per_op["forward"])
         retimed = remeasure_host(device_model, spec.mode)  # the host's speed now, not the probe's
         host_s_per_op = retimed.host_s_per_op[dispatch_phase]

@@ -13,6 +13,12 @@ KINDS = ("matmul", "memory", "view", "sync", "collective")
 PHASES = ("forward", "backward", "optimizer", "forecast")
 
 
+def first_phase(mode: str) -> str:
+    """The phase a step of `mode` (forward, train, forecast) dispatches its first ops in: a forecast's own, the
+    forward's otherwise (a training step's backward and optimizer follow)."""
+    return "forecast" if mode == "forecast" else "forward"
+
+
 @dataclass(frozen=True)
 class OpRecord:
     """One op as the device sees it. `gemm` is (batch, m, n, k) for the products whose shape is known."""

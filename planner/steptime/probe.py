@@ -37,7 +37,7 @@ from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KER
                                             scatter_s_per_row_probe, size_curve, streamed_elementwise, typical_time,
                                             typical_time_s, with_exact_gemms)
 from planner.steptime.measured import MeasuredDevice
-from planner.steptime.ops import StepTrace
+from planner.steptime.ops import StepTrace, first_phase
 from planner.steptime.predict import predict_step_time
 from planner.bench.device import TORCH_DTYPES
 from planner.steptime.trace import record_step, run_step
@@ -246,7 +246,7 @@ def remeasure_host(device: MeasuredDevice, mode: str) -> MeasuredDevice:
     forecast's from its dispatch-bound step, less its kernels at the probed GEMM factor; the training step's
     backward and optimizer from theirs."""
     view_s = _view_s()
-    dispatch_mode = "forecast" if mode == "forecast" else "forward"
+    dispatch_mode = first_phase(mode)
     timed, trace = _timed_step("debug", CALIBRATION_WORKLOAD, device.dtype, dispatch_mode)
     device = with_exact_gemms(device, trace)
     host, busy = dict(device.host_s_per_op), dict(device.host_busy)

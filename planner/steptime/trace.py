@@ -46,7 +46,7 @@ from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.bench.timing import PAGE_BYTES, minor_faults
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
 from planner.steptime.devices import SCATTER_OPS
-from planner.steptime.ops import OpRecord, StepTrace
+from planner.steptime.ops import OpRecord, StepTrace, first_phase
 
 MODES = ("forward", "train", "forecast")
 # Ops that make the host wait for the device's values (data-dependent output shapes or a value to Python).
@@ -333,7 +333,7 @@ def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
     step's AdamW step included (traced on meta tensors of the parameters that received a gradient).
     `count_fresh_pages` (a real step on the CPU): each op's first-touched pages, as OpRecord.fresh_bytes."""
     recorder = OpRecorder(_full_size_storages(model), count_fresh_pages)
-    recorder.phase = "forecast" if mode == "forecast" else "forward"
+    recorder.phase = first_phase(mode)
     trained: dict[int, torch.Size] = {}
 
     def note_trained(parameter: torch.Tensor) -> None:
