@@ -58,20 +58,24 @@ class MeasuredDevice:
         moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
         return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
 
-    def grid_gemm_s(self, batch: int, m: int, n: int, k: int) -> float:
-        """A GEMM's kernel seconds read off the probed grid of shapes."""
-        return 2 * batch * m * n * k / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+    def grid_gemm_s(self, flops: int, batch: int, m: int, n: int, k: int) -> float:
+        """A GEMM's kernel seconds read off the probed grid of shapes (batched products off their own)."""
+        return flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
 
     def without_disturbed_gemm_shapes(self) -> "MeasuredDevice":
         """This device without the exact GEMM timings more than DISTURBED_GEMM_FACTOR × slower than the grid
         prices their shape: timed while the machine was busy (a debug model's (130 × 64) · (64 × 256) took
         15.6 ms beside a test suite, against 10 µs), they would price every later step with that shape."""
         kept = {key: seconds for key, seconds in self.gemm_shape_s.items()
-                if seconds <= DISTURBED_GEMM_FACTOR * self.grid_gemm_s(*parse_gemm_key(key))}
+                if seconds <= DISTURBED_GEMM_FACTOR * self._grid_s_of_key(key)}
         if len(kept) == len(self.gemm_shape_s):
             return self
         return replace(self, gemm_shape_s=kept,
                        gemm_shape_busy={key: busy for key, busy in self.gemm_shape_busy.items() if key in kept})
+
+    def _grid_s_of_key(self, key: str) -> float:
+        batch, m, n, k = parse_gemm_key(key)
+        return self.grid_gemm_s(2 * batch * m * n * k, batch, m, n, k)
 
     def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
         """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
@@ -93,7 +97,7 @@ class MeasuredDevice:
             return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
         exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
-        kernel_s = exact_s if exact_s is not None else op.flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
+        kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(op.flops, batch, m, n, k)
         return kernel_s * factor + self._fresh_pages_s(op)
 
     def _memory_curve(self, op: OpRecord) -> SizeCurve:
