@@ -1,0 +1,43 @@
+"""The benchmark's timing (planner.bench.timing, pure): percentiles and the summary against hand-derived values,
+the warm-up and repeats it runs, and the new pages each timed step faults."""
+
+import pytest
+
+from planner.bench.timing import measure_step_times, percentile, summarise_times
+
+
+def test_percentile_and_summary_hand_derived():
+    times = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert percentile(times, 50) == 3.0
+    assert percentile(times, 95) == pytest.approx(4.8)  # rank 0.95 · 4 = 3.8 between 4 and 5
+    summary = summarise_times(times, [2 * t for t in times], series=8, tokens=600, flops=12_000_000_000)
+    assert (summary.median_s, summary.min_s, summary.cpu_median_s) == (3.0, 1.0, 6.0)
+    assert (summary.series_per_s, summary.tokens_per_s, summary.achieved_flops_per_s) == (8 / 3, 200.0, 4e9)
+
+
+def test_measure_step_times_counts_warmup_and_repeats():
+    calls, stages = [], []
+    times = measure_step_times(lambda: calls.append(1), warmup=2, repeats=3, synchronize=lambda: None,
+                               on_step=lambda stage, done, total: stages.append((stage, done, total)),
+                               after_warmup=lambda: stages.append("after warm-up"))
+    assert len(calls) == 5 and len(times.wall_s) == len(times.cpu_s) == 3 and min(times.wall_s) >= 0
+    assert stages == [("warmup", 1, 2), ("warmup", 2, 2), "after warm-up",
+                      ("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3)]
+
+
+def test_measure_step_times_counts_each_steps_new_pages():
+    """A step that fills 16 MiB of newly mapped memory faults its 16 MiB (within a page table's worth); one that
+    touches nothing new faults (almost) nothing."""
+    import mmap
+
+    import torch
+
+    def fill_fresh_pages():
+        region = mmap.mmap(-1, 16 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        torch.frombuffer(region, dtype=torch.float32).fill_(1.0)
+
+    fresh = measure_step_times(fill_fresh_pages, warmup=1, repeats=3, synchronize=lambda: None)
+    assert all(16 * 2**20 <= faulted <= 17 * 2**20 for faulted in fresh.fault_bytes), fresh.fault_bytes
+    mapped = torch.empty(2**20)
+    warm = measure_step_times(lambda: mapped.fill_(1.0), warmup=1, repeats=3, synchronize=lambda: None)
+    assert len(warm.fault_bytes) == 3 and max(warm.fault_bytes) < 2**20
