@@ -14,12 +14,21 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
 
 
-def test_probe_measures_every_term_and_round_trips(monkeypatch):
-    monkeypatch.setattr(probe, "MM_AXES", ((1, 64), (64, 256), (64, 256)))
-    monkeypatch.setattr(probe, "BMM_AXES", ((1, 64), (16, 64), (16, 64)))
-    monkeypatch.setattr(kernel_probes, "SIZES_BYTES", (64 * 2**10, 4 * 2**20))
-    monkeypatch.setattr(kernel_probes, "COLD_BYTES", 2**20)
-    measured = probe.probe_device("fp32", "this CPU")
+@pytest.fixture(scope="module")
+def reduced_probe(tmp_path_factory):
+    """This machine probed on a reduced grid of GEMM shapes and sizes (seconds, not the full probe's minute)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path_factory.mktemp("probe_cache")))
+        patch.setattr(probe, "MM_AXES", ((1, 64), (64, 256), (64, 256)))
+        patch.setattr(probe, "BMM_AXES", ((1, 64), (16, 64), (16, 64)))
+        patch.setattr(kernel_probes, "SIZES_BYTES", (64 * 2**10, 4 * 2**20))
+        patch.setattr(kernel_probes, "COLD_BYTES", 2**20)
+        measured = probe.probe_device("fp32", "this CPU")
+    return measured
+
+
+def test_probe_measures_every_term_and_round_trips(reduced_probe):
+    measured = reduced_probe
     rates = [r for grid in (measured.mm, measured.bmm) for plane in grid.rates for row in plane for r in row]
     curves = [t for curve in measured.memory.values() for t in curve.seconds]
     scalars = [measured.scatter_s_per_row, measured.fresh_page_s_per_byte, measured.host_s_per_view,
@@ -109,12 +118,13 @@ def test_fresh_page_probe_touches_new_pages_whatever_the_heap_holds():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before >= 2 * 4
 
 
-def test_remeasure_host_retimes_only_the_phases_a_step_dispatches():
-    """A benchmark prices its run at the host's speed at the run: remeasure_host re-times the host's terms of
-    the phases its mode dispatches on the probe's calibration steps and keeps every other term. A host time of
-    a second per op (a probe taken in another machine state, exaggerated) is replaced by one that prices a
-    dispatch-bound step the calibration did not time (debug forward at batch 1, context 64) within 2× of its
-    measured time."""
+def test_remeasure_state_retimes_the_steps_gemms_and_the_host_of_the_phases_it_dispatches(reduced_probe):
+    """A benchmark prices its run with the speeds of its own process: remeasure_state times the step's exact
+    GEMM shapes again and fits the host's terms of the phases its mode dispatches again (a training step's
+    backward and optimizer too) on the probe's calibration steps; every other term is kept. A stale GEMM
+    timing (20× the grid's price) and a stale host (a second per op) are replaced, a shape the step does not
+    have keeps its timing, and the re-timed host prices a dispatch-bound step the calibration did not time
+    (debug forward at batch 1, context 64) within 2× of its measured time."""
     from dataclasses import replace
 
     import torch
@@ -122,19 +132,29 @@ def test_remeasure_host_retimes_only_the_phases_a_step_dispatches():
     from model.build import build_model_from_config
     from model.config import make_config
     from planner.measure import token_batch
+    from planner.steptime.measured import gemm_key
+    from planner.steptime.ops import OpRecord, StepTrace
     from planner.steptime.predict import predict_step_time
     from planner.steptime.trace import record_step, run_step
     from planner.workload import Workload
-    from tests.steptime_fixtures import simple_measured_device
 
-    stale = {"forward": 1.0, "forecast": 1.0, "backward": 1.0, "optimizer": 1.0}
-    device = replace(simple_measured_device("this CPU"), host_s_per_op=stale)
-    retimed = {mode: probe.remeasure_host(device, mode) for mode in ("forward", "forecast", "train")}
+    in_step, elsewhere = (1, 64, 256, 64), (1, 64, 64, 64)
+    grid_s = {shape: reduced_probe.grid_gemm_s(2 * shape[1] * shape[2] * shape[3], *shape)
+              for shape in (in_step, elsewhere)}
+    stale_shapes = {gemm_key(*in_step): 20 * grid_s[in_step], gemm_key(*elsewhere): 3 * grid_s[elsewhere]}
+    device = replace(reduced_probe, host_s_per_op=dict.fromkeys(("forward", "forecast", "backward", "optimizer"), 1.0),
+                     gemm_shape_s={**reduced_probe.gemm_shape_s, **stale_shapes},
+                     gemm_shape_busy={**reduced_probe.gemm_shape_busy, **dict.fromkeys(stale_shapes, 1.0)})
+    matmul = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 64 * 256 * 64, 0, 0, in_step)
+    retimed = {mode: probe.remeasure_state(device, mode, StepTrace(((matmul, 1),)))
+               for mode in ("forward", "forecast", "train")}
     dispatched = {"forward": {"forward"}, "forecast": {"forecast"}, "train": {"forward", "backward", "optimizer"}}
     for mode, phases in dispatched.items():
         host = retimed[mode].host_s_per_op
         assert {phase for phase, seconds in host.items() if seconds != 1.0} == phases
         assert all(0 < host[phase] < 1e-3 for phase in phases)
+        assert retimed[mode].gemm_shape_s[gemm_key(*in_step)] < 5 * grid_s[in_step]
+        assert retimed[mode].gemm_shape_s[gemm_key(*elsewhere)] == stale_shapes[gemm_key(*elsewhere)]
         assert retimed[mode].mm == device.mm and retimed[mode].memory == device.memory
         assert retimed[mode].gemm_in_model_factor == device.gemm_in_model_factor
     workload = Workload(batch_size=1, context_length=64, prediction_length=4, num_samples=2)

@@ -264,7 +264,7 @@ def usage_figure(results: Sequence[BenchResult]):
 def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.date] = None) -> Optional[str]:
     """Where the predictions come from: the device model's source and age, the machine's load now, and the
     threads' speedup and the host's time per op during the runs beside the probe's (planner.steptime.host_state,
-    probe.remeasure_host)."""
+    probe.remeasure_state)."""
     described = [r for r in results if r.ok and r.device_model]
     if not described:
         return None

@@ -33,8 +33,9 @@ MEASUREMENT_NOTES = {
     "multi-threaded step with it (planner.steptime.host_state)",
     "host_s_per_op": "CPU: the host's time per dispatched op (the forward's, or the forecast's in a forecast), "
     "timed again after the run on the probe's own calibration steps and used in its prediction, beside the "
-    "probe's: it moves with the machine's state (planner.steptime.probe.remeasure_host); beyond half or twice "
-    "the probe's the machine is busy, and the prediction keeps the probe's (the notes say so)",
+    "probe's: it moves with the state of the machine and the process, as the step's exact GEMM timings do, "
+    "which are timed again too (planner.steptime.probe.remeasure_state); beyond half or twice the probe's the "
+    "machine is busy, and the prediction keeps the probe's (the notes say so)",
     "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
     "forecast: forecast; forward: one-path forecast)",
 }

@@ -76,7 +76,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import host_drift_note, parallel_speedup, state_note
     from planner.steptime.ops import first_phase
-    from planner.steptime.probe import remeasure_host
+    from planner.steptime.probe import remeasure_state
 
     probe = PeakMemoryProbe(device)
     pin_allocator()
@@ -125,7 +125,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         notes += shape_notes
         dispatch_phase = first_phase(spec.mode)
         probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase, device_model.host_s_per_op["forward"])
-        retimed = remeasure_host(device_model, spec.mode)  # the host's speed now, not the probe's
+        retimed = remeasure_state(device_model, spec.mode, trace)  # this process's speeds now, not the probe's
         host_s_per_op = retimed.host_s_per_op[dispatch_phase]
         busy_note = host_drift_note(host_s_per_op, probe_host_s_per_op)
         notes += [busy_note] if busy_note else []

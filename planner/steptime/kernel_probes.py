@@ -37,7 +37,11 @@ BMM_AXES = ((1, 16, 64, 512), (16, 64, 512), (16, 64, 512))
 # Operands met once a step are timed from a rotation of copies that together exceed twice a 32 MiB last-level
 # cache, however small each is (a few KiB for a debug model's weights, a bias's moments).
 COLD_BYTES, COLD_COPIES_MAX = 64 * 2**20, 16384
-SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 128 * 2**20)
+# Bytes moved at which each memory-bound class is timed; between them the time is interpolated (log-log). The
+# points at 32 and 48 MiB hold the drop where the operands stop fitting a 32 MiB last-level cache: elementwise
+# products ran 178 GB/s at 16 MiB, 59 at 32, 39 at 48 and 26–34 at 128, so without them a debug model's 68 MiB
+# position-bias sum at batch 16, context 512 was priced at ~60 GB/s between 16 and 128 MiB.
+SIZES_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 16 * 2**20, 32 * 2**20, 48 * 2**20, 128 * 2**20)
 SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
@@ -227,10 +231,11 @@ def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dic
     return {gemm_key(*shape): t for shape, t in zip(shapes, timed)}
 
 
-def with_exact_gemms(device: MeasuredDevice, trace: StepTrace) -> MeasuredDevice:
-    """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept), less the
-    timings a busy machine disturbed (MeasuredDevice.without_disturbed_gemm_shapes: left to the grid)."""
-    missing = device.missing_gemm_shapes(trace)
+def with_exact_gemms(device: MeasuredDevice, trace: StepTrace, *, retime: bool = False) -> MeasuredDevice:
+    """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept, unless
+    `retime`: then all are timed now), less the timings a busy machine disturbed
+    (MeasuredDevice.without_disturbed_gemm_shapes: left to the grid)."""
+    missing = device.gemm_shapes(trace) if retime else device.missing_gemm_shapes(trace)
     if not missing:
         return device
     timed = time_gemm_shapes(missing, device.dtype)

@@ -77,11 +77,15 @@ class MeasuredDevice:
         batch, m, n, k = parse_gemm_key(key)
         return self.grid_gemm_s(2 * batch * m * n * k, batch, m, n, k)
 
+    @staticmethod
+    def gemm_shapes(trace) -> list[tuple[int, int, int, int]]:
+        """The GEMM shapes (batch, m, n, k) of `trace` (a StepTrace), each once."""
+        return sorted({op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None})
+
     def missing_gemm_shapes(self, trace) -> list[tuple[int, int, int, int]]:
         """The GEMM shapes of `trace` (a StepTrace) without an exact timing (and its busy threads) yet."""
-        shapes = {op.gemm for op, _ in trace.ops if op.kind == "matmul" and op.gemm is not None}
-        return sorted(shape for shape in shapes
-                      if gemm_key(*shape) not in self.gemm_shape_s or gemm_key(*shape) not in self.gemm_shape_busy)
+        return [shape for shape in self.gemm_shapes(trace)
+                if gemm_key(*shape) not in self.gemm_shape_s or gemm_key(*shape) not in self.gemm_shape_busy]
 
     def _fresh_pages_s(self, op: OpRecord) -> float:
         """New pages the op touches first: as counted in a recorded step, or else its output when that is

@@ -14,9 +14,9 @@ benchmark run compares with its own). Every time is the median of repeats on the
 reports its steps (run the probe on a quiet machine: neighbours slow every repeat). Runs in the benchmark's
 worker, after its measurement (so the allocator is in the same state as the timed steps).
 
-The host's time per op moves with the machine's state more than the kernels' terms do (a debug step at batch 1,
-60–70 % dispatch, ran 33 ms and 55 ms on one probe, hours apart), so every benchmark run re-times it on the same
-calibration steps for its own prediction (`remeasure_host`, under a second); the cache keeps the probe's.
+The host's terms and the exact GEMM timings move with the state of the machine and the process
+(`remeasure_state` says by how much), so every benchmark run times them again beside its own timed steps for
+its prediction (a second or a few); the cache keeps the probe's.
 """
 
 from __future__ import annotations
@@ -104,11 +104,6 @@ def _calibration_run(size: str, workload: Workload, dtype: str, mode: str) -> tu
     run = lambda: run_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))  # noqa: E731
     run()
     return run, record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
-
-
-def _timed_step(size: str, workload: Workload, dtype: str, mode: str) -> tuple[Timed, StepTrace]:
-    run, trace = _calibration_run(size, workload, dtype, mode)
-    return typical_time(run, min_time_s=CALIBRATION_TIME_S), trace
 
 
 def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
@@ -238,20 +233,32 @@ def _fit_training_host(device: MeasuredDevice, dtype: str, view_s: float, host: 
     return device
 
 
-def remeasure_host(device: MeasuredDevice, mode: str) -> MeasuredDevice:
-    """`device` with the host's terms of the phases a `mode` step dispatches timed again now, on the probe's
-    own calibration steps (the debug model's; the kernels' terms and GEMM factors kept): the host's time per
-    op moves with the machine's state (±40 % over hours on a shared virtual machine, host_state), and a
-    benchmark's prediction should price its run's. Each phase as the probe fits it: the forward's or the
-    forecast's from its dispatch-bound step, less its kernels at the probed GEMM factor; the training step's
-    backward and optimizer from theirs."""
+def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> MeasuredDevice:
+    """`device` as this process runs now, for a benchmark's prediction of `trace` (a `mode` step): the step's
+    exact GEMM shapes timed again, and the host's terms of the phases it dispatches fitted again on the probe's
+    own calibration steps (the debug model's, their GEMM shapes timed again too), each phase as the probe fits
+    it: the forward's or the forecast's from its dispatch-bound step, less its kernels at the probed GEMM
+    factor; the training step's backward and optimizer from theirs. The GEMM factors and the other kernel
+    terms are the probe's.
+
+    Kernel and host speeds move with the state of the machine and of the process together: one workload's
+    step and the exact GEMMs of its trace, timed in the same process, ran 262 and 113 ms in one process and
+    238 and 91 ms in the next; 55 exact GEMM timings a probe had made in a benchmark's worker minutes before
+    were 1.23× (median; up to 3.6×) the same shapes timed again in a new process, while timing them twice in
+    a row agrees within 10 % (median 0.99). The host's time per op moves too (±40 % over hours: a debug step
+    at batch 1, 60–70 % dispatch, ran 33 ms and 55 ms on one probe). A run priced with what it times beside
+    its own steps compares the model with the step, not two states of the machine. (The GEMM factor, fitted
+    on whole steps, is left as probed: refitted at each run over a minute it read 1.23 to 1.67, more than a
+    state moves it.)"""
     view_s = _view_s()
     dispatch_mode = first_phase(mode)
-    timed, trace = _timed_step("debug", CALIBRATION_WORKLOAD, device.dtype, dispatch_mode)
-    device = with_exact_gemms(device, trace)
+    device = with_exact_gemms(device, trace, retime=True)
+    run, calibration = _calibration_run("debug", CALIBRATION_WORKLOAD, device.dtype, dispatch_mode)
+    device = with_exact_gemms(device, calibration, retime=True)
+    timed = typical_time(run, min_time_s=CALIBRATION_TIME_S)
     host, busy = dict(device.host_s_per_op), dict(device.host_busy)
-    host[dispatch_mode] = _host_s_per_op(timed.seconds, trace, device, view_s)
-    busy[dispatch_mode] = _host_busy(timed, trace, device, host[dispatch_mode], view_s)
+    host[dispatch_mode] = _host_s_per_op(timed.seconds, calibration, device, view_s)
+    busy[dispatch_mode] = _host_busy(timed, calibration, device, host[dispatch_mode], view_s)
     if mode == "train":
         device = _fit_training_host(device, device.dtype, view_s, host, busy)
     return replace(device, host_s_per_op=host, host_busy=busy, host_s_per_view=view_s)
