@@ -66,27 +66,37 @@ def test_cpu_time_hand_priced():
     assert step.row()["predicted_cpu_s"] == step.cpu_s
 
 
-def test_optimizer_streams_its_operands_only_beyond_the_cache():
-    """An optimizer moving 2 × 100 MB (above 64 MiB) is priced on the streamed curve (1e9 B/s: 0.1 s an op,
-    each op's dispatch beside it); one moving 2 × 1 MB finds its operands in the cache (1e10 B/s)."""
-    big = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7)
-    small = replace(big, bytes_read=6 * 10**5, bytes_written=4 * 10**5)
-    streamed = predict_step_time(StepTrace(((big, 2),)), simple_measured_device())
-    cached = predict_step_time(StepTrace(((small, 2),)), simple_measured_device())
-    assert streamed.memory_s == pytest.approx(2 * 10**8 / 1e9)
+def test_optimizer_streams_its_first_touches_only_beyond_the_cache():
+    """An optimizer moving 2 × 100 MB (above 64 MiB) prices the bytes its ops touch first in the step on the
+    streamed curve (1e9 B/s) and the rest in the cache (1e10 B/s): an update that reads only first touches
+    takes 0.1 s, one that reads half 0.055 s (its bytes half streamed, half cached), one on operands an earlier
+    op touched 0.01 s. One moving 2 × 1 MB finds even its first touches in the cache. Each op's dispatch is
+    priced beside it."""
+    first = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7,
+                     first_touch_bytes=6 * 10**7)
+    half, later = replace(first, first_touch_bytes=3 * 10**7), replace(first, first_touch_bytes=0)
+    device = simple_measured_device()
+    for op, seconds in ((first, 0.1), (half, 0.055), (later, 0.01)):
+        assert predict_step_time(StepTrace(((op, 2),)), device).memory_s == pytest.approx(2 * seconds)
+    small = replace(first, bytes_read=6 * 10**5, bytes_written=4 * 10**5, first_touch_bytes=6 * 10**5)
+    cached = predict_step_time(StepTrace(((small, 2),)), device)
     assert cached.memory_s == pytest.approx(2 * 10**6 / 1e10)
-    assert streamed.overhead_s == cached.overhead_s == pytest.approx(2 * HOST_S["optimizer"])
+    assert cached.overhead_s == predict_step_time(StepTrace(((first, 2),)), device).overhead_s \
+        == pytest.approx(2 * HOST_S["optimizer"])
 
 
 def test_a_compute_bound_optimizer_op_is_priced_on_its_class_when_slower_than_streaming():
     """AdamW's square root of the second moments computes longer than its bytes stream (on this CPU a 4 MiB
-    sqrt takes 450 µs hot, its bytes 190 µs streamed): the slower of its class (here transcendental at 1e8
-    B/s) and the streamed curve (1e9 B/s) prices it; an elementwise update stays on the streamed curve."""
+    sqrt takes 450 µs hot, its bytes 190 µs streamed): where it touches them first, the slower of its class
+    (here transcendental at 1e8 B/s) and the streamed curve (1e9 B/s) prices it; an elementwise update stays
+    on the streamed curve."""
     device = replace(simple_measured_device(),
                      memory={**simple_measured_device().memory,
                              "transcendental": SizeCurve((1e3, 1e9), (1e3 / 1e8, 1e9 / 1e8), (1.0, 1.0))})
-    sqrt = OpRecord("aten.sqrt.default", "memory", "optimizer", "float32", 0, 3 * 10**7, 2 * 10**7)  # no fresh pages
-    lerp = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7)
+    sqrt = OpRecord("aten.sqrt.default", "memory", "optimizer", "float32", 0, 3 * 10**7, 2 * 10**7,
+                    first_touch_bytes=3 * 10**7)  # no fresh pages
+    lerp = OpRecord("aten.lerp_.Scalar", "memory", "optimizer", "float32", 0, 6 * 10**7, 4 * 10**7,
+                    first_touch_bytes=6 * 10**7)
     step = predict_step_time(StepTrace(((sqrt, 1), (lerp, 1))), device)
     assert step.memory_s == pytest.approx(5 * 10**7 / 1e8 + 10**8 / 1e9)
     # the CPU time follows the bounding curve's busy threads: 1 for the class, 1 for the streamed curve

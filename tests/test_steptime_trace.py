@@ -284,12 +284,32 @@ def test_a_real_step_counts_the_pages_each_op_touches_first():
     assert all(op.fresh_bytes is None for op, _ in trace_step(config, WORKLOAD, "forward").ops)
 
 
-def test_a_trace_saved_before_fresh_pages_were_counted_still_reads():
+def test_a_trace_saved_before_fresh_pages_or_first_touches_were_counted_still_reads():
     trace = trace_step(config_of("dense"), WORKLOAD, "forward")
-    saved = trace.to_dict()
-    saved["fields"] = saved["fields"][:10] + ["count"]
-    saved["ops"] = [row[:10] + row[11:] for row in saved["ops"]]
-    assert StepTrace.from_dict(saved) == trace
+    for fields in (10, 11):  # before fresh pages; before first touches
+        saved = trace.to_dict()
+        saved["fields"] = saved["fields"][:fields] + ["count"]
+        saved["ops"] = [row[:fields] + row[-1:] for row in saved["ops"]]
+        assert StepTrace.from_dict(saved) == trace
+
+
+def test_an_adamw_step_touches_each_parameter_gradient_and_moment_first_once():
+    """The optimizer's first touches, by hand: AdamW (single-tensor, torch's CPU default) on a (256, 256)
+    parameter of 256 KiB first touches the parameter in its weight decay (param.mul_), the first moment and the
+    gradient in exp_avg.lerp_(grad) and the second moment in exp_avg_sq.mul_; its addcmul_, sqrt, div, add_ and
+    addcdiv_ find them touched. Beside them only the 4-byte step counter (add_) is touched first."""
+    from planner.steptime.trace import OpRecorder, _trace_optimizer
+
+    recorder = OpRecorder(set())
+    _trace_optimizer(recorder, [torch.Size([256, 256])], foreach=False)
+    first = collections.Counter()
+    for op, count in recorder.records.items():
+        first[op.name] += op.first_touch_bytes * count
+    size = 256 * 256 * 4
+    assert first["aten.mul_.Tensor"] == 2 * size and first["aten.lerp_.Scalar"] == 2 * size
+    assert first["aten.add_.Tensor"] == 4
+    assert sum(first.values()) == 4 * size + 4
+    assert all(op.first_touch_bytes == 0 for op in recorder.records if op.phase != "optimizer")
 
 
 def test_the_benchmarks_recorded_training_step_makes_its_gradients_afresh():

@@ -46,15 +46,16 @@ class MeasuredDevice:
     scatter_busy: float = 1.0
     fresh_page_busy: float = 1.0
     host_busy: dict[str, float] = field(default_factory=dict)  # phase -> threads busy while dispatching
-    # The optimizer's memory-bound ops by bytes moved, operands streamed from memory: each parameter, gradient
-    # and moment is touched once a step, long after its last use, where the classes above are timed on
-    # operands in the cache (as a forward's chained activations mostly are). None: priced as elementwise.
+    # Memory-bound ops by bytes moved, operands streamed from memory, where the classes above are timed on
+    # operands in the cache (as a forward's chained activations mostly are): what an optimizer op pays for
+    # the parameters, gradients and moments it is the first of the step to touch, long after their last use
+    # (OpRecord.first_touch_bytes). None: priced as the classes are.
     optimizer_memory: Optional[SizeCurve] = None
 
     def for_step(self, trace) -> "MeasuredDevice":
-        """This device as `trace` (a StepTrace) meets it: the optimizer's operands stream from memory only when
-        what it moves exceeds the last-level cache (OPTIMIZER_CACHED_BYTES); a small model's states stay in
-        the cache from one op to the next, and its optimizer is priced as the cached classes are."""
+        """This device as `trace` (a StepTrace) meets it: the optimizer's first touches stream from memory only
+        when what it moves exceeds the last-level cache (OPTIMIZER_CACHED_BYTES); a small model's states stay
+        in the cache from one step to the next, and its optimizer is priced as the cached classes are."""
         moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
         return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
 
@@ -104,19 +105,38 @@ class MeasuredDevice:
         kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(op.flops, batch, m, n, k)
         return kernel_s * factor + self._fresh_pages_s(op)
 
-    def _memory_curve(self, op: OpRecord) -> SizeCurve:
-        """The curve that bounds `op`: its class's; in the optimizer, the streamed one where moving the operands
-        from memory takes longer than the class's kernel does on cached operands (an elementwise update
-        waits on memory; a square root of the second moments computes for longer than its bytes stream)."""
-        curve = self.memory[memory_class(op)]
-        if op.phase == "optimizer" and self.optimizer_memory is not None \
-                and self.optimizer_memory(op.bytes) > curve(op.bytes):
-            return self.optimizer_memory
-        return curve
+    def _streamed_share(self, op: OpRecord) -> float:
+        """The share of `op`'s bytes that stream from memory: in an optimizer whose states exceed the cache
+        (`for_step`), the share of its reads it is the first of the step's optimizer ops to touch (each
+        parameter, gradient and moment once, in the first op on them; the ops after it find them in the
+        cache); none elsewhere."""
+        if op.phase != "optimizer" or self.optimizer_memory is None or op.bytes_read <= 0:
+            return 0.0
+        return min(op.first_touch_bytes / op.bytes_read, 1.0)
+
+    def _memory_parts(self, op: OpRecord) -> list[tuple[float, SizeCurve]]:
+        """`op`'s memory-bound kernel as (seconds, the curve that prices them): its class's curve for the cached
+        share of its bytes; for the streamed share the slower of the streamed curve and the class's (a square
+        root of streamed operands computes for longer than they stream), as if the whole op streamed,
+        weighted by the share."""
+        cached = self.memory[memory_class(op)]
+        streamed = self._streamed_share(op)
+        if not streamed:
+            return [(cached(op.bytes), cached)]
+        slower = self.optimizer_memory if self.optimizer_memory(op.bytes) > cached(op.bytes) else cached
+        return [((1 - streamed) * cached(op.bytes), cached), (streamed * slower(op.bytes), slower)]
+
+    def _memory_busy(self, op: OpRecord) -> float:
+        """Threads busy over `op`'s memory-bound kernel: each part's, weighted by its time."""
+        parts = self._memory_parts(op)
+        total_s = sum(seconds for seconds, _ in parts)
+        if total_s <= 0:
+            return parts[0][1].busy_at(op.bytes)
+        return sum(seconds * curve.busy_at(op.bytes) for seconds, curve in parts) / total_s
 
     def memory_s(self, op: OpRecord) -> float:
         scatter_s = op.index_rows * self.scatter_s_per_row if op_base_name(op) in SCATTER_OPS else 0.0
-        return self._memory_curve(op)(op.bytes) + scatter_s + self._fresh_pages_s(op)
+        return sum(seconds for seconds, _ in self._memory_parts(op)) + scatter_s + self._fresh_pages_s(op)
 
     def host_s(self, op: OpRecord) -> float:
         if op.kind == "view":
@@ -134,7 +154,7 @@ class MeasuredDevice:
             busy = self.gemm_shape_busy.get(gemm_key(*op.gemm)) if op.gemm is not None else None
         else:
             scatter = op_base_name(op) in SCATTER_OPS
-            busy = self.scatter_busy if scatter else self._memory_curve(op).busy_at(op.bytes)
+            busy = self.scatter_busy if scatter else self._memory_busy(op)
         return None if busy is None else (kernel_s - fresh_s) * busy + fresh_s * self.fresh_page_busy
 
     def host_cpu_s(self, op: OpRecord) -> Optional[float]:

@@ -36,6 +36,10 @@ class OpRecord:
     # Bytes of new pages the op touched first (page faults × 4 KiB), counted when it was recorded in a real
     # step; None when traced by shape, where the device's rule (outputs above the mmap threshold) stands in.
     fresh_bytes: Optional[int] = None
+    # Optimizer ops: bytes of the inputs no earlier op of the step's optimizer phase touched. An AdamW step meets
+    # each parameter, gradient and moment first in one op (streamed from memory when the states exceed the
+    # cache) and then again, in the cache, in the next few ops on the same parameter.
+    first_touch_bytes: int = 0
 
     @property
     def bytes(self) -> int:
@@ -99,7 +103,7 @@ class StepTrace:
 
     def to_dict(self) -> dict[str, Any]:
         fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows",
-                  "fresh_bytes")
+                  "fresh_bytes", "first_touch_bytes")
         return {"fields": [*fields, "count"],
                 "ops": [[getattr(op, f) for f in fields] + [count] for op, count in self.ops]}
 
@@ -111,14 +115,18 @@ class StepTrace:
             for *fields, count in values["ops"]:
                 if len(fields) == 10:  # a trace saved before fresh pages were counted
                     fields = [*fields, None]
-                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh = fields
+                if len(fields) == 11:  # ... or before first touches were
+                    fields = [*fields, 0]
+                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh, first = fields
                 if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
                     raise ValueError(f"bad op record {str(fields)[:200]}")
-                if min(int(flops), int(read), int(written), int(index_rows), int(fresh or 0)) < 0:
+                if min(int(flops), int(read), int(written), int(index_rows), int(fresh or 0), int(first)) < 0:
                     raise ValueError(f"negative FLOPs or bytes in {str(fields)[:200]}")
+                if int(first) > int(read):
+                    raise ValueError(f"first-touch bytes above the bytes read in {str(fields)[:200]}")
                 ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
                                      tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
-                                     int(index_rows), int(fresh) if fresh is not None else None),
+                                     int(index_rows), int(fresh) if fresh is not None else None, int(first)),
                             count))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step trace: {error}") from None

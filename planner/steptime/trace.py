@@ -96,6 +96,7 @@ class OpRecorder(TorchDispatchMode):
         self.records: Counter[OpRecord] = Counter()
         self.sync_exempt_phases: set[str] = set()
         self._full_size = full_size_storages  # storages of broadcast parameters: count them in full
+        self._touched_in_optimizer: set[int] = set()  # storages an optimizer op has read or written
 
     def _bytes(self, tensor: torch.Tensor) -> int:
         """Bytes a kernel addresses in `tensor`: its distinct elements (a broadcast counts once)."""
@@ -136,12 +137,26 @@ class OpRecorder(TorchDispatchMode):
             else:
                 read = sum(map(self._bytes, inputs))
             written = 0 if "empty" in name else sum(map(self._bytes, outputs))
+        first_touch = min(self._first_touch_bytes(inputs, outputs), read) \
+            if self.phase == "optimizer" and kind != "view" else 0
         dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
         pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
         self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
-                              index_rows, fresh_bytes)] += 1
+                              index_rows, fresh_bytes, first_touch)] += 1
         if sum(self.records.values()) > MAX_TRACED_OPS:
             raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
+
+    def _first_touch_bytes(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+        """Bytes of `inputs` whose storage no earlier optimizer op touched; then marks inputs and outputs touched
+        (storages by their StorageImpl, which meta tensors have too)."""
+        first = 0
+        for tensor in inputs:
+            storage = tensor.untyped_storage()._cdata
+            if storage not in self._touched_in_optimizer:
+                first += self._bytes(tensor)
+                self._touched_in_optimizer.add(storage)
+        self._touched_in_optimizer.update(tensor.untyped_storage()._cdata for tensor in outputs)
+        return first
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

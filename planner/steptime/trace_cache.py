@@ -23,7 +23,7 @@ from planner.steptime.ops import StepTrace
 from planner.units import GIB
 from planner.workload import Workload
 
-TRACE_FORMAT = 3  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes)
+TRACE_FORMAT = 4  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes; 4: first touches)
 
 
 _CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"))
