@@ -413,3 +413,34 @@ def test_cli_leaves_out_train_runs_with_nothing_to_train(capsys):
     assert "argument --trainable: trainable experts leaves nothing to train in dense" in capsys.readouterr().err
     assert run_bench_command(_parse("--sizes", "debug", "--trainable", "backbone")) == 2
     assert "argument --trainable: trainable must be one of" in capsys.readouterr().err
+
+
+def test_timed_training_steps_run_on_second_moments_a_long_run_leaves():
+    """After its first step a benchmark's AdamW holds no second moment below STEADY_SECOND_MOMENT, where plain
+    AdamW keeps exact zeros for every parameter that step gave a zero gradient (16 experts at batch 2: most
+    are routed no token), and this CPU's square root of zeros runs several times slower than of ordinary values."""
+    from model.training import train_step
+    from planner.bench.steps import STEADY_SECOND_MOMENT
+
+    spec = BenchSpec(**DEBUG, mode="train", architecture="expert_only", num_experts=16)
+    torch.manual_seed(0)
+    model = build_model_from_config(spec.model_config())
+    plain_model = build_model_from_config(spec.model_config())
+    plain_model.load_state_dict(model.state_dict())
+    step = make_step(spec, model, "cpu")
+    torch.manual_seed(1)  # dropout's draws, as the plain step below gets them
+    first, _ = step(), step()
+    settled = [state["exp_avg_sq"] for state in step.optimizer.state.values()]
+    # the second step decays the floor by AdamW's beta2 (0.999) where its gradient is zero: no zero is left
+    assert settled and all(bool((moment >= 0.999 * STEADY_SECOND_MOMENT).all()) for moment in settled)
+
+    plain_optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(spec.seed)  # make_step's batch
+    series = synthetic_series(spec.batch_size, spec.context_length + spec.prediction_length, generator)
+    plain_model.train()
+    plain_batch = training_batch(plain_model, series, spec.context_length, spec.prediction_length)
+    torch.manual_seed(1)
+    plain_first = train_step(plain_model, plain_optimizer, plain_batch)
+    zeros = sum(int((state["exp_avg_sq"] == 0).sum()) for state in plain_optimizer.state.values())
+    assert zeros > 0
+    assert float(first.loss) == pytest.approx(float(plain_first.loss), rel=1e-6)  # the same first step
