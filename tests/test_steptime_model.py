@@ -177,7 +177,9 @@ def test_exact_gemm_shapes_are_timed_once_and_kept(monkeypatch):
 
     small = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 3 * 16 * 8, 0, 0, (1, 3, 16, 8))
     batched = OpRecord("aten.bmm.default", "matmul", "forward", "float32", 2 * 2 * 5 * 4 * 6, 0, 0, (2, 5, 4, 6))
-    device = simple_measured_device("Some CPU")
+    # Grid rates far below this CPU's, so that no timing of a loaded machine reads as disturbed.
+    slow = GemmGrid((1, 1024), (64, 4096), (64, 4096), (((1e6,) * 2,) * 2,) * 2)
+    device = replace(simple_measured_device("Some CPU"), mm=slow, bmm=slow)
     device_cache.save_measured_device(replace(device, gemm_shape_s={"1,7,7,7": 1e-6}))  # another process's
     timed, notes = device_cache.with_gemm_shapes_of(device, StepTrace(((small, 1), (batched, 2))))
     assert notes == [] and set(timed.gemm_shape_s) == set(timed.gemm_shape_busy) == {"1,3,16,8", "2,5,4,6"}
@@ -190,6 +192,25 @@ def test_exact_gemm_shapes_are_timed_once_and_kept(monkeypatch):
     reprobed = replace(device, measured_on="2026-02-02")
     device_cache.save_measured_device(reprobed)
     assert device_cache.load_measured_device("Some CPU", "fp32")[0].gemm_shape_s == {}
+
+
+def test_shapes_a_run_has_just_timed_are_kept_without_timing_them_again(monkeypatch):
+    """A benchmark re-times its step's shapes (remeasure_state) before caching the ones the probe lacked: those
+    timings are saved as they are, nothing is timed twice, and shapes the cache already has keep theirs."""
+    from planner.steptime import kernel_probes
+
+    monkeypatch.setattr(kernel_probes, "time_gemm_shapes", lambda shapes, dtype: pytest.fail("timed twice"))
+    known = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 3 * 16 * 8, 0, 0, (1, 3, 16, 8))
+    new = OpRecord("aten.bmm.default", "matmul", "forward", "float32", 2 * 2 * 5 * 4 * 6, 0, 0, (2, 5, 4, 6))
+    device = replace(simple_measured_device("Some CPU"), gemm_shape_s={"1,3,16,8": 1e-6},
+                     gemm_shape_busy={"1,3,16,8": 1.0})
+    retimed = replace(device, gemm_shape_s={"1,3,16,8": 3e-6, "2,5,4,6": 2e-6, "1,9,9,9": 5e-6},
+                      gemm_shape_busy={"1,3,16,8": 1.5, "2,5,4,6": 1.25, "1,9,9,9": 1.0})
+    kept, notes = device_cache.with_gemm_shapes_of(device, StepTrace(((known, 1), (new, 2))), timed=retimed)
+    assert notes == []
+    assert kept.gemm_shape_s == {"1,3,16,8": 1e-6, "2,5,4,6": 2e-6}  # the step's new shape only, as timed
+    assert kept.gemm_shape_busy == {"1,3,16,8": 1.0, "2,5,4,6": 1.25}
+    assert device_cache.load_measured_device("Some CPU", "fp32")[0].gemm_shape_s == kept.gemm_shape_s
 
 
 def test_scatter_costs_its_rows():
@@ -341,7 +362,15 @@ def test_predict_row_carries_the_workload_and_refuses_bad_devices():
 
 def test_predict_row_says_when_this_machines_timings_could_not_be_saved(monkeypatch, tmp_path):
     """An unwritable cache: the probe and the step's exact GEMM timings are used, and the row says twice that
-    they could not be kept."""
+    they could not be kept. (The shapes' timings are the grid's own, so a busy machine cannot disturb them.)"""
+    from planner.steptime import kernel_probes
+    from planner.steptime.kernel_probes import Timed
+    from planner.steptime.measured import gemm_key
+
+    def grid_timings(shapes, dtype):
+        return {gemm_key(*shape): Timed(2 * math.prod(shape) / FLOPS_PER_S, 1.0) for shape in shapes}
+
+    monkeypatch.setattr(kernel_probes, "time_gemm_shapes", grid_timings)
     blocked = tmp_path / "a file, not a folder"
     blocked.write_text("")
     monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(blocked))

@@ -121,11 +121,11 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     device_model, notes = _device_model(device, device_name, spec)
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
-        device_model, shape_notes = with_gemm_shapes_of(device_model, trace)
+        retimed = remeasure_state(device_model, spec.mode, trace)  # this process's speeds now, not the probe's
+        device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
         notes += shape_notes
         dispatch_phase = first_phase(spec.mode)
         probe_host_s_per_op = device_model.host_s_per_op.get(dispatch_phase, device_model.host_s_per_op["forward"])
-        retimed = remeasure_state(device_model, spec.mode, trace)  # this process's speeds now, not the probe's
         host_s_per_op = retimed.host_s_per_op[dispatch_phase]
         busy_note = host_drift_note(host_s_per_op, probe_host_s_per_op)
         notes += [busy_note] if busy_note else []

@@ -4,8 +4,9 @@ A cache entry that is not a valid probe (not an object, a field missing, a rate 
 number: a damaged or hand-edited file) is refused with a one-line reason and probed again, never used.
 A probe that cannot be saved is still used for the run at hand; the caller is told why it was not kept.
 
-The exact GEMM shapes a prediction meets are timed once (`with_gemm_shapes_of`) and kept in the same entry,
-merged with what other processes added to the same probe meanwhile; a new probe starts them afresh.
+The exact GEMM shapes a prediction meets are timed once (`with_gemm_shapes_of`, or by a benchmark's re-timing
+of its step) and kept in the same entry, merged with what other processes added to the same probe meanwhile;
+a new probe starts them afresh.
 """
 
 from __future__ import annotations
@@ -99,14 +100,21 @@ def measured_device(device_name: str, dtype: str, recalibrate: bool = False) -> 
     return device, notes
 
 
-def with_gemm_shapes_of(device: MeasuredDevice, trace) -> tuple[MeasuredDevice, list[str]]:
+def with_gemm_shapes_of(device: MeasuredDevice, trace, timed: Optional[MeasuredDevice] = None
+                        ) -> tuple[MeasuredDevice, list[str]]:
     """`device` with every GEMM shape of `trace` (a StepTrace) timed exactly: those it lacks are measured
-    now (a second or a few; torch) and saved. Returns it with notes for the user."""
-    if not device.missing_gemm_shapes(trace):
+    now (a second or a few; torch), or taken from `timed` when this process has just timed them there (a
+    benchmark's `remeasure_state`: timing them twice would double the run's wait), and saved. Returns it
+    with notes for the user."""
+    missing = device.missing_gemm_shapes(trace)
+    if not missing:
         return device, []
-    from planner.steptime.kernel_probes import with_exact_gemms  # torch, only when shapes must be timed
+    if timed is not None:
+        device = device.with_gemm_timings_of(timed, missing)
+    else:
+        from planner.steptime.kernel_probes import with_exact_gemms  # torch, only when shapes must be timed
 
-    device = with_exact_gemms(device, trace)
+        device = with_exact_gemms(device, trace)
     problem = save_measured_device(device)
     notes = [problem] if problem else []
     if disturbed := device.missing_gemm_shapes(trace):

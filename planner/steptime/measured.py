@@ -63,6 +63,16 @@ class MeasuredDevice:
         """A GEMM's kernel seconds read off the probed grid of shapes (batched products off their own)."""
         return flops / (self.bmm if batch > 1 else self.mm).rate(m, n, k)
 
+    def with_gemm_timings_of(self, timed: "MeasuredDevice", shapes) -> "MeasuredDevice":
+        """This device with `timed`'s exact timings (seconds and busy threads) of `shapes` ((batch, m, n, k)
+        each; those `timed` lacks are left out), less any a busy machine disturbed."""
+        keys = [key for key in (gemm_key(*shape) for shape in shapes)
+                if key in timed.gemm_shape_s and key in timed.gemm_shape_busy]
+        return replace(self, gemm_shape_s={**self.gemm_shape_s, **{key: timed.gemm_shape_s[key] for key in keys}},
+                       gemm_shape_busy={**self.gemm_shape_busy,
+                                        **{key: timed.gemm_shape_busy[key] for key in keys}}
+                       ).without_disturbed_gemm_shapes()
+
     def without_disturbed_gemm_shapes(self) -> "MeasuredDevice":
         """This device without the exact GEMM timings more than DISTURBED_GEMM_FACTOR × slower than the grid
         prices their shape: timed while the machine was busy (a debug model's (130 × 64) · (64 × 256) took
