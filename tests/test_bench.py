@@ -345,3 +345,22 @@ def test_cli_leaves_out_train_runs_with_nothing_to_train(capsys):
     assert "argument --trainable: trainable experts leaves nothing to train in dense" in capsys.readouterr().err
     assert run_bench_command(_parse("--sizes", "debug", "--trainable", "backbone")) == 2
     assert "argument --trainable: trainable must be one of" in capsys.readouterr().err
+
+
+def test_a_cpus_name_tells_its_generations_apart():
+    """Cloud VMs name Zen 3 and Zen 4 alike ('AMD EPYC'); the name a probe is cached under says the family,
+    the model and the widest vector instructions of the first processor, so one is not priced with the
+    other's probe."""
+    from planner.bench.device import cpuinfo_processor_name
+
+    def processor(number: int, model: int, flags: str) -> str:
+        return (f"processor\t: {number}\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: {model}\n"
+                f"flags\t\t: fpu {flags}\n")
+
+    def cpuinfo(model: int, flags: str) -> str:  # a second processor after the first (never another model)
+        return processor(0, model, flags) + "\n" + processor(1, 99, "sse")
+
+    zen3, zen4 = cpuinfo(1, "sse avx avx2"), cpuinfo(17, "avx avx2 avx512f avx512bw")
+    assert cpuinfo_processor_name(zen3) == "AMD EPYC, family 25 model 1, avx2"
+    assert cpuinfo_processor_name(zen4) == "AMD EPYC, family 25 model 17, avx512"
+    assert cpuinfo_processor_name("processor\t: 0\nflags\t: avx2\n") is None  # no name: the caller's fallback
