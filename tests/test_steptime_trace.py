@@ -2,6 +2,7 @@
 derivations, it sees one host sync per MoE call, and it is cached."""
 
 import collections
+from dataclasses import replace
 
 import pytest
 import torch
@@ -216,7 +217,7 @@ def test_lean_trace_records_what_full_shape_only_execution_does(architecture, mo
     model = _shape_only_model(config, "fp32")
     with ShapeOnlyMatmuls():
         full = record_step(model, token_batch(config, LARGE_WORKLOAD, generator), LARGE_WORKLOAD, mode, "fp32",
-                           generator, False)
+                           generator, False, backward_layouts=False)
     lean = trace_step(config, LARGE_WORKLOAD, mode)
     flops = count_flops(config, LARGE_WORKLOAD)
     assert lean.flops == full.flops == {"forward": flops.forward_flops, "train": flops.train_flops,
@@ -286,11 +287,14 @@ def test_a_real_step_counts_the_pages_each_op_touches_first():
 
 def test_a_trace_saved_before_fresh_pages_or_first_touches_were_counted_still_reads():
     trace = trace_step(config_of("dense"), WORKLOAD, "forward")
-    for fields in (10, 11):  # before fresh pages; before first touches
+    # Saved before any inner stride was recorded, every op read contiguously.
+    contiguous = StepTrace(tuple((replace(op, inner_stride=1), n) for op, n in trace.ops))
+    assert contiguous != trace
+    for fields in (10, 11, 12):  # before fresh pages; before first touches; before inner strides
         saved = trace.to_dict()
         saved["fields"] = saved["fields"][:fields] + ["count"]
         saved["ops"] = [row[:fields] + row[-1:] for row in saved["ops"]]
-        assert StepTrace.from_dict(saved) == trace
+        assert StepTrace.from_dict(saved) == contiguous
 
 
 def test_an_adamw_step_touches_each_parameter_gradient_and_moment_first_once():

@@ -18,9 +18,13 @@ from planner.steptime.ops import OpRecord
 
 # Memory-bound ops fall into classes whose CPU kernels run at very different speeds per byte; the probe
 # times one representative of each. Everything not named here is "elementwise" (binary ops, copies, cat,
-# masks, gathers).
-MEMORY_CLASSES = ("elementwise", "random", "sampling", "selection", "softmax", "softmax_backward", "transcendental",
-                  "reduction")
+# masks, gathers), or "strided" when it reads an input across its layout (OpRecord.inner_stride > 1).
+MEMORY_CLASSES = ("elementwise", "strided", "random", "sampling", "selection", "softmax", "softmax_backward",
+                  "transcendental", "reduction")
+# The stride, in elements, at which the "strided" class is probed (the position bias of a model with 8 heads);
+# other strides scale its extra time over the contiguous op by the cache lines they waste (MeasuredDevice).
+STRIDED_PROBE_STRIDE = 8
+CACHE_LINE_BYTES = 64
 _CLASS_OF_OP = {
     **dict.fromkeys(("bernoulli_", "uniform_", "normal_", "rand", "randn"), "random"),
     "multinomial": "sampling",  # an exponential draw per element, a division and an argmax per row
@@ -40,7 +44,19 @@ SCATTER_OPS = frozenset({"embedding_dense_backward", "index_add", "index_add_", 
 
 
 def memory_class(op: OpRecord) -> str:
-    return _CLASS_OF_OP.get(op_base_name(op), "elementwise")
+    named = _CLASS_OF_OP.get(op_base_name(op), "elementwise")
+    return "strided" if named == "elementwise" and op.inner_stride > 1 else named
+
+
+def in_elementwise_class(base_name: str) -> bool:
+    """Whether an op of this name ('add_', '_softmax') is priced as elementwise (or strided) when memory-bound."""
+    return base_name not in _CLASS_OF_OP
+
+
+def cache_line_elements(op: OpRecord) -> int:
+    """Elements of `op`'s dtype in a cache line (4-byte elements where the dtype names no width)."""
+    width = next((int(digits) for digits in ("64", "32", "16", "8") if op.dtype.endswith(digits)), 32)
+    return max(CACHE_LINE_BYTES * 8 // width, 1)
 
 
 def allocates_output(op: OpRecord) -> bool:

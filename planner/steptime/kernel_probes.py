@@ -26,6 +26,7 @@ import torch
 
 from planner.bench.device import TORCH_DTYPES
 from planner.steptime.curves import GemmGrid, SizeCurve
+from planner.steptime.devices import STRIDED_PROBE_STRIDE
 from planner.steptime.measured import MeasuredDevice, gemm_key
 from planner.steptime.ops import StepTrace
 
@@ -170,6 +171,12 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         x, y, out = torch.rand(n, dtype=dtype), torch.rand(n, dtype=dtype), torch.empty(n, dtype=dtype)
         return lambda: torch.mul(x, y, out=out)
 
+    def strided(n):  # an input read across its layout at STRIDED_PROBE_STRIDE (a position bias, heads innermost)
+        shape = (STRIDED_PROBE_STRIDE, max(n // STRIDED_PROBE_STRIDE, 1))
+        x, out = torch.rand(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        across = torch.rand(shape[::-1], dtype=dtype).t()
+        return lambda: torch.add(x, across, out=out)
+
     def random(n):
         x = torch.empty(n, dtype=dtype)
         return lambda: x.bernoulli_(0.9)
@@ -198,7 +205,7 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         scores = torch.rand(max(n // VOCABULARY_ROW, 1), VOCABULARY_ROW, dtype=dtype)
         return lambda: torch.topk(scores, 50, dim=-1)
 
-    return {"elementwise": (elementwise, 3 * e), "random": (random, 2 * e), "sampling": (sampling, 4),
+    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "random": (random, 2 * e), "sampling": (sampling, 4),
             "selection": (selection, e), "softmax": (softmax, 2 * e),
             "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
             "reduction": (reduction, e)}

@@ -40,6 +40,10 @@ class OpRecord:
     # each parameter, gradient and moment first in one op (streamed from memory when the states exceed the
     # cache) and then again, in the cache, in the next few ops on the same parameter.
     first_touch_bytes: int = 0
+    # Memory-bound ops: the largest stride, in elements, at which an input is read along the dimension the
+    # output is written contiguously in; 1 when every input is walked contiguously there (or broadcast). T5's
+    # position bias, laid out heads innermost, is read at a stride of the head count when added to the scores.
+    inner_stride: int = 1
 
     @property
     def bytes(self) -> int:
@@ -103,7 +107,7 @@ class StepTrace:
 
     def to_dict(self) -> dict[str, Any]:
         fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows",
-                  "fresh_bytes", "first_touch_bytes")
+                  "fresh_bytes", "first_touch_bytes", "inner_stride")
         return {"fields": [*fields, "count"],
                 "ops": [[getattr(op, f) for f in fields] + [count] for op, count in self.ops]}
 
@@ -117,16 +121,21 @@ class StepTrace:
                     fields = [*fields, None]
                 if len(fields) == 11:  # ... or before first touches were
                     fields = [*fields, 0]
-                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh, first = fields
+                if len(fields) == 12:  # ... or before inner strides were
+                    fields = [*fields, 1]
+                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh, first, stride = fields
                 if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
                     raise ValueError(f"bad op record {str(fields)[:200]}")
                 if min(int(flops), int(read), int(written), int(index_rows), int(fresh or 0), int(first)) < 0:
                     raise ValueError(f"negative FLOPs or bytes in {str(fields)[:200]}")
                 if int(first) > int(read):
                     raise ValueError(f"first-touch bytes above the bytes read in {str(fields)[:200]}")
+                if int(stride) < 1:
+                    raise ValueError(f"an inner stride below 1 in {str(fields)[:200]}")
                 ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
                                      tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
-                                     int(index_rows), int(fresh) if fresh is not None else None, int(first)),
+                                     int(index_rows), int(fresh) if fresh is not None else None, int(first),
+                                     int(stride)),
                             count))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step trace: {error}") from None

@@ -45,7 +45,7 @@ from planner.bench.device import TORCH_DTYPES
 from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.bench.timing import PAGE_BYTES, minor_faults
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
-from planner.steptime.devices import SCATTER_OPS
+from planner.steptime.devices import SCATTER_OPS, in_elementwise_class
 from planner.steptime.ops import OpRecord, StepTrace, first_phase
 
 MODES = ("forward", "train", "forecast")
@@ -82,13 +82,34 @@ def _gemm_shape(name: str, args: tuple) -> Optional[tuple[int, int, int, int]]:
     return None
 
 
+def _inner_stride(inputs: list[torch.Tensor], output: torch.Tensor) -> int:
+    """The largest stride, in elements, at which an input is read along the dimension `output` is written
+    contiguously in (its smallest stride among its dimensions longer than one; inputs align with it from the
+    right, as broadcasting does): 1 when every input is walked contiguously there or broadcast."""
+    dims = [d for d in range(output.dim()) if output.shape[d] > 1]
+    if not dims:
+        return 1
+    inner = min(dims, key=lambda d: abs(output.stride(d)))
+    strides = [1]
+    for tensor in inputs:
+        d = inner - (output.dim() - tensor.dim())
+        if 0 <= d < tensor.dim() and tensor.shape[d] > 1:
+            strides.append(abs(tensor.stride(d)))
+    return max(strides)
+
+
 class OpRecorder(TorchDispatchMode):
     """Records every op it sees as an OpRecord (merged with a count at the end); `phase` labels them.
 
     Enter it inside ShapeOnlyMatmuls (this mode sees each op first, with its real arguments)."""
 
-    def __init__(self, full_size_storages: set[int], count_fresh_pages: bool = False) -> None:
+    def __init__(self, full_size_storages: set[int], count_fresh_pages: bool = False,
+                 backward_layouts: bool = True) -> None:
         super().__init__()
+        # Whether the backward's tensors are laid out as in a real step. In a shape-only one they are not: a
+        # parameter is a broadcast scalar (all strides 0), so autograd's product formulas, which choose how to
+        # lay out a weight's gradient by the weight's strides, transpose where a real step does not.
+        self.backward_layouts = backward_layouts
         self.phase = "forward"
         # A real step: count the pages each op touches first (what the allocator hands out as new memory,
         # whatever its size: a heap trimmed between steps hands out new pages below the mmap threshold too).
@@ -124,7 +145,7 @@ class OpRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         kind = self._kind(func, name, args)
         outputs = _tensors(out)
-        flops, read, written, gemm, index_rows = 0, 0, 0, None, 0
+        flops, read, written, gemm, index_rows, inner_stride = 0, 0, 0, None, 0, 1
         if kind == "matmul":
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
             gemm = _gemm_shape(name, args)
@@ -137,12 +158,15 @@ class OpRecorder(TorchDispatchMode):
             else:
                 read = sum(map(self._bytes, inputs))
             written = 0 if "empty" in name else sum(map(self._bytes, outputs))
+            if kind == "memory" and outputs and name not in GATHER_OPS | SCATTER_OPS and in_elementwise_class(name) \
+                    and (self.phase != "backward" or self.backward_layouts):
+                inner_stride = _inner_stride(inputs, outputs[0])
         first_touch = min(self._first_touch_bytes(inputs, outputs), read) \
             if self.phase == "optimizer" and kind != "view" else 0
         dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
         pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
         self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
-                              index_rows, fresh_bytes, first_touch)] += 1
+                              index_rows, fresh_bytes, first_touch, inner_stride)] += 1
         if sum(self.records.values()) > MAX_TRACED_OPS:
             raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
 
@@ -313,7 +337,8 @@ def trace_step(config: ChronosMoEConfig, workload, mode: str, dtype: str = "fp32
     pin_allocator()
     try:
         with LeanShapeOnly(), torch.autograd.graph.saved_tensors_hooks(forget_values, lambda tensor: tensor):
-            return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer)
+            return record_step(model, batch, workload, mode, dtype, generator, foreach_optimizer,
+                               backward_layouts=False)
     finally:
         settle_allocator()
 
@@ -343,11 +368,13 @@ def run_step(model, batch, workload, mode: str, dtype: str = "fp32", generator: 
 
 def record_step(model, batch, workload, mode: str, dtype: str = "fp32",
                 generator: Optional[torch.Generator] = None, foreach_optimizer: Optional[bool] = None,
-                count_fresh_pages: bool = False) -> StepTrace:
+                count_fresh_pages: bool = False, backward_layouts: bool = True) -> StepTrace:
     """Record the ops of one step of `mode` on `model` (shape-only or real; see `run_step`), the training
     step's AdamW step included (traced on meta tensors of the parameters that received a gradient).
-    `count_fresh_pages` (a real step on the CPU): each op's first-touched pages, as OpRecord.fresh_bytes."""
-    recorder = OpRecorder(_full_size_storages(model), count_fresh_pages)
+    `count_fresh_pages` (a real step on the CPU): each op's first-touched pages, as OpRecord.fresh_bytes.
+    `backward_layouts`: False for a shape-only model, whose backward's inner strides are not a real step's
+    (OpRecorder)."""
+    recorder = OpRecorder(_full_size_storages(model), count_fresh_pages, backward_layouts)
     recorder.phase = first_phase(mode)
     trained: dict[int, torch.Size] = {}
 

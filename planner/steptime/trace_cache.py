@@ -23,7 +23,9 @@ from planner.steptime.ops import StepTrace
 from planner.units import GIB
 from planner.workload import Workload
 
-TRACE_FORMAT = 4  # bump when what a trace records changes (3: large outputs made, saved tensors as shapes; 4: first touches)
+# Bump when what a trace records changes (3: large outputs made, saved tensors as shapes; 4: first touches;
+# 5: inner strides).
+TRACE_FORMAT = 5
 
 
 _CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"))

@@ -1,0 +1,99 @@
+"""Memory-bound ops that read an input across its layout: the stride the tracer records, and their price."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.build import build_model_from_config
+from model.config import make_config
+from planner.measure import token_batch
+from planner.steptime import predict_step_time
+from planner.steptime.curves import SizeCurve
+from planner.steptime.ops import OpRecord, StepTrace
+from planner.steptime.trace import OpRecorder, record_step, trace_step
+from planner.workload import Workload
+from tests.steptime_fixtures import BYTES_PER_S, simple_measured_device
+
+
+def recorded(run) -> dict[str, int]:
+    """Each op `run` dispatches: its name -> the inner stride recorded for it."""
+    recorder = OpRecorder(set())
+    with recorder:
+        run()
+    return {op.name: op.inner_stride for op in recorder.records}
+
+
+def test_the_inner_stride_is_the_stride_an_input_is_read_at_along_the_outputs_contiguous_dimension():
+    """By hand: scores (B, H, L, L) are contiguous, so they are written along the last L; a position bias
+    laid out heads innermost, (B, L, L, H) permuted to (B, H, L, L), is read there at a stride of H. The same
+    add with the bias contiguous, or broadcast over the batch and the rows, reads every input at stride 1 or
+    0; making a transposed (a, b) matrix contiguous reads it at a stride of b along the rows it writes."""
+    b, h, length = 2, 8, 16
+    scores = torch.rand(b, h, length, length)
+    heads_innermost = torch.rand(b, length, length, h).permute(0, 3, 1, 2)
+    assert recorded(lambda: scores.add_(heads_innermost)) == {"aten.add_.Tensor": h}
+    contiguous = heads_innermost.contiguous()
+    assert recorded(lambda: scores.add_(contiguous)) == {"aten.add_.Tensor": 1}
+    row, per_head = torch.rand(length), torch.rand(1, h, 1, length)
+    assert recorded(lambda: scores.add_(row)) == {"aten.add_.Tensor": 1}
+    assert recorded(lambda: scores + per_head) == {"aten.add.Tensor": 1}
+    transposed = torch.rand(5, 7).t()
+    assert recorded(lambda: transposed.contiguous()) == {"aten.clone.default": 7}
+    # An op of another class (a reduction) is priced by its own curve: no stride is recorded for it.
+    assert recorded(lambda: heads_innermost.sum(-1)) == {"aten.sum.dim_IntList": 1}
+
+
+def test_a_t5_step_reads_its_position_bias_at_a_stride_of_its_head_count():
+    """HF T5 lays its position bias out heads innermost (compute_bias permutes an (L, L, H) table) and adds
+    it into each encoder block's scores: in debug (4 heads, 2 encoder blocks) at batch 2, context 64, two
+    in-place adds of (2, 4, 65, 65) read it at stride 4, in a real step and in a shape-only trace alike."""
+    config, workload = make_config("debug"), Workload(batch_size=2, context_length=64, prediction_length=4)
+    torch.manual_seed(0)
+    model = build_model_from_config(config)
+    real = record_step(model, token_batch(config, workload, torch.Generator().manual_seed(0)), workload, "forward")
+    elements = 2 * 4 * 65 * 65
+    for trace in (real, trace_step(config, workload, "forward")):
+        strided = [(op, count) for op, count in trace.ops if op.inner_stride == 4 and op.name == "aten.add_.Tensor"
+                   and op.bytes_written == elements * 4]
+        assert sum(count for _, count in strided) == 2
+        assert all(op.bytes_read == 2 * elements * 4 for op, _ in strided)
+
+
+def test_a_shape_only_backward_records_no_strides():
+    """A shape-only model's parameters are broadcast scalars (strides 0), and autograd lays out a weight's
+    gradient by its weight's strides: its backward's strides are not a real step's, so none are recorded."""
+    trace = trace_step(make_config("debug"), Workload(batch_size=2, context_length=16, prediction_length=4), "train")
+    assert all(op.inner_stride == 1 for op, _ in trace.ops if op.phase == "backward")
+    assert any(op.inner_stride > 1 for op, _ in trace.ops if op.phase == "forward")
+
+
+def test_a_strided_op_costs_the_contiguous_op_plus_the_probed_strides_extra_by_wasted_cache_lines():
+    """By hand, on a device whose contiguous elementwise ops run at 1e10 B/s and whose strided probe (stride
+    8) at 2.5e9 B/s (0.4 s per GB against 0.1: 0.3 s extra): at stride 4, 3 of 7 of the extra, at stride 8 all
+    of it, at any stride from a line's elements up (16 in fp32, 32 in bf16) 15 / 7 or 31 / 7 of it; an op at
+    stride 1, or of another class, as before. The strided probe's busy threads are the op's."""
+    device = simple_measured_device()
+    device = replace(device, memory={**device.memory, "strided": SizeCurve((1e3, 1e10), (1e3 / 2.5e9, 1e10 / 2.5e9),
+                                                                            (1.0, 1.0))})
+    add = OpRecord("aten.add_.Tensor", "memory", "forward", "float32", 0, 6 * 10**8, 4 * 10**8, fresh_bytes=0)
+    contiguous_s, extra_s = 1e9 / BYTES_PER_S, 0.3
+    for stride, dtype, share in ((1, "float32", 0), (4, "float32", 3 / 7), (8, "float32", 1), (16, "float32", 15 / 7),
+                                 (512, "float32", 15 / 7), (512, "bfloat16", 31 / 7)):
+        op = replace(add, inner_stride=stride, dtype=dtype)
+        assert device.memory_s(op) == pytest.approx(contiguous_s + share * extra_s)
+    softmax = replace(add, name="aten._softmax.default", inner_stride=8)
+    assert device.memory_s(softmax) == pytest.approx(contiguous_s)
+    strided = replace(add, inner_stride=8)
+    kernel_s = device.memory_s(strided)
+    assert predict_step_time(StepTrace(((strided, 1),)), device).cpu_s == pytest.approx(
+        kernel_s * 1.0 + device.host_cpu_s(strided))
+
+
+def test_a_trace_with_a_stride_below_one_is_refused():
+    op = OpRecord("aten.add_.Tensor", "memory", "forward", "float32", 0, 8, 4, inner_stride=4)
+    saved = StepTrace(((op, 1),)).to_dict()
+    assert StepTrace.from_dict(saved).ops[0][0].inner_stride == 4
+    saved["ops"][0][-2] = 0
+    with pytest.raises(ValueError, match="inner stride"):
+        StepTrace.from_dict(saved)
