@@ -213,6 +213,16 @@ def test_shapes_a_run_has_just_timed_are_kept_without_timing_them_again(monkeypa
     assert device_cache.load_measured_device("Some CPU", "fp32")[0].gemm_shape_s == kept.gemm_shape_s
 
 
+def test_a_shape_below_the_grids_smallest_point_is_not_read_as_disturbed():
+    """A decoding step's (1 × 1) · (1 × 64), 256 times, runs in tens of µs, as any call does; the grid
+    (smallest point m 1, n 64, k 64 here, at 1e10 FLOP/s) reads its 33 KFLOPs as 3.3 ns. Held to the smallest
+    point's time at its batch (256 × 2 × 64 × 64 FLOPs: 0.21 ms), a 63 µs timing is kept; 200 × that is not."""
+    point_s = 256 * 2 * 64 * 64 / FLOPS_PER_S
+    device = replace(simple_measured_device(), gemm_shape_s={"256,1,64,1": 63e-6, "256,1,64,2": 200 * point_s},
+                     gemm_shape_busy={"256,1,64,1": 1.0, "256,1,64,2": 1.0})
+    assert device.without_disturbed_gemm_shapes().gemm_shape_s == {"256,1,64,1": 63e-6}
+
+
 def test_scatter_costs_its_rows():
     scatter = OpRecord("aten.embedding_dense_backward.default", "memory", "backward", "float32", 0, 6 * 10**6,
                        512, index_rows=10**6)
