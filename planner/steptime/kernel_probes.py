@@ -205,8 +205,8 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         scores = torch.rand(max(n // VOCABULARY_ROW, 1), VOCABULARY_ROW, dtype=dtype)
         return lambda: torch.topk(scores, 50, dim=-1)
 
-    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "random": (random, 2 * e), "sampling": (sampling, 4),
-            "selection": (selection, e), "softmax": (softmax, 2 * e),
+    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "random": (random, 2 * e),
+            "sampling": (sampling, 4), "selection": (selection, e), "softmax": (softmax, 2 * e),
             "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
             "reduction": (reduction, e)}
 
