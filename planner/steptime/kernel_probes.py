@@ -19,7 +19,7 @@ import math
 import mmap
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -246,10 +246,9 @@ def with_exact_gemms(device: MeasuredDevice, trace: StepTrace, *, retime: bool =
     if not missing:
         return device
     timed = time_gemm_shapes(missing, device.dtype)
-    timed_device = replace(device, gemm_shape_s={**device.gemm_shape_s, **{k: t.seconds for k, t in timed.items()}},
-                           gemm_shape_busy={**device.gemm_shape_busy,
-                                            **{k: t.busy_threads for k, t in timed.items()}})
-    return timed_device.without_disturbed_gemm_shapes()  # a busy machine's timings: the grid prices those
+    # Less a busy machine's timings: the grid prices those.
+    return device.with_gemm_timings({k: t.seconds for k, t in timed.items()},
+                                    {k: t.busy_threads for k, t in timed.items()})
 
 
 def scatter_s_per_row_probe(elementwise: SizeCurve, call_s: float) -> Timed:

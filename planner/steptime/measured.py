@@ -69,10 +69,14 @@ class MeasuredDevice:
         each; those `timed` lacks are left out), less any a busy machine disturbed."""
         keys = [key for key in (gemm_key(*shape) for shape in shapes)
                 if key in timed.gemm_shape_s and key in timed.gemm_shape_busy]
-        return replace(self, gemm_shape_s={**self.gemm_shape_s, **{key: timed.gemm_shape_s[key] for key in keys}},
-                       gemm_shape_busy={**self.gemm_shape_busy,
-                                        **{key: timed.gemm_shape_busy[key] for key in keys}}
-                       ).without_disturbed_gemm_shapes()
+        return self.with_gemm_timings({key: timed.gemm_shape_s[key] for key in keys},
+                                      {key: timed.gemm_shape_busy[key] for key in keys})
+
+    def with_gemm_timings(self, seconds: Mapping[str, float], busy: Mapping[str, float]) -> "MeasuredDevice":
+        """This device with exact GEMM timings added (`gemm_key` -> seconds, and -> busy threads), less any a
+        busy machine disturbed."""
+        return replace(self, gemm_shape_s={**self.gemm_shape_s, **seconds},
+                       gemm_shape_busy={**self.gemm_shape_busy, **busy}).without_disturbed_gemm_shapes()
 
     def without_disturbed_gemm_shapes(self) -> "MeasuredDevice":
         """This device without the exact GEMM timings more than DISTURBED_GEMM_FACTOR × slower than the grid
