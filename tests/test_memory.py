@@ -217,10 +217,18 @@ def test_the_probes_high_water_mark_restarts_with_its_baseline_kept():
     its peak to what is resident now; touching 100 MB then reads ~100 MB above the same baseline."""
     import ctypes
     import gc
+    import mmap
 
     import numpy as np
 
     from planner.bench.memory_probe import PeakMemoryProbe
+
+    def touched_pages(size: int) -> mmap.mmap:
+        # Its own mapping, given back to the system on close() whatever malloc's thresholds are left at by
+        # earlier tests (one CI run read a freed 200 MB numpy block still resident)
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        np.frombuffer(block, dtype=np.uint8)[:: mmap.PAGESIZE] = 1
+        return block
 
     # The baseline is what is resident at start: earlier tests' garbage freed after it would leave the process
     # below it, where a 100 MB block need not rise above it (one full-suite run in several read 0)
@@ -228,11 +236,10 @@ def test_the_probes_high_water_mark_restarts_with_its_baseline_kept():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     probe = PeakMemoryProbe("cpu")
     probe.start()
-    block = np.ones(25_000_000)  # 200 MB, touched
-    del block
+    touched_pages(200 * 10**6).close()
     assert probe.peak_bytes() >= 190 * 10**6
     assert probe.restart_peak()
     assert probe.peak_bytes() < 50 * 10**6
-    block = np.ones(12_500_000)  # 100 MB
+    block = touched_pages(100 * 10**6)
     assert 90 * 10**6 <= probe.peak_bytes() < 150 * 10**6
-    del block
+    block.close()
