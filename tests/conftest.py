@@ -11,6 +11,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory):
+    """One planner cache for the modules that only read traces through it (the cost tests): a step traced by
+    one is read by the others, as a user's cache would be. Tests of locks, probes or the cache itself keep
+    their own."""
+    return tmp_path_factory.mktemp("shared_cache")
+
+
 @pytest.fixture
 def one_thread():
     """PyTorch on one thread for the test, its thread count restored after."""

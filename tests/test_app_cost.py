@@ -16,12 +16,12 @@ QUERY = dict(sizes="tiny", architectures="token_ffn", experts="0, 4", tab="Cost"
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+def _shared_cache(shared_cache_dir, monkeypatch):
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(shared_cache_dir))
 
 
 def run_app(**query) -> AppTest:
-    """The app on `query`, with time to trace a step (seconds, once per test's cache)."""
+    """The app on `query`, with time to trace a step (seconds, once per cache)."""
     at = AppTest.from_file(APP, default_timeout=120)
     for key, value in query.items():
         at.query_params[key] = value

@@ -315,6 +315,7 @@ def test_progress_piped_into_a_log_has_no_carriage_returns(tmp_path):
     import subprocess
     import sys
 
+    save_measured_device(simple_measured_device(describe_device("cpu")))  # a cached probe (it has its own test)
     run = subprocess.run([sys.executable, "-m", "planner", "bench", "--sizes", "debug", "--experts", "0",
                           "--device", "cpu", "--repeats", "1", "--warmup", "1", "--batch-size", "1",
                           "--context-length", "16", "--prediction-length", "4", "--format", "csv"],

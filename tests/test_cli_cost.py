@@ -32,8 +32,8 @@ optim: adamw_bnb_8bit
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path))
+def _shared_cache(shared_cache_dir, monkeypatch):
+    monkeypatch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(shared_cache_dir))
 
 
 def run_json(capsys, argv):

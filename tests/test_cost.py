@@ -25,10 +25,10 @@ from planner.workload import Workload
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _shared_trace_cache(tmp_path_factory):
-    """One private cache for the module: the runs below share their traces."""
+def _shared_trace_cache(shared_cache_dir):
+    """The cost tests' shared cache: the runs below share their traces."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(shared_cache_dir))
         yield
 
 
