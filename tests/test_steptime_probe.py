@@ -126,7 +126,9 @@ def test_remeasure_state_retimes_the_steps_gemms_and_the_host_of_the_phases_it_d
     backward and optimizer too) on the probe's calibration steps; every other term is kept. A stale GEMM
     timing (20× the grid's price) and a stale host (a second per op) are replaced, a shape the step does not
     have keeps its timing, and the re-timed host prices a dispatch-bound step the calibration did not time
-    (debug forward at batch 1, context 64) within 2× of its measured time."""
+    (debug forward at batch 1, context 64) within 2× of its measured time. A stale cost of fresh pages (a
+    microsecond a byte) is measured again: within 3× of 64 MiB written by PyTorch on new pages, less the same
+    write on pages already mapped."""
     from dataclasses import replace
 
     import torch
@@ -145,6 +147,7 @@ def test_remeasure_state_retimes_the_steps_gemms_and_the_host_of_the_phases_it_d
               for shape in (in_step, elsewhere)}
     stale_shapes = {gemm_key(*in_step): 20 * grid_s[in_step], gemm_key(*elsewhere): 3 * grid_s[elsewhere]}
     device = replace(reduced_probe, host_s_per_op=dict.fromkeys(("forward", "forecast", "backward", "optimizer"), 1.0),
+                     fresh_page_s_per_byte=1e-6,
                      gemm_shape_s={**reduced_probe.gemm_shape_s, **stale_shapes},
                      gemm_shape_busy={**reduced_probe.gemm_shape_busy, **dict.fromkeys(stale_shapes, 1.0)})
     matmul = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * 64 * 256 * 64, 0, 0, in_step)
@@ -159,6 +162,9 @@ def test_remeasure_state_retimes_the_steps_gemms_and_the_host_of_the_phases_it_d
         assert retimed[mode].gemm_shape_s[gemm_key(*elsewhere)] == stale_shapes[gemm_key(*elsewhere)]
         assert retimed[mode].mm == device.mm and retimed[mode].memory == device.memory
         assert retimed[mode].gemm_in_model_factor == device.gemm_in_model_factor
+    fresh_s_per_byte = _fresh_page_s_per_byte_by_hand()
+    assert all(1 / 3 < r.fresh_page_s_per_byte / fresh_s_per_byte < 3 for r in retimed.values()), \
+        (fresh_s_per_byte, [r.fresh_page_s_per_byte for r in retimed.values()])
     workload = Workload(batch_size=1, context_length=64, prediction_length=4, num_samples=2)
     config = make_config("debug")
     model = build_model_from_config(config)
@@ -166,6 +172,37 @@ def test_remeasure_state_retimes_the_steps_gemms_and_the_host_of_the_phases_it_d
     measured_s = kernel_probes.typical_time_s(lambda: run_step(model, batch, workload, "forward"), min_time_s=0.3)
     predicted = predict_step_time(record_step(model, batch, workload, "forward"), retimed["forward"])
     assert 0.5 < measured_s / predicted.total_s < 2.0
+
+
+def _fresh_page_s_per_byte_by_hand() -> float:
+    """64 MiB written by PyTorch on new pages and freed, less the same write on a tensor kept mapped: the median
+    of 9, per byte. New pages whatever the heap holds: a block from 128 KiB up is its own mapping, and one the
+    heap still has free (freed while an earlier test let blocks stay on it) is given back by malloc_trim."""
+    import ctypes
+    import statistics
+    import time
+
+    import torch
+
+    from planner.bench.memory_probe import pin_allocator, settle_allocator
+
+    elements = 16 * 2**20
+    kept = torch.ones(elements)
+    pin_allocator()
+    try:
+        extra = []
+        for _ in range(9):
+            start = time.perf_counter()
+            fresh = torch.empty(elements)
+            fresh.fill_(1.0)
+            del fresh
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            middle = time.perf_counter()
+            kept.fill_(1.0)
+            extra.append((middle - start) - (time.perf_counter() - middle))
+    finally:
+        settle_allocator()
+    return statistics.median(extra) / (4 * elements)
 
 
 def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):

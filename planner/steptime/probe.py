@@ -238,8 +238,8 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> Meas
     exact GEMM shapes timed again, and the host's terms of the phases it dispatches fitted again on the probe's
     own calibration steps (the debug model's, their GEMM shapes timed again too), each phase as the probe fits
     it: the forward's or the forecast's from its dispatch-bound step, less its kernels at the probed GEMM
-    factor; the training step's backward and optimizer from theirs. The GEMM factors and the other kernel
-    terms are the probe's.
+    factor; the training step's backward and optimizer from theirs; and the cost of fresh pages. The GEMM
+    factors and the other kernel terms are the probe's.
 
     Kernel and host speeds move with the state of the machine and of the process together: one workload's
     step and the exact GEMMs of its trace, timed in the same process, ran 262 and 113 ms in one process and
@@ -249,8 +249,11 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> Meas
     at batch 1, 60–70 % dispatch, ran 33 ms and 55 ms on one probe). A run priced with what it times beside
     its own steps compares the model with the step, not two states of the machine. (The GEMM factor, fitted
     on whole steps, is left as probed: refitted at each run over a minute it read 1.23 to 1.67, more than a
-    state moves it.)"""
+    state moves it.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
+    probe ran and 29–34 ms in a benchmark's process the next day, a third of debug's forward at batch 16,
+    context 512 (327 MiB of new pages a step)."""
     view_s = _view_s()
+    fresh = fresh_page_s_per_byte_probe()
     dispatch_mode = first_phase(mode)
     device = with_exact_gemms(device, trace, retime=True)
     run, calibration = _calibration_run("debug", CALIBRATION_WORKLOAD, device.dtype, dispatch_mode)
@@ -261,7 +264,8 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> Meas
     busy[dispatch_mode] = _host_busy(timed, calibration, device, host[dispatch_mode], view_s)
     if mode == "train":
         device = _fit_training_host(device, device.dtype, view_s, host, busy)
-    return replace(device, host_s_per_op=host, host_busy=busy, host_s_per_view=view_s)
+    return replace(device, host_s_per_op=host, host_busy=busy, host_s_per_view=view_s,
+                   fresh_page_s_per_byte=fresh.seconds, fresh_page_busy=fresh.busy_threads)
 
 
 def _view_s() -> float:
