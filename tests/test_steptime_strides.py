@@ -1,4 +1,5 @@
-"""Memory-bound ops that read an input across its layout: the stride the tracer records, and their price."""
+"""Memory-bound ops by the layout of their operands: the stride at which they read an input and the loops
+their kernel runs, as the tracer records them, and their price."""
 
 from dataclasses import replace
 
@@ -16,12 +17,12 @@ from planner.workload import Workload
 from tests.steptime_fixtures import BYTES_PER_S, simple_measured_device
 
 
-def recorded(run) -> dict[str, int]:
-    """Each op `run` dispatches: its name -> the inner stride recorded for it."""
+def recorded(run, field: str = "inner_stride") -> dict[str, int]:
+    """Each op `run` dispatches: its name -> the `field` recorded for it."""
     recorder = OpRecorder(set())
     with recorder:
         run()
-    return {op.name: op.inner_stride for op in recorder.records}
+    return {op.name: getattr(op, field) for op in recorder.records}
 
 
 def test_the_inner_stride_is_the_stride_an_input_is_read_at_along_the_outputs_contiguous_dimension():
@@ -90,10 +91,60 @@ def test_a_strided_op_costs_the_contiguous_op_plus_the_probed_strides_extra_by_w
         kernel_s * 1.0 + device.host_cpu_s(strided))
 
 
-def test_a_trace_with_a_stride_below_one_is_refused():
-    op = OpRecord("aten.add_.Tensor", "memory", "forward", "float32", 0, 8, 4, inner_stride=4)
+def test_a_trace_with_a_stride_below_one_or_a_negative_loop_is_refused():
+    op = OpRecord("aten.add_.Tensor", "memory", "forward", "float32", 0, 8, 4, inner_stride=4, inner_run=2)
     saved = StepTrace(((op, 1),)).to_dict()
-    assert StepTrace.from_dict(saved).ops[0][0].inner_stride == 4
-    saved["ops"][0][-2] = 0
-    with pytest.raises(ValueError, match="inner stride"):
-        StepTrace.from_dict(saved)
+    assert StepTrace.from_dict(saved).ops[0][0] == op
+    stride_at, run_at = saved["fields"].index("inner_stride"), saved["fields"].index("inner_run")
+    for at, value, message in ((stride_at, 0, "inner stride"), (run_at, -1, "negative inner loop")):
+        damaged = {**saved, "ops": [[*saved["ops"][0][:at], value, *saved["ops"][0][at + 1:]]]}
+        with pytest.raises(ValueError, match=message):
+            StepTrace.from_dict(damaged)
+
+
+def test_the_inner_loop_is_the_outputs_contiguous_run_every_operand_walks_in_step():
+    """By hand: T5's position bias (1, H, L, L), laid out heads innermost, plus its mask (B, 1, 1, L) comes out
+    heads innermost too, and the mask steps along L where the output steps along H: loops of H. Added in place
+    into contiguous scores, the bias steps through L·L as one run with them (stride H, then L·H): loops of
+    L·L. Two contiguous tensors are one loop; a per-head bias (1, H, 1, L) broadcast over rows, loops of L; a
+    transposed (5, 7) made contiguous, loops of 5 (its rows are read 7 apart)."""
+    b, h, length = 2, 4, 16
+    bias, mask = torch.rand(length, length, h).permute(2, 0, 1).unsqueeze(0), torch.rand(b, 1, 1, length)
+    assert recorded(lambda: bias + mask, "inner_run") == {"aten.add.Tensor": h}
+    scores = torch.rand(b, h, length, length)
+    assert recorded(lambda: scores.add_(bias), "inner_run") == {"aten.add_.Tensor": length * length}
+    assert recorded(lambda: scores + scores, "inner_run") == {"aten.add.Tensor": b * h * length * length}
+    per_head, transposed = torch.rand(1, h, 1, length), torch.rand(5, 7).t()
+    assert recorded(lambda: scores + per_head, "inner_run") == {"aten.add.Tensor": length}
+    assert recorded(lambda: transposed.contiguous(), "inner_run") == {"aten.clone.default": 5}
+
+
+def test_a_t5_step_adds_its_position_bias_and_mask_in_loops_of_its_head_count():
+    """debug (4 heads) at batch 2, context 64: the encoder's bias plus mask, (2, 4, 65, 65) written, runs loops
+    of 4 elements, once a step, in a real step and in a shape-only trace alike."""
+    config, workload = make_config("debug"), Workload(batch_size=2, context_length=64, prediction_length=4)
+    torch.manual_seed(0)
+    model = build_model_from_config(config)
+    real = record_step(model, token_batch(config, workload, torch.Generator().manual_seed(0)), workload, "forward")
+    for trace in (real, trace_step(config, workload, "forward")):
+        scores_sized = [(op, count) for op, count in trace.ops if op.bytes_written == 2 * 4 * 65 * 65 * 4]
+        short = [(op.name, count) for op, count in scores_sized if op.inner_run == 4]
+        assert short == [("aten.add.Tensor", 1)]
+
+
+def test_an_elementwise_op_costs_the_contiguous_op_plus_the_short_loop_probes_extra_per_loop():
+    """By hand, on a device whose contiguous elementwise ops run at 1e10 B/s and whose short-loop probe (loops
+    of 4) at 2.5e9 B/s (0.3 s extra per GB): loops of 4 add all the extra, of 2 twice it, of 8 half, of 400 a
+    hundredth; an op whose loops were not recorded, or of another class, none. A strided op in loops of 4 adds
+    both extras (the strided probe here at 5e9 B/s: 0.1 s extra per GB at stride 8)."""
+    device = simple_measured_device()
+    curve = lambda rate: SizeCurve((1e3, 1e10), (1e3 / rate, 1e10 / rate), (1.0, 1.0))  # noqa: E731
+    device = replace(device, memory={**device.memory, "short_loop": curve(2.5e9), "strided": curve(5e9)})
+    add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 5 * 10**8, 5 * 10**8, fresh_bytes=0)
+    contiguous_s, extra_s = 1e9 / BYTES_PER_S, 0.3
+    for run, share in ((0, 0), (4, 1), (2, 2), (8, 0.5), (400, 0.01)):
+        assert device.memory_s(replace(add, inner_run=run)) == pytest.approx(contiguous_s + share * extra_s)
+    reduction = replace(add, name="aten.sum.dim_IntList", inner_run=4)
+    assert device.memory_s(reduction) == pytest.approx(contiguous_s)
+    both = replace(add, inner_stride=8, inner_run=4)
+    assert device.memory_s(both) == pytest.approx(contiguous_s + 0.1 + extra_s)

@@ -285,16 +285,17 @@ def test_a_real_step_counts_the_pages_each_op_touches_first():
     assert all(op.fresh_bytes is None for op, _ in trace_step(config, WORKLOAD, "forward").ops)
 
 
-def test_a_trace_saved_before_fresh_pages_or_first_touches_were_counted_still_reads():
+def test_a_trace_saved_before_fresh_pages_first_touches_strides_or_loops_were_counted_still_reads():
     trace = trace_step(config_of("dense"), WORKLOAD, "forward")
-    # Saved before any inner stride was recorded, every op read contiguously.
-    contiguous = StepTrace(tuple((replace(op, inner_stride=1), n) for op, n in trace.ops))
-    assert contiguous != trace
-    for fields in (10, 11, 12):  # before fresh pages; before first touches; before inner strides
-        saved = trace.to_dict()
+    # Saved before any inner stride was recorded, every op read contiguously; before inner loops, none known.
+    unknown_loops = StepTrace(tuple((replace(op, inner_run=0), n) for op, n in trace.ops))
+    contiguous = StepTrace(tuple((replace(op, inner_stride=1), n) for op, n in unknown_loops.ops))
+    assert contiguous != unknown_loops != trace
+    for fields, read_as in ((10, contiguous), (11, contiguous), (12, contiguous), (13, unknown_loops)):
+        saved = trace.to_dict()  # before fresh pages; first touches; inner strides; inner loops
         saved["fields"] = saved["fields"][:fields] + ["count"]
         saved["ops"] = [row[:fields] + row[-1:] for row in saved["ops"]]
-        assert StepTrace.from_dict(saved) == contiguous
+        assert StepTrace.from_dict(saved) == read_as
 
 
 def test_an_adamw_step_touches_each_parameter_gradient_and_moment_first_once():

@@ -19,11 +19,16 @@ from planner.steptime.ops import OpRecord
 # Memory-bound ops fall into classes whose CPU kernels run at very different speeds per byte; the probe
 # times one representative of each. Everything not named here is "elementwise" (binary ops, copies, cat,
 # masks, gathers), or "strided" when it reads an input across its layout (OpRecord.inner_stride > 1).
-MEMORY_CLASSES = ("elementwise", "strided", "random", "sampling", "selection", "softmax", "softmax_backward",
-                  "transcendental", "reduction")
+# "short_loop" prices the loops of an elementwise kernel (OpRecord.inner_run) beyond its bytes.
+MEMORY_CLASSES = ("elementwise", "strided", "short_loop", "random", "sampling", "selection", "softmax",
+                  "softmax_backward", "transcendental", "reduction")
 # The stride, in elements, at which the "strided" class is probed (the position bias of a model with 8 heads);
 # other strides scale its extra time over the contiguous op by the cache lines they waste (MeasuredDevice).
 STRIDED_PROBE_STRIDE = 8
+# The innermost loop, in elements, of the "short_loop" probe (an add of a tensor's rows and a column of it,
+# as T5's heads-innermost position bias plus its mask runs in debug and tiny); other loops scale its extra time
+# over the contiguous op by how many loops they run (MeasuredDevice).
+SHORT_LOOP_PROBE_RUN = 4
 CACHE_LINE_BYTES = 64
 _CLASS_OF_OP = {
     **dict.fromkeys(("bernoulli_", "uniform_", "normal_", "rand", "randn"), "random"),

@@ -26,7 +26,7 @@ import torch
 
 from planner.bench.device import TORCH_DTYPES
 from planner.steptime.curves import GemmGrid, SizeCurve
-from planner.steptime.devices import STRIDED_PROBE_STRIDE
+from planner.steptime.devices import SHORT_LOOP_PROBE_RUN, STRIDED_PROBE_STRIDE
 from planner.steptime.measured import MeasuredDevice, gemm_key
 from planner.steptime.ops import StepTrace
 
@@ -177,6 +177,12 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         across = torch.rand(shape[::-1], dtype=dtype).t()
         return lambda: torch.add(x, across, out=out)
 
+    def short_loop(n):  # rows of SHORT_LOOP_PROBE_RUN elements plus one value per row: a loop per row
+        shape = (max(n // SHORT_LOOP_PROBE_RUN, 1), SHORT_LOOP_PROBE_RUN)
+        x, out = torch.rand(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        column = torch.rand(shape[0], 1, dtype=dtype)
+        return lambda: torch.add(x, column, out=out)
+
     def random(n):
         x = torch.empty(n, dtype=dtype)
         return lambda: x.bernoulli_(0.9)
@@ -205,7 +211,9 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         scores = torch.rand(max(n // VOCABULARY_ROW, 1), VOCABULARY_ROW, dtype=dtype)
         return lambda: torch.topk(scores, 50, dim=-1)
 
-    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "random": (random, 2 * e),
+    short_loop_bytes = (2 * SHORT_LOOP_PROBE_RUN + 1) * e // SHORT_LOOP_PROBE_RUN  # a row in and out, its value
+    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "short_loop": (short_loop, short_loop_bytes),
+            "random": (random, 2 * e),
             "sampling": (sampling, 4), "selection": (selection, e), "softmax": (softmax, 2 * e),
             "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
             "reduction": (reduction, e)}

@@ -44,6 +44,11 @@ class OpRecord:
     # output is written contiguously in; 1 when every input is walked contiguously there (or broadcast). T5's
     # position bias, laid out heads innermost, is read at a stride of the head count when added to the scores.
     inner_stride: int = 1
+    # Memory-bound ops: the elements of the kernel's innermost loop, the output's contiguous dimensions that
+    # every operand walks in step, merged as TensorIterator merges them (0: not recorded). T5's position bias
+    # plus its mask comes out heads innermost, a loop of 4 elements in debug and tiny: per element, a loop's
+    # overhead then costs more than the bytes.
+    inner_run: int = 0
 
     @property
     def bytes(self) -> int:
@@ -107,7 +112,7 @@ class StepTrace:
 
     def to_dict(self) -> dict[str, Any]:
         fields = ("name", "kind", "phase", "dtype", "flops", "bytes_read", "bytes_written", "gemm", "pointwise", "index_rows",
-                  "fresh_bytes", "first_touch_bytes", "inner_stride")
+                  "fresh_bytes", "first_touch_bytes", "inner_stride", "inner_run")
         return {"fields": [*fields, "count"],
                 "ops": [[getattr(op, f) for f in fields] + [count] for op, count in self.ops]}
 
@@ -123,7 +128,10 @@ class StepTrace:
                     fields = [*fields, 0]
                 if len(fields) == 12:  # ... or before inner strides were
                     fields = [*fields, 1]
-                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh, first, stride = fields
+                if len(fields) == 13:  # ... or before inner loops were
+                    fields = [*fields, 0]
+                name, kind, phase, dtype, flops, read, written, gemm, pointwise, index_rows, fresh, first, stride, run \
+                    = fields
                 if kind not in KINDS or phase not in PHASES or not isinstance(count, int) or count < 1:
                     raise ValueError(f"bad op record {str(fields)[:200]}")
                 if min(int(flops), int(read), int(written), int(index_rows), int(fresh or 0), int(first)) < 0:
@@ -132,10 +140,12 @@ class StepTrace:
                     raise ValueError(f"first-touch bytes above the bytes read in {str(fields)[:200]}")
                 if int(stride) < 1:
                     raise ValueError(f"an inner stride below 1 in {str(fields)[:200]}")
+                if int(run) < 0:
+                    raise ValueError(f"a negative inner loop in {str(fields)[:200]}")
                 ops.append((OpRecord(str(name), kind, phase, str(dtype), int(flops), int(read), int(written),
                                      tuple(int(v) for v in gemm) if gemm is not None else None, bool(pointwise),
                                      int(index_rows), int(fresh) if fresh is not None else None, int(first),
-                                     int(stride)),
+                                     int(stride), int(run)),
                             count))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step trace: {error}") from None

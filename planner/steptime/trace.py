@@ -98,6 +98,27 @@ def _inner_stride(inputs: list[torch.Tensor], output: torch.Tensor) -> int:
     return max(strides)
 
 
+def _inner_run(inputs: list[torch.Tensor], output: torch.Tensor) -> int:
+    """The elements of the innermost loop an elementwise kernel runs over `output`: its dimensions longer than
+    one from the smallest stride up, merged while every operand steps through the next as one run with the
+    last (TensorIterator's coalescing; a broadcast dimension, stride 0, merges with another broadcast one)."""
+    dims = sorted((d for d in range(output.dim()) if output.shape[d] > 1), key=lambda d: abs(output.stride(d)))
+    if not dims:
+        return 1
+
+    def stride(tensor: torch.Tensor, d: int) -> int:
+        aligned = d - (output.dim() - tensor.dim())
+        return tensor.stride(aligned) if 0 <= aligned < tensor.dim() and tensor.shape[aligned] > 1 else 0
+
+    operands = [output, *inputs]
+    run = output.shape[dims[0]]
+    for inner, outer in zip(dims, dims[1:]):
+        if any(stride(t, outer) != stride(t, inner) * output.shape[inner] for t in operands):
+            break
+        run *= output.shape[outer]
+    return run
+
+
 class OpRecorder(TorchDispatchMode):
     """Records every op it sees as an OpRecord (merged with a count at the end); `phase` labels them.
 
@@ -145,7 +166,7 @@ class OpRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         kind = self._kind(func, name, args)
         outputs = _tensors(out)
-        flops, read, written, gemm, index_rows, inner_stride = 0, 0, 0, None, 0, 1
+        flops, read, written, gemm, index_rows, inner_stride, inner_run = 0, 0, 0, None, 0, 1, 0
         if kind == "matmul":
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
             gemm = _gemm_shape(name, args)
@@ -161,12 +182,13 @@ class OpRecorder(TorchDispatchMode):
             if kind == "memory" and outputs and name not in GATHER_OPS | SCATTER_OPS and in_elementwise_class(name) \
                     and (self.phase != "backward" or self.backward_layouts):
                 inner_stride = _inner_stride(inputs, outputs[0])
+                inner_run = _inner_run(inputs, outputs[0])
         first_touch = min(self._first_touch_bytes(inputs, outputs), read) \
             if self.phase == "optimizer" and kind != "view" else 0
         dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
         pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
         self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
-                              index_rows, fresh_bytes, first_touch, inner_stride)] += 1
+                              index_rows, fresh_bytes, first_touch, inner_stride, inner_run)] += 1
         if sum(self.records.values()) > MAX_TRACED_OPS:
             raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
 

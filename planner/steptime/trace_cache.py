@@ -24,8 +24,8 @@ from planner.units import GIB
 from planner.workload import Workload
 
 # Bump when what a trace records changes (3: large outputs made, saved tensors as shapes; 4: first touches;
-# 5: inner strides).
-TRACE_FORMAT = 5
+# 5: inner strides; 6: inner loops).
+TRACE_FORMAT = 6
 
 
 _CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"))
