@@ -212,11 +212,10 @@ def memory_probes(dtype: torch.dtype) -> dict[str, tuple[Callable[[int], Callabl
         return lambda: torch.topk(scores, 50, dim=-1)
 
     short_loop_bytes = (2 * SHORT_LOOP_PROBE_RUN + 1) * e // SHORT_LOOP_PROBE_RUN  # a row in and out, its value
-    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e), "short_loop": (short_loop, short_loop_bytes),
-            "random": (random, 2 * e),
-            "sampling": (sampling, 4), "selection": (selection, e), "softmax": (softmax, 2 * e),
-            "softmax_backward": (softmax_backward, 3 * e), "transcendental": (transcendental, 2 * e),
-            "reduction": (reduction, e)}
+    return {"elementwise": (elementwise, 3 * e), "strided": (strided, 3 * e),
+            "short_loop": (short_loop, short_loop_bytes), "random": (random, 2 * e), "sampling": (sampling, 4),
+            "selection": (selection, e), "softmax": (softmax, 2 * e), "softmax_backward": (softmax_backward, 3 * e),
+            "transcendental": (transcendental, 2 * e), "reduction": (reduction, e)}
 
 
 def streamed_elementwise(dtype: torch.dtype) -> Callable[[int], Callable[[], object]]:
