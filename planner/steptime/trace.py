@@ -46,6 +46,7 @@ from planner.bench.memory_probe import pin_allocator, settle_allocator
 from planner.bench.timing import PAGE_BYTES, minor_faults
 from planner.measure import ShapeOnlyMatmuls, _meta, build_shape_only, token_batch
 from planner.steptime.devices import SCATTER_OPS, in_elementwise_class
+from planner.steptime.layouts import inner_run, inner_stride
 from planner.steptime.ops import OpRecord, StepTrace, first_phase
 
 MODES = ("forward", "train", "forecast")
@@ -80,43 +81,6 @@ def _gemm_shape(name: str, args: tuple) -> Optional[tuple[int, int, int, int]]:
         left, right = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
         return left.shape[0], left.shape[1], right.shape[2], left.shape[2]
     return None
-
-
-def _inner_stride(inputs: list[torch.Tensor], output: torch.Tensor) -> int:
-    """The largest stride, in elements, at which an input is read along the dimension `output` is written
-    contiguously in (its smallest stride among its dimensions longer than one; inputs align with it from the
-    right, as broadcasting does): 1 when every input is walked contiguously there or broadcast."""
-    dims = [d for d in range(output.dim()) if output.shape[d] > 1]
-    if not dims:
-        return 1
-    inner = min(dims, key=lambda d: abs(output.stride(d)))
-    strides = [1]
-    for tensor in inputs:
-        d = inner - (output.dim() - tensor.dim())
-        if 0 <= d < tensor.dim() and tensor.shape[d] > 1:
-            strides.append(abs(tensor.stride(d)))
-    return max(strides)
-
-
-def _inner_run(inputs: list[torch.Tensor], output: torch.Tensor) -> int:
-    """The elements of the innermost loop an elementwise kernel runs over `output`: its dimensions longer than
-    one from the smallest stride up, merged while every operand steps through the next as one run with the
-    last (TensorIterator's coalescing; a broadcast dimension, stride 0, merges with another broadcast one)."""
-    dims = sorted((d for d in range(output.dim()) if output.shape[d] > 1), key=lambda d: abs(output.stride(d)))
-    if not dims:
-        return 1
-
-    def stride(tensor: torch.Tensor, d: int) -> int:
-        aligned = d - (output.dim() - tensor.dim())
-        return tensor.stride(aligned) if 0 <= aligned < tensor.dim() and tensor.shape[aligned] > 1 else 0
-
-    operands = [output, *inputs]
-    run = output.shape[dims[0]]
-    for inner, outer in zip(dims, dims[1:]):
-        if any(stride(t, outer) != stride(t, inner) * output.shape[inner] for t in operands):
-            break
-        run *= output.shape[outer]
-    return run
 
 
 class OpRecorder(TorchDispatchMode):
@@ -166,7 +130,7 @@ class OpRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         kind = self._kind(func, name, args)
         outputs = _tensors(out)
-        flops, read, written, gemm, index_rows, inner_stride, inner_run = 0, 0, 0, None, 0, 1, 0
+        flops, read, written, gemm, index_rows, stride, run = 0, 0, 0, None, 0, 1, 0
         if kind == "matmul":
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
             gemm = _gemm_shape(name, args)
@@ -181,14 +145,13 @@ class OpRecorder(TorchDispatchMode):
             written = 0 if "empty" in name else sum(map(self._bytes, outputs))
             if kind == "memory" and outputs and name not in GATHER_OPS | SCATTER_OPS and in_elementwise_class(name) \
                     and (self.phase != "backward" or self.backward_layouts):
-                inner_stride = _inner_stride(inputs, outputs[0])
-                inner_run = _inner_run(inputs, outputs[0])
+                stride, run = inner_stride(inputs, outputs[0]), inner_run(inputs, outputs[0])
         first_touch = min(self._first_touch_bytes(inputs, outputs), read) \
             if self.phase == "optimizer" and kind != "view" else 0
         dtype = _dtype_name(outputs[0].dtype) if outputs else "none"
         pointwise = kind == "memory" and torch.Tag.pointwise in func.tags
         self.records[OpRecord(str(func), kind, self.phase, dtype, flops, read, written, gemm, pointwise,
-                              index_rows, fresh_bytes, first_touch, inner_stride, inner_run)] += 1
+                              index_rows, fresh_bytes, first_touch, stride, run)] += 1
         if sum(self.records.values()) > MAX_TRACED_OPS:
             raise RuntimeError(f"the step dispatched more than {MAX_TRACED_OPS:,} ops; refusing to trace further")
 

@@ -28,7 +28,8 @@ from planner.workload import Workload
 TRACE_FORMAT = 6
 
 
-_CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"))
+_CODE_TRACED = (Path(__file__).resolve().parents[2] / "model", Path(__file__).resolve().with_name("trace.py"),
+                Path(__file__).resolve().with_name("layouts.py"))
 
 
 @functools.lru_cache(maxsize=1)
