@@ -242,9 +242,37 @@ def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):
         return round_timings.pop(0)
 
     built = iter(traces)
-    monkeypatch.setattr(probe, "_calibration_run", lambda size, workload, dtype, mode: (lambda: None, next(built)))
+    monkeypatch.setattr(probe, "calibration_run", lambda size, workload, dtype, mode: (lambda: None, next(built)))
     monkeypatch.setattr(probe, "with_exact_gemms", lambda device, trace: device)
     monkeypatch.setattr(probe, "typical_time", typical)
     fitted_host_s, fitted_factor, _, (first, _) = probe._fit_host_and_gemm_factor(device, "fp32", VIEW_S, "forward")
     assert fitted_factor == pytest.approx(factor) and fitted_host_s == pytest.approx(host_s)
     assert first.seconds == pytest.approx(spent(step(10, 10**5, 200), factor))
+
+
+def test_remeasure_state_fits_the_host_on_the_calibration_steps_timed_beside_the_benchmark(reduced_probe):
+    """A benchmark times its calibration steps one of each after each of its own steps and hands them over:
+    remeasure_state fits the host's terms on those timings and times none of them again. Timings of a second or
+    two a step (half a second for the forward's, whose host time prices the forward and backward's forward
+    part), where their kernels take milliseconds, put each phase's host time within 2 % of its seconds ÷ the phase's
+    non-view ops, counted here from the steps' traces; steps not yet timed are timed here instead."""
+    from planner.steptime.calibration_steps import state_steps
+    from planner.steptime.ops import StepTrace
+
+    for mode, phases in (("forecast", ("forecast",)), ("train", ("forward", "backward", "optimizer"))):
+        steps = state_steps(mode, "fp32")
+        assert [step.phase for step in steps] == list(phases)
+        seconds = {"forward": 0.5, "forecast": 1.0, "backward": 2.0, "optimizer": 1.0}
+        for step in steps:
+            step.wall_s[:] = step.cpu_s[:] = [seconds[step.phase]] * 3
+        retimed = probe.remeasure_state(reduced_probe, mode, StepTrace(()), steps)
+        assert all(step.wall_s == [seconds[step.phase]] * 3 for step in steps)
+        for step in steps:
+            ops = sum(n for op, n in step.trace.ops if op.phase == step.phase and op.kind != "view")
+            by_hand = seconds[step.phase] / ops
+            if step.phase == "backward":  # the forward's part, at the dispatch step's host time, comes off
+                forward = sum(n for op, n in step.trace.ops if op.phase == "forward" and op.kind != "view")
+                by_hand = (seconds["backward"] - forward * retimed.host_s_per_op["forward"]) / ops
+            assert retimed.host_s_per_op[step.phase] == pytest.approx(by_hand, rel=0.02), step.phase
+    untimed = state_steps("forward", "fp32")
+    assert 0 < probe.remeasure_state(reduced_probe, "forward", StepTrace(()), untimed).host_s_per_op["forward"] < 1e-3

@@ -76,6 +76,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import host_drift_note, parallel_speedup, state_note
     from planner.steptime.ops import first_phase
+    from planner.steptime.calibration_steps import state_steps
     from planner.steptime.probe import remeasure_state
 
     probe = PeakMemoryProbe(device)
@@ -92,8 +93,15 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     def timed_step() -> None:
         last_output[0] = step()  # only the last is kept: its routing gives the usage
 
+    # On a CPU, the calibration steps its prediction fits the host's terms on, timed one of each after each
+    # timed step: both then see the same seconds of a machine whose speed moves (calibration_steps).
+    calibration: list = []
+
     def on_step(stage: str, done: int, total: int) -> None:
         probe.sample()
+        if stage == "measure":
+            for calibration_step in calibration:
+                calibration_step.time_once()
         emit("progress", stage=stage, done=done, total=total)
 
     peak: list[int] = []
@@ -103,6 +111,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         peak.append(probe.peak_bytes())
         if device == "cpu":  # the machine's state for the timed steps (host_state)
             speedups.append(parallel_speedup())
+            with torch.random.fork_rng(devices=[]):  # the timed steps draw as they would alone
+                calibration.extend(state_steps(spec.mode, spec.dtype))
         settle_allocator()
         timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
         synchronize(device)
@@ -121,7 +131,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     device_model, notes = _device_model(device, device_name, spec)
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
-        retimed = remeasure_state(device_model, spec.mode, trace)  # this process's speeds now, not the probe's
+        retimed = remeasure_state(device_model, spec.mode, trace, calibration)  # this process's speeds
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
         notes += shape_notes
         dispatch_phase = first_phase(spec.mode)

@@ -23,59 +23,36 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import replace
-from typing import Callable
+from typing import Optional
 
 import torch
 
-from model.build import build_model_from_config
-from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
-from planner.measure import token_batch
+from planner.steptime.calibration_steps import (CALIBRATION_TIME_S, CALIBRATION_WORKLOAD, CalibrationStep,
+                                                calibration_run, state_steps, time_alternately, training_steps)
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KERNEL_FLOOR_S, MM_AXES, Timed,
                                             fresh_page_s_per_byte_probe, gemm_grid, memory_probes,
                                             scatter_s_per_row_probe, size_curve, streamed_elementwise, typical_time,
                                             typical_time_s, with_exact_gemms)
 from planner.steptime.measured import MeasuredDevice
-from planner.steptime.ops import StepTrace, first_phase
+from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
 from planner.bench.device import TORCH_DTYPES
-from planner.steptime.trace import record_step, run_step
 from planner.workload import Workload
 
-CALIBRATION_TIME_S = 0.3  # per calibration step: milliseconds each, so dozens of repeats
 MAX_HOST_BUSY = 64.0  # the host's busy threads beyond this are a disturbed calibration step
 GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
 # steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
 # they separate the host's time per op from how much slower GEMMs run inside a model than back to back, for
 # forwards and for forecasts (whose decoding steps multiply a few rows by every weight).
-CALIBRATION_WORKLOAD = Workload(batch_size=1, context_length=16, prediction_length=4, num_samples=2)
 GEMM_CALIBRATIONS = (("debug", CALIBRATION_WORKLOAD),
                      ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2)),
                      ("small", Workload(batch_size=1, context_length=32, prediction_length=4, num_samples=2)))
 FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM factor; a mode is its phase's name
 FIT_ROUNDS = 5  # of the calibration steps' timings; the median round's fit is kept
 
-
-
-def _calibration_steps(dtype: str):
-    """(phase, run, trace) for the training step's calibration, on the debug model: its forward and backward,
-    and its AdamW step."""
-    model, batch = _model_and_batch("debug", CALIBRATION_WORKLOAD, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    train_trace = record_step(model, batch, CALIBRATION_WORKLOAD, "train")
-
-    def forward_backward():
-        run_step(model, batch, CALIBRATION_WORKLOAD, "train")
-        model.zero_grad(set_to_none=True)
-
-    def optimizer_step():
-        if next(model.parameters()).grad is None:  # gradients to step on, made once, outside the timing
-            run_step(model, batch, CALIBRATION_WORKLOAD, "train")
-        optimizer.step()
-
-    return [("backward", forward_backward, train_trace), ("optimizer", optimizer_step, train_trace)]
 
 
 def _host_s_per_op(spent_s: float, ops, device: MeasuredDevice, view_s: float) -> float:
@@ -98,14 +75,6 @@ def _host_busy(spent: Timed, ops: StepTrace, device: MeasuredDevice, host_s: flo
     return min(max((spent_cpu_s - priced.cpu_s) / priced.overhead_s, BUSY_FLOOR), MAX_HOST_BUSY)
 
 
-def _calibration_run(size: str, workload: Workload, dtype: str, mode: str) -> tuple[Callable[[], None], StepTrace]:
-    """A calibration step of `mode` on a seeded `size` model at `workload`, run once, and its trace."""
-    model, batch = _model_and_batch(size, workload, dtype)
-    run = lambda: run_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    run()
-    return run, record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
-
-
 def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
                               mode: str) -> tuple[float, float, MeasuredDevice, tuple[Timed, StepTrace]]:
     """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
@@ -121,7 +90,7 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
     factor read 1.13 to 1.47 in single-round probes of one quiet afternoon) moves that round's fit only.
     Also returns that round's first step's timing and trace, from which its dispatch's busy threads are
     read once g is known."""
-    steps = [_calibration_run(size, workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
+    steps = [calibration_run(size, workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
     for _, trace in steps:
         device = with_exact_gemms(device, trace)
     fits = []
@@ -154,14 +123,6 @@ def _solve_host_and_factor(timings: list[Timed], traces: list[StepTrace], device
             return host_s, factor
     # A fit outside reason (a disturbed round): no factor.
     return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0
-
-
-def _model_and_batch(size: str, workload: Workload, dtype: str):
-    """A seeded model of `size` in `dtype` and a random token batch (ids, mask, labels) at `workload`."""
-    config = make_config(size)
-    torch.manual_seed(0)
-    model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
-    return model, token_batch(config, workload, torch.Generator().manual_seed(0))
 
 
 def _phase_trace(trace, phases: tuple[str, ...]) -> StepTrace:
@@ -202,38 +163,37 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     draft = replace(draft, gemm_in_model_factor=gemm_factor)
     for mode, (timed, trace) in dispatch_steps.items():
         busy[mode] = _host_busy(timed, trace, draft, host[mode], view_s)
-    draft = _fit_training_host(draft, dtype, view_s, host, busy)
+    steps = training_steps(dtype)
+    for step in steps:
+        draft = with_exact_gemms(draft, step.trace)
+    time_alternately(steps)
+    _fit_training_host(draft, view_s, host, busy, steps)
     # The machine's state over the probe: the mean of its two ends (a state change midway shows in neither)
     return replace(draft, host_s_per_op=host, host_busy=busy,
                    parallel_speedup=(speedup_before + parallel_speedup()) / 2)
 
 
-def _fit_training_host(device: MeasuredDevice, dtype: str, view_s: float, host: dict[str, float],
-                       busy: dict[str, float]) -> MeasuredDevice:
+def _fit_training_host(device: MeasuredDevice, view_s: float, host: dict[str, float], busy: dict[str, float],
+                       steps: list[CalibrationStep]) -> None:
     """The backward's and the optimizer's host time per op and busy threads, into `host` and `busy`, from the
-    training step's calibration steps (the forward's part of the forward and backward priced with
-    host["forward"] and busy["forward"], which must be there). Returns `device` with the steps' GEMM shapes
-    timed."""
-    for phase, run, trace in _calibration_steps(dtype):
-        device = with_exact_gemms(device, trace)
-        run()  # the first AdamW step also creates the moments: the timed ones are steady-state steps
-        spent = typical_time(run, min_time_s=CALIBRATION_TIME_S)
+    training step's calibration steps, timed (calibration_steps.training_steps; the forward's part of the
+    forward and backward priced with host["forward"] and busy["forward"], which must be there)."""
+    for step in steps:
+        spent = step.timed()
         spent_s, other_cpu_s = spent.seconds, 0.0
-        if phase == "backward":  # the forward and backward together: take the forward's part off
-            forward_ops = _phase_trace(trace, ("forward",))
+        if step.phase == "backward":  # the forward and backward together: take the forward's part off
+            forward_ops = _phase_trace(step.trace, ("forward",))
             forward = predict_step_time(forward_ops, replace(_with_host(device, host["forward"], view_s),
                                                              host_busy={"forward": busy["forward"]}))
             spent_s -= forward.total_s
             other_cpu_s = forward.cpu_s or 0.0
-            ops = _phase_trace(trace, ("backward",))
-        else:
-            ops = _phase_trace(trace, ("optimizer",))
-        host[phase] = _host_s_per_op(spent_s, ops, device, view_s)
-        busy[phase] = _host_busy(spent, ops, device, host[phase], view_s, other_cpu_s)
-    return device
+        ops = _phase_trace(step.trace, (step.phase,))
+        host[step.phase] = _host_s_per_op(spent_s, ops, device, view_s)
+        busy[step.phase] = _host_busy(spent, ops, device, host[step.phase], view_s, other_cpu_s)
 
 
-def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> MeasuredDevice:
+def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
+                    steps: Optional[list[CalibrationStep]] = None) -> MeasuredDevice:
     """`device` as this process runs now, for a benchmark's prediction of `trace` (a `mode` step): the step's
     exact GEMM shapes timed again, and the host's terms of the phases it dispatches fitted again on the probe's
     own calibration steps (the debug model's, their GEMM shapes timed again too), each phase as the probe fits
@@ -251,19 +211,24 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace) -> Meas
     on whole steps, is left as probed: refitted at each run over a minute it read 1.23 to 1.67, more than a
     state moves it.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
     probe ran and 29–34 ms in a benchmark's process the next day, a third of debug's forward at batch 16,
-    context 512 (327 MiB of new pages a step)."""
+    context 512 (327 MiB of new pages a step).
+
+    `steps`: the calibration steps of `mode` (calibration_steps.state_steps), already timed beside the
+    benchmark's own steps, one of each after each of its steps: the host's terms are then fitted on the same
+    seconds of the machine as the step they price. Without them (or untimed) they are built and timed here."""
+    if not steps or not all(step.wall_s for step in steps):
+        steps = state_steps(mode, device.dtype)
+        time_alternately(steps)
     view_s = _view_s()
     fresh = fresh_page_s_per_byte_probe()
-    dispatch_mode = first_phase(mode)
     device = with_exact_gemms(device, trace, retime=True)
-    run, calibration = _calibration_run("debug", CALIBRATION_WORKLOAD, device.dtype, dispatch_mode)
-    device = with_exact_gemms(device, calibration, retime=True)
-    timed = typical_time(run, min_time_s=CALIBRATION_TIME_S)
-    host, busy = dict(device.host_s_per_op), dict(device.host_busy)
-    host[dispatch_mode] = _host_s_per_op(timed.seconds, calibration, device, view_s)
-    busy[dispatch_mode] = _host_busy(timed, calibration, device, host[dispatch_mode], view_s)
-    if mode == "train":
-        device = _fit_training_host(device, device.dtype, view_s, host, busy)
+    for calibration in {id(step.trace): step.trace for step in steps}.values():
+        device = with_exact_gemms(device, calibration, retime=True)
+    (dispatch, *training), host, busy = steps, dict(device.host_s_per_op), dict(device.host_busy)
+    timed = dispatch.timed()
+    host[dispatch.phase] = _host_s_per_op(timed.seconds, dispatch.trace, device, view_s)
+    busy[dispatch.phase] = _host_busy(timed, dispatch.trace, device, host[dispatch.phase], view_s)
+    _fit_training_host(device, view_s, host, busy, training)
     return replace(device, host_s_per_op=host, host_busy=busy, host_s_per_view=view_s,
                    fresh_page_s_per_byte=fresh.seconds, fresh_page_busy=fresh.busy_threads)
 
