@@ -6,6 +6,15 @@ import torch
 ARCHITECTURES = ("shared_then_expert", "expert_only", "token_ffn")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_cache(tmp_path_factory):
+    """The planner's cache (traces, device probes, the benchmark lock) in a directory of the session's own,
+    never the user's: tests that need their own set theirs over it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHRONOS_MOE_PLANNER_CACHE_DIR", str(tmp_path_factory.mktemp("session_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -185,6 +185,7 @@ def test_runner_returns_every_field():
     # The threads' speedup is a timing: measured and reported, its size left to the machine's load (under load
     # from other processes it falls below 1), so no threshold here.
     assert row["probe_parallel_speedup"] == cached.parallel_speedup and 0 < row["parallel_speedup"] < math.inf
+    assert 0 < row["gemm_state_ratio"] < math.inf  # a ratio of two medians of the same GEMM's timings
     # The host's time per op, re-timed after the run for its prediction, beside the cached probe's
     assert row["probe_host_s_per_op"] == cached.host_s_per_op["forward"] != row["host_s_per_op"] > 0
     assert result.predicted.total_s == pytest.approx(sum(result.predicted.split().values()))

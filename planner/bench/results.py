@@ -36,6 +36,9 @@ MEASUREMENT_NOTES = {
     "probe's: it moves with the state of the machine and the process, as the step's exact GEMM timings do, "
     "which are timed again too (planner.steptime.probe.remeasure_state); beyond half or twice the probe's the "
     "machine is busy, and the prediction keeps the probe's (the notes say so)",
+    "gemm_state_ratio": "CPU: a reference GEMM on every thread, timed after each timed step, its median ÷ its "
+    "median timed beside the prediction's own timings (the step's exact GEMM shapes, the host): above 1, the "
+    "machine ran GEMMs slower during the steps than when they were priced (planner.steptime.host_state)",
     "predicted_memory": "planner.memory (train: training step, gradients and moments for the trained parameters; "
     "forecast: forecast; forward: one-path forecast)",
 }
@@ -65,6 +68,7 @@ class BenchResult:
     probe_parallel_speedup: Optional[float] = None  # ... and when the device model was probed
     host_s_per_op: Optional[float] = None  # CPU: the host's time per dispatched op, re-timed at this run
     probe_host_s_per_op: Optional[float] = None  # ... and when the device model was probed
+    gemm_state_ratio: Optional[float] = None  # CPU: a reference GEMM during the timed steps ÷ at the prediction
     usage_counts: Optional[tuple[int, ...]] = None  # routing slots per expert, summed over MoE layers
     usage_entropy_nats: Optional[float] = None
     balance_loss: Optional[float] = None  # summed over MoE layers, as the training loss adds it
@@ -141,6 +145,7 @@ class BenchResult:
             "device_model_measured_on": model.get("measured_on"),
             "parallel_speedup": self.parallel_speedup,
             "probe_parallel_speedup": self.probe_parallel_speedup,
+            "gemm_state_ratio": self.gemm_state_ratio,
             "host_s_per_op": self.host_s_per_op,
             "probe_host_s_per_op": self.probe_host_s_per_op,
             "notes": "; ".join(self.notes),

@@ -172,6 +172,7 @@ def _result(spec: BenchSpec, outcome: str, final: dict, stderr_tail: str, wall_s
         probe_parallel_speedup=final.get("probe_parallel_speedup"),
         host_s_per_op=final.get("host_s_per_op"),
         probe_host_s_per_op=final.get("probe_host_s_per_op"),
+        gemm_state_ratio=final.get("gemm_state_ratio"),
         usage_counts=tuple(final["usage_counts"]) if "usage_counts" in final else None,
         usage_entropy_nats=final.get("usage_entropy_nats"),
         balance_loss=final.get("balance_loss"),

@@ -20,13 +20,14 @@ import signal
 import statistics
 import sys
 import traceback
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from planner.bench.spec import BenchSpec
 
 Emit = Callable[..., None]
 PARENT_PID_ENV = "CHRONOS_MOE_BENCH_PARENT_PID"  # the runner's pid: the worker must not outlive it
 PR_SET_PDEATHSIG = 1
+REFERENCE_REPEATS = 5  # reference GEMM timings on each side of the prediction's own (a few milliseconds each)
 
 
 def die_with_parent() -> None:
@@ -74,7 +75,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime import MeasuredDevice, predict_step_time
     from planner.steptime.device_cache import with_gemm_shapes_of
     from planner.bench.timing import measure_step_times
-    from planner.steptime.host_state import host_drift_note, parallel_speedup, state_note
+    from planner.steptime.host_state import ReferenceGemm, host_drift_note, parallel_speedup, state_note
     from planner.steptime.ops import first_phase
     from planner.steptime.calibration_steps import state_steps
     from planner.steptime.probe import remeasure_state
@@ -95,13 +96,18 @@ def run(spec: BenchSpec, emit: Emit) -> None:
 
     # On a CPU, the calibration steps its prediction fits the host's terms on, timed one of each after each
     # timed step: both then see the same seconds of a machine whose speed moves (calibration_steps).
+    # And a reference GEMM after each, timed again beside the prediction's own timings (ReferenceGemm).
     calibration: list = []
+    reference: list = []
+    reference_s: dict[str, list[float]] = {"steps": [], "pricing": []}
 
     def on_step(stage: str, done: int, total: int) -> None:
         probe.sample()
         if stage == "measure":
             for calibration_step in calibration:
                 calibration_step.time_once()
+            for gemm in reference:
+                reference_s["steps"].append(gemm.time_once())
         emit("progress", stage=stage, done=done, total=total)
 
     peak: list[int] = []
@@ -113,6 +119,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
             speedups.append(parallel_speedup())
             with torch.random.fork_rng(devices=[]):  # the timed steps draw as they would alone
                 calibration.extend(state_steps(spec.mode, spec.dtype))
+            reference.append(ReferenceGemm())
         settle_allocator()
         timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
         synchronize(device)
@@ -131,7 +138,9 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     device_model, notes = _device_model(device, device_name, spec)
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
+        reference_s["pricing"] += [reference[0].time_once() for _ in range(REFERENCE_REPEATS)]
         retimed = remeasure_state(device_model, spec.mode, trace, calibration)  # this process's speeds
+        reference_s["pricing"] += [reference[0].time_once() for _ in range(REFERENCE_REPEATS)]
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
         notes += shape_notes
         dispatch_phase = first_phase(spec.mode)
@@ -149,7 +158,14 @@ def run(spec: BenchSpec, emit: Emit) -> None:
          memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,
          predicted=predicted.to_dict() if predicted else None, device_model=_describe_model(device_model),
          notes=notes, parallel_speedup=speedup, probe_parallel_speedup=probe_speedup, host_s_per_op=host_s_per_op,
-         probe_host_s_per_op=probe_host_s_per_op, **usage)
+         probe_host_s_per_op=probe_host_s_per_op, gemm_state_ratio=_median_ratio(reference_s), **usage)
+
+
+def _median_ratio(reference_s: dict[str, list[float]]) -> Optional[float]:
+    """The reference GEMM's median over the timed steps ÷ its median beside the prediction's timings."""
+    if not reference_s["steps"] or not reference_s["pricing"]:
+        return None
+    return statistics.median(reference_s["steps"]) / statistics.median(reference_s["pricing"])
 
 
 def _device_model(device: str, device_name: str, spec: BenchSpec):

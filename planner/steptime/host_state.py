@@ -11,6 +11,8 @@ benchmark run measures it before its timed steps: a run whose state differs from
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 REFERENCE_GEMM = (256, 1024, 1024)  # (m, n, k): large enough that every thread gets work, small enough to be quick
@@ -37,6 +39,22 @@ def parallel_speedup() -> float:
     finally:
         torch.set_num_threads(threads)
     return one_thread_s / all_threads_s
+
+
+class ReferenceGemm:
+    """The reference GEMM on every thread, one timing at a time (each after an untimed run): timed after each of
+    a benchmark's steps and again beside the timings its prediction makes, the ratio of the two medians says
+    how much slower the machine ran GEMMs during the steps than when they were priced."""
+
+    def __init__(self) -> None:
+        m, n, k = REFERENCE_GEMM
+        self.a, self.b = torch.ones(m, k), torch.ones(k, n)
+
+    def time_once(self) -> float:
+        torch.mm(self.a, self.b)
+        start = time.perf_counter()
+        torch.mm(self.a, self.b)
+        return time.perf_counter() - start
 
 
 def state_note(run_speedup: float, probe_speedup: float) -> str | None:
