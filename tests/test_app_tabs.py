@@ -204,6 +204,8 @@ def test_benchmark_runs_behind_the_button_and_shows_every_field():
     (calibration,) = [c.value for c in at.caption if "Predicted with" in c.value]
     assert "probe of 2026-01-01" in calibration and "days old" in calibration and "when probed" in calibration
     assert f"and {HOST_S['forward'] * 1e6:.1f} µs when probed" in calibration  # the host's time per op
+    state = at.session_state["bench_results"][0].gemm_state_ratio  # the GEMMs' state, steps against pricing
+    assert f"a reference GEMM took {state:.2f}–{state:.2f}× as long during the timed steps" in calibration
     assert "load now" in calibration and at.checkbox(key="bench_recalibrate").value is False
 
 

@@ -263,8 +263,8 @@ def usage_figure(results: Sequence[BenchResult]):
 
 def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.date] = None) -> Optional[str]:
     """Where the predictions come from: the device model's source and age, the machine's load now, and the
-    threads' speedup and the host's time per op during the runs beside the probe's (planner.steptime.host_state,
-    probe.remeasure_state)."""
+    threads' speedup and the host's time per op during the runs beside the probe's, and how fast GEMMs ran
+    during the timed steps against when they were priced (planner.steptime.host_state, probe.remeasure_state)."""
     described = [r for r in results if r.ok and r.device_model]
     if not described:
         return None
@@ -283,6 +283,10 @@ def calibration_text(results: Sequence[BenchResult], today: Optional[datetime.da
     if hosts and probe_host:
         text += (f"; the host dispatched an op in {min(hosts) * 1e6:.1f}–{max(hosts) * 1e6:.1f} µs at the runs "
                  f"(re-timed at each run) and {probe_host * 1e6:.1f} µs when probed")
+    states = [r.gemm_state_ratio for r in described if r.gemm_state_ratio]
+    if states:
+        text += (f"; a reference GEMM took {min(states):.2f}–{max(states):.2f}× as long during the timed steps "
+                 f"as when their prediction was timed")
     return text + f"; load now {os.getloadavg()[0]:.2f} (1-minute average). Re-probe when they differ."
 
 
