@@ -46,3 +46,24 @@ def test_a_cached_probe_without_the_speedup_is_refused(tmp_path, monkeypatch):
     (tmp_path / DEVICE_MODEL_FILE).write_text(json.dumps({"old CPU": {"fp32": entry}}))
     device, problem = load_measured_device("old CPU", "fp32")
     assert device is None and "parallel_speedup" in problem and "probing again" in problem
+
+
+def test_the_reference_gemms_state_ratio_is_the_median_during_the_steps_over_the_median_beside_pricing():
+    """Three timings after steps (3, 9, 4 ms: median 4) against five on each side of the pricing (2, 2, 2, 8,
+    8 and 2, 2, 2, 2, 9 ms: median 2) read 2.0; with no timings on either side there is no ratio."""
+    from planner.steptime.host_state import ReferenceGemm
+
+    gemm = ReferenceGemm()
+    assert gemm.state_ratio() is None
+    timings = iter([0.003, 0.009, 0.004] + [0.002, 0.002, 0.002, 0.008, 0.008] + [0.002] * 4 + [0.009])
+    gemm._time_once = lambda: next(timings)
+    for _ in range(3):
+        gemm.during_steps()
+    assert gemm.state_ratio() is None
+    gemm.beside_pricing()
+    gemm.beside_pricing()
+    assert len(gemm.pricing_s) == 10 and gemm.state_ratio() == 2.0
+    real = ReferenceGemm()
+    real.during_steps()
+    real.beside_pricing(repeats=1)
+    assert 0 < real.steps_s[0] < 1 and 0 < real.state_ratio() < 1000  # a few milliseconds each here

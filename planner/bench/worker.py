@@ -20,14 +20,13 @@ import signal
 import statistics
 import sys
 import traceback
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, TextIO
 
 from planner.bench.spec import BenchSpec
 
 Emit = Callable[..., None]
 PARENT_PID_ENV = "CHRONOS_MOE_BENCH_PARENT_PID"  # the runner's pid: the worker must not outlive it
 PR_SET_PDEATHSIG = 1
-REFERENCE_REPEATS = 5  # reference GEMM timings on each side of the prediction's own (a few milliseconds each)
 
 
 def die_with_parent() -> None:
@@ -98,8 +97,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     # timed step: both then see the same seconds of a machine whose speed moves (calibration_steps).
     # And a reference GEMM after each, timed again beside the prediction's own timings (ReferenceGemm).
     calibration: list = []
-    reference: list = []
-    reference_s: dict[str, list[float]] = {"steps": [], "pricing": []}
+    reference: list = []  # made after the warm-up, whose peak memory is the run's
 
     def on_step(stage: str, done: int, total: int) -> None:
         probe.sample()
@@ -107,7 +105,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
             for calibration_step in calibration:
                 calibration_step.time_once()
             for gemm in reference:
-                reference_s["steps"].append(gemm.time_once())
+                gemm.during_steps()
         emit("progress", stage=stage, done=done, total=total)
 
     peak: list[int] = []
@@ -138,9 +136,9 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     device_model, notes = _device_model(device, device_name, spec)
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
-        reference_s["pricing"] += [reference[0].time_once() for _ in range(REFERENCE_REPEATS)]
+        reference[0].beside_pricing()
         retimed = remeasure_state(device_model, spec.mode, trace, calibration)  # this process's speeds
-        reference_s["pricing"] += [reference[0].time_once() for _ in range(REFERENCE_REPEATS)]
+        reference[0].beside_pricing()
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
         notes += shape_notes
         dispatch_phase = first_phase(spec.mode)
@@ -158,14 +156,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
          memory_method=probe.method, available_memory_bytes=available, trained_params=trained_params,
          predicted=predicted.to_dict() if predicted else None, device_model=_describe_model(device_model),
          notes=notes, parallel_speedup=speedup, probe_parallel_speedup=probe_speedup, host_s_per_op=host_s_per_op,
-         probe_host_s_per_op=probe_host_s_per_op, gemm_state_ratio=_median_ratio(reference_s), **usage)
-
-
-def _median_ratio(reference_s: dict[str, list[float]]) -> Optional[float]:
-    """The reference GEMM's median over the timed steps ÷ its median beside the prediction's timings."""
-    if not reference_s["steps"] or not reference_s["pricing"]:
-        return None
-    return statistics.median(reference_s["steps"]) / statistics.median(reference_s["pricing"])
+         probe_host_s_per_op=probe_host_s_per_op, gemm_state_ratio=reference[0].state_ratio() if reference else None, **usage)
 
 
 def _device_model(device: str, device_name: str, spec: BenchSpec):

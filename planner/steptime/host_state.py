@@ -11,6 +11,7 @@ benchmark run measures it before its timed steps: a run whose state differs from
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -43,18 +44,32 @@ def parallel_speedup() -> float:
 
 class ReferenceGemm:
     """The reference GEMM on every thread, one timing at a time (each after an untimed run): timed after each of
-    a benchmark's steps and again beside the timings its prediction makes, the ratio of the two medians says
-    how much slower the machine ran GEMMs during the steps than when they were priced."""
+    a benchmark's steps (`during_steps`) and again beside the timings its prediction makes (`beside_pricing`),
+    the ratio of the two medians (`state_ratio`) says how much slower the machine ran GEMMs during the steps
+    than when they were priced."""
 
     def __init__(self) -> None:
         m, n, k = REFERENCE_GEMM
         self.a, self.b = torch.ones(m, k), torch.ones(k, n)
+        self.steps_s: list[float] = []
+        self.pricing_s: list[float] = []
 
-    def time_once(self) -> float:
+    def _time_once(self) -> float:
         torch.mm(self.a, self.b)
         start = time.perf_counter()
         torch.mm(self.a, self.b)
         return time.perf_counter() - start
+
+    def during_steps(self) -> None:
+        self.steps_s.append(self._time_once())
+
+    def beside_pricing(self, repeats: int = 5) -> None:
+        self.pricing_s += [self._time_once() for _ in range(repeats)]
+
+    def state_ratio(self) -> float | None:
+        if not self.steps_s or not self.pricing_s:
+            return None
+        return statistics.median(self.steps_s) / statistics.median(self.pricing_s)
 
 
 def state_note(run_speedup: float, probe_speedup: float) -> str | None:
