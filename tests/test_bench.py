@@ -206,9 +206,10 @@ from planner.bench import worker
 from planner.bench.spec import BenchSpec
 from planner.steptime import probe
 real = probe.remeasure_state
-def remeasure(device, mode, trace, steps=None):
-    print(json.dumps([[step.phase, len(step.wall_s), len(step.cpu_s)] for step in steps]), file=sys.stderr)
-    return real(device, mode, trace, steps)
+def remeasure(device, mode, trace, steps=None, gemms=None):
+    print(json.dumps({"steps": [[step.phase, len(step.wall_s), len(step.cpu_s)] for step in steps],
+                      "gemms": [len(gemms.wall_s[shape]) for shape in gemms.shapes]}), file=sys.stderr)
+    return real(device, mode, trace, steps, gemms)
 probe.remeasure_state = remeasure
 worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fields: None)
 """
@@ -217,14 +218,15 @@ worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fi
 @pytest.mark.parametrize("mode, phases", [("forecast", ["forecast"]), ("train", ["forward", "backward", "optimizer"])])
 def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_step(mode, phases):
     """On a CPU the host's terms of a run's prediction are fitted on calibration steps timed beside its own
-    steps (probe.remeasure_state): one timing of each after each of its `repeats` timed steps, none during
-    the warm-up, handed over for the fit."""
+    steps (probe.remeasure_state), and its GEMM shapes priced at timings made there too: one timing of each
+    step and each shape after each of its `repeats` timed steps, none during the warm-up, handed over."""
     save_measured_device(simple_measured_device(describe_device("cpu")))
     spec = BenchSpec(**{**DEBUG, "repeats": 3}, mode=mode)
     done = subprocess.run([sys.executable, "-c", _CALIBRATION_COUNTS], input=json.dumps(spec.to_dict()),
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     counts = json.loads(done.stderr.strip().splitlines()[-1])
-    assert counts == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
+    assert counts["steps"] == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
+    assert counts["gemms"] and set(counts["gemms"]) == {spec.repeats}  # the debug model's are fewer than MAX_SHAPES
 
 
 def test_runner_refuses_an_oversized_run_with_the_preflight_message():

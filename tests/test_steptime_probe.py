@@ -54,10 +54,10 @@ def test_gemm_timing_writes_into_one_output():
     large output's fresh pages (priced apart) are not in it."""
     import torch
 
-    from planner.steptime.kernel_probes import _gemm_run
+    from planner.steptime.kernel_probes import gemm_run
 
     for shape in ((1, 3, 16, 8), (2, 5, 4, 6)):
-        run = _gemm_run(*shape, torch.float32)
+        run = gemm_run(*shape, torch.float32)
         first, second = run(), run()
         assert first.data_ptr() == second.data_ptr()
         assert tuple(first.shape) == ((shape[1], shape[2]) if shape[0] == 1 else (shape[0], shape[1], shape[2]))

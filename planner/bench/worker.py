@@ -77,6 +77,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime.host_state import ReferenceGemm, host_drift_note, parallel_speedup, state_note
     from planner.steptime.ops import first_phase
     from planner.steptime.calibration_steps import state_steps
+    from planner.steptime.gemms_beside import GemmsBeside
     from planner.steptime.probe import remeasure_state
 
     probe = PeakMemoryProbe(device)
@@ -93,17 +94,19 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     def timed_step() -> None:
         last_output[0] = step()  # only the last is kept: its routing gives the usage
 
-    # On a CPU, the calibration steps its prediction fits the host's terms on, timed one of each after each
-    # timed step: both then see the same seconds of a machine whose speed moves (calibration_steps).
+    # On a CPU, the calibration steps its prediction fits the host's terms on and the step's heaviest GEMM
+    # shapes, timed one of each after each timed step: the step and its prices then see the same seconds of a
+    # machine whose speed moves (calibration_steps, gemms_beside).
     # And a reference GEMM after each, timed again beside the prediction's own timings (ReferenceGemm).
     calibration: list = []
+    gemms: list = []
     reference: list = []  # made after the warm-up, whose peak memory is the run's
 
     def on_step(stage: str, done: int, total: int) -> None:
         probe.sample()
         if stage == "measure":
-            for calibration_step in calibration:
-                calibration_step.time_once()
+            for beside in (*calibration, *gemms):
+                beside.time_once()
             for gemm in reference:
                 gemm.during_steps()
         emit("progress", stage=stage, done=done, total=total)
@@ -117,6 +120,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
             speedups.append(parallel_speedup())
             with torch.random.fork_rng(devices=[]):  # the timed steps draw as they would alone
                 calibration.extend(state_steps(spec.mode, spec.dtype))
+                gemms.append(GemmsBeside(step.record(), spec.dtype))  # the shapes of one more step, recorded
             reference.append(ReferenceGemm())
         settle_allocator()
         timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
@@ -137,7 +141,8 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
         reference[0].beside_pricing()
-        retimed = remeasure_state(device_model, spec.mode, trace, calibration)  # this process's speeds
+        retimed = remeasure_state(device_model, spec.mode, trace, calibration,  # this process's speeds
+                                  gemms[0] if gemms else None)
         reference[0].beside_pricing()
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
         notes += shape_notes

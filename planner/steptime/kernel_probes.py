@@ -20,7 +20,7 @@ import mmap
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -126,10 +126,22 @@ def _least_disturbed(makers: list[Callable[[], Callable[[], object]]], call_s: f
             timed = typical_time(makers[i]())
             if timed.seconds < best[i].seconds:
                 best[i] = timed
-    return [Timed(max(t.seconds - call_s, KERNEL_FLOOR_S), _kernel_busy(t, call_s)) for t in best]
+    return [kernel_part(t, call_s) for t in best]
 
 
-def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callable[[], object]:
+def kernel_part(timed: Timed, call_s: float) -> Timed:
+    """A timed call of a kernel less the cost of calling an op (`op_call_s`): the kernel's seconds and busy
+    threads."""
+    return Timed(max(timed.seconds - call_s, KERNEL_FLOOR_S), _kernel_busy(timed, call_s))
+
+
+def op_call_s(dtype: torch.dtype) -> float:
+    """The cost of calling an op from Python: a (1 × 1) · (1 × 1) product."""
+    one = torch.ones(1, 1, dtype=dtype)
+    return typical_time_s(lambda: torch.mm(one, one))
+
+
+def gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callable[[], object]:
     """One GEMM as a model step runs it: a batched product's operands (attention's activations, just made)
     in the cache; a plain product's weight from memory. The kernel alone: it writes into an output made
     once, so a large output's fresh pages (priced apart, MeasuredDevice._fresh_pages_s) are not in it."""
@@ -144,7 +156,7 @@ def _gemm_run(batch: int, m: int, n: int, k: int, dtype: torch.dtype) -> Callabl
 
 def gemm_grid(axes, dtype: torch.dtype, batch: int, call_s: float) -> GemmGrid:
     shapes = [(m, n, k) for m in axes[0] for n in axes[1] for k in axes[2]]
-    timed = _least_disturbed([lambda shape=shape: _gemm_run(batch, *shape, dtype) for shape in shapes], call_s)
+    timed = _least_disturbed([lambda shape=shape: gemm_run(batch, *shape, dtype) for shape in shapes], call_s)
     rate = {shape: 2 * batch * shape[0] * shape[1] * shape[2] / t.seconds for shape, t in zip(shapes, timed)}
     rates = tuple(tuple(tuple(rate[m, n, k] for k in axes[2]) for n in axes[1]) for m in axes[0])
     return GemmGrid(*axes, rates)
@@ -239,17 +251,19 @@ def time_gemm_shapes(shapes: list[tuple[int, int, int, int]], dtype: str) -> dic
     """Kernel seconds and busy threads of each exact GEMM shape (batch, m, n, k), measured as the grid's
     points are, keyed by `gemm_key` (MeasuredDevice.gemm_shape_s and gemm_shape_busy)."""
     torch_dtype = TORCH_DTYPES[dtype]
-    one = torch.ones(1, 1, dtype=torch_dtype)
-    call_s = typical_time_s(lambda: torch.mm(one, one))
-    timed = _least_disturbed([lambda shape=shape: _gemm_run(*shape, torch_dtype) for shape in shapes], call_s)
+    timed = _least_disturbed([lambda shape=shape: gemm_run(*shape, torch_dtype) for shape in shapes],
+                             op_call_s(torch_dtype))
     return {gemm_key(*shape): t for shape, t in zip(shapes, timed)}
 
 
-def with_exact_gemms(device: MeasuredDevice, trace: StepTrace, *, retime: bool = False) -> MeasuredDevice:
+def with_exact_gemms(device: MeasuredDevice, trace: StepTrace, *, retime: bool = False,
+                     timed_beside: Collection[str] = ()) -> MeasuredDevice:
     """`device` with every GEMM shape of `trace` timed exactly (the ones it already has are kept, unless
-    `retime`: then all are timed now), less the timings a busy machine disturbed
-    (MeasuredDevice.without_disturbed_gemm_shapes: left to the grid)."""
-    missing = device.gemm_shapes(trace) if retime else device.missing_gemm_shapes(trace)
+    `retime`: then all are timed now but those keyed in `timed_beside`, which a benchmark has just timed
+    beside its steps), less the timings a busy machine disturbed (MeasuredDevice.without_disturbed_gemm_shapes:
+    left to the grid)."""
+    missing = ([shape for shape in device.gemm_shapes(trace) if gemm_key(*shape) not in timed_beside] if retime
+               else device.missing_gemm_shapes(trace))
     if not missing:
         return device
     timed = time_gemm_shapes(missing, device.dtype)

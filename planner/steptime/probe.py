@@ -30,9 +30,10 @@ import torch
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.steptime.calibration_steps import (CALIBRATION_TIME_S, CALIBRATION_WORKLOAD, CalibrationStep,
                                                 calibration_run, state_steps, time_alternately, training_steps)
+from planner.steptime.gemms_beside import GemmsBeside
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KERNEL_FLOOR_S, MM_AXES, Timed,
-                                            fresh_page_s_per_byte_probe, gemm_grid, memory_probes,
+                                            fresh_page_s_per_byte_probe, gemm_grid, memory_probes, op_call_s,
                                             scatter_s_per_row_probe, size_curve, streamed_elementwise, typical_time,
                                             typical_time_s, with_exact_gemms)
 from planner.steptime.measured import MeasuredDevice
@@ -133,8 +134,7 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     """Measure this CPU's terms in `dtype` (see the module docstring)."""
     torch_dtype = TORCH_DTYPES[dtype]
     speedup_before = parallel_speedup()
-    one = torch.ones(1, 1, dtype=torch_dtype)
-    call_s = typical_time_s(lambda: torch.mm(one, one))
+    call_s = op_call_s(torch_dtype)
     mm = gemm_grid(MM_AXES, torch_dtype, 1, call_s)
     bmm = gemm_grid(BMM_AXES, torch_dtype, BMM_BATCH, call_s)
     settle_allocator()  # the timed steps' allocator: large outputs are fresh pages
@@ -193,7 +193,8 @@ def _fit_training_host(device: MeasuredDevice, view_s: float, host: dict[str, fl
 
 
 def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
-                    steps: Optional[list[CalibrationStep]] = None) -> MeasuredDevice:
+                    steps: Optional[list[CalibrationStep]] = None,
+                    gemms: Optional[GemmsBeside] = None) -> MeasuredDevice:
     """`device` as this process runs now, for a benchmark's prediction of `trace` (a `mode` step): the step's
     exact GEMM shapes timed again, and the host's terms of the phases it dispatches fitted again on the probe's
     own calibration steps (the debug model's, their GEMM shapes timed again too), each phase as the probe fits
@@ -215,15 +216,18 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
 
     `steps`: the calibration steps of `mode` (calibration_steps.state_steps), already timed beside the
     benchmark's own steps, one of each after each of its steps: the host's terms are then fitted on the same
-    seconds of the machine as the step they price. Without them (or untimed) they are built and timed here."""
+    seconds of the machine as the step they price. Without them (or untimed) they are built and timed here.
+    `gemms`: the step's heaviest GEMM shapes, timed beside its steps the same way (gemms_beside): those the
+    step or its calibration steps meet are priced at those timings, their other shapes timed here."""
     if not steps or not all(step.wall_s for step in steps):
         steps = state_steps(mode, device.dtype)
         time_alternately(steps)
     view_s = _view_s()
     fresh = fresh_page_s_per_byte_probe()
-    device = with_exact_gemms(device, trace, retime=True)
-    for calibration in {id(step.trace): step.trace for step in steps}.values():
-        device = with_exact_gemms(device, calibration, retime=True)
+    beside = gemms.timings().keys() if gemms else ()
+    device = gemms.priced_on(device) if gemms else device
+    for priced in (trace, *{id(step.trace): step.trace for step in steps}.values()):
+        device = with_exact_gemms(device, priced, retime=True, timed_beside=beside)
     (dispatch, *training), host, busy = steps, dict(device.host_s_per_op), dict(device.host_busy)
     timed = dispatch.timed()
     host[dispatch.phase] = _host_s_per_op(timed.seconds, dispatch.trace, device, view_s)

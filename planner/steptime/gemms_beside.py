@@ -1,0 +1,74 @@
+"""A benchmark step's exact GEMM shapes, timed beside its timed steps: one timing of each shape after each step
+(`GemmsBeside.time_once`), so the step and the kernel times its prediction prices share the same seconds of a
+machine whose speed moves (calibration_steps says by how much).
+
+Timed after the steps instead, they priced another state of the machine: small expert_only's forward at
+batch 1, context 64 (20 steps, five times over in one process) took 1.36–1.53 × the kernel time of its GEMM
+shapes timed beside it, and 1.13–1.76 × the same shapes timed after its steps.
+
+The shapes come from a step recorded before the timed ones. A step whose routing moves (a training step's)
+may meet shapes that one did not; the prediction times those after the steps, as it times every shape on a
+GPU. Each shape is timed as the probe times it (kernel_probes.gemm_run: a plain product's weight rotating
+through more than the last-level cache), so each holds its own copies, up to 64 MiB: only the MAX_SHAPES
+shapes of the most FLOPs in the step are timed beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+from planner.bench.device import TORCH_DTYPES
+from planner.steptime.kernel_probes import BUSY_FLOOR, Timed, gemm_run, kernel_part, op_call_s
+from planner.steptime.measured import MeasuredDevice, gemm_key
+from planner.steptime.ops import StepTrace
+
+MAX_SHAPES = 24  # 1.5 GiB of weight copies at most
+WARM_CALL_BELOW_S = 1e-3  # a shape timed faster than this is run once untimed before each timing
+
+
+def heaviest_gemm_shapes(trace: StepTrace, limit: int) -> list[tuple[int, int, int, int]]:
+    """The `limit` GEMM shapes (batch, m, n, k) of `trace` with the most FLOPs in the step, most first."""
+    flops: Counter = Counter()
+    for op, count in trace.ops:
+        if op.kind == "matmul" and op.gemm is not None:
+            flops[op.gemm] += count * op.flops
+    return [shape for shape, _ in flops.most_common(limit)]
+
+
+class GemmsBeside:
+    """The heaviest GEMM shapes of a recorded step, each with its timings so far."""
+
+    def __init__(self, trace: StepTrace, dtype: str) -> None:
+        torch_dtype = TORCH_DTYPES[dtype]
+        self.shapes = heaviest_gemm_shapes(trace, MAX_SHAPES)
+        self._runs = {shape: gemm_run(*shape, torch_dtype) for shape in self.shapes}
+        self._call_s = op_call_s(torch_dtype)
+        self.wall_s: dict[tuple[int, int, int, int], list[float]] = {shape: [] for shape in self.shapes}
+        self.cpu_s: dict[tuple[int, int, int, int], list[float]] = {shape: [] for shape in self.shapes}
+
+    def time_once(self) -> None:
+        """One timing of each shape; a short one after an untimed call (the step left the caches to its own
+        code and data; calibration_steps.CalibrationStep.time_once), a long one alone (its first call is as
+        warm as any: its weights come from memory either way)."""
+        for shape, run in self._runs.items():
+            if not self.wall_s[shape] or self.wall_s[shape][-1] < WARM_CALL_BELOW_S:
+                run()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            self.wall_s[shape].append(time.perf_counter() - start)
+            self.cpu_s[shape].append(time.process_time() - start_cpu)
+
+    def timings(self) -> dict[str, Timed]:
+        """`gemm_key` -> each timed shape's kernel seconds (its median timing less the cost of calling an op)
+        and busy threads, as kernel_probes.time_gemm_shapes reports them."""
+        return {gemm_key(*shape): kernel_part(Timed(statistics.median(wall), max(sum(self.cpu_s[shape]) / sum(wall),
+                                                                                  BUSY_FLOOR)), self._call_s)
+                for shape, wall in self.wall_s.items() if wall}
+
+    def priced_on(self, device: MeasuredDevice) -> MeasuredDevice:
+        """`device` with these timings (less any a busy machine disturbed)."""
+        timings = self.timings()
+        return device.with_gemm_timings({key: t.seconds for key, t in timings.items()},
+                                        {key: t.busy_threads for key, t in timings.items()})
