@@ -26,8 +26,8 @@ def test_the_heaviest_shapes_are_those_of_the_most_flops_in_the_step():
     assert heaviest_gemm_shapes(TRACE, 10) == [SHAPES[1], SHAPES[0], SHAPES[3], SHAPES[2]]
 
 
-def test_each_shape_gets_one_timing_per_call_a_short_one_after_an_untimed_run(monkeypatch):
-    """A shape whose last timing was under WARM_CALL_BELOW_S runs once untimed first; a longer one alone."""
+def test_each_shape_gets_one_timing_per_call_after_an_untimed_run(monkeypatch):
+    """Only the MAX_SHAPES heaviest shapes; each run twice per call, the second timed."""
     monkeypatch.setattr(gemms_beside, "MAX_SHAPES", 2)
     gemms = GemmsBeside(TRACE, "fp32")
     assert gemms.shapes == [SHAPES[1], SHAPES[0]]
@@ -38,12 +38,11 @@ def test_each_shape_gets_one_timing_per_call_a_short_one_after_an_untimed_run(mo
             calls[shape] += 1
         return run
     gemms._runs = {shape: counted(shape) for shape in gemms.shapes}
-    gemms.time_once()
-    assert calls == {SHAPES[1]: 2, SHAPES[0]: 2}  # no timing yet: each after an untimed run
-    gemms.wall_s[SHAPES[1]][-1] = 2 * gemms_beside.WARM_CALL_BELOW_S  # as if it had taken 2 ms
-    gemms.time_once()
-    assert calls == {SHAPES[1]: 3, SHAPES[0]: 4}
-    assert [len(gemms.wall_s[shape]) for shape in gemms.shapes] == [2, 2]
+    for _ in range(3):
+        gemms.time_once()
+    assert calls == {SHAPES[1]: 6, SHAPES[0]: 6}
+    assert [len(gemms.wall_s[shape]) for shape in gemms.shapes] == [3, 3]
+    assert [len(gemms.cpu_s[shape]) for shape in gemms.shapes] == [3, 3]
 
 
 def test_a_shapes_timing_is_its_median_less_the_call_with_the_threads_it_kept_busy():
