@@ -63,9 +63,12 @@ class GemmsBeside:
     def timings(self) -> dict[str, Timed]:
         """`gemm_key` -> each timed shape's kernel seconds (its median timing less the cost of calling an op)
         and busy threads, as kernel_probes.time_gemm_shapes reports them."""
-        return {gemm_key(*shape): kernel_part(Timed(statistics.median(wall), max(sum(self.cpu_s[shape]) / sum(wall),
-                                                                                  BUSY_FLOOR)), self._call_s)
-                for shape, wall in self.wall_s.items() if wall}
+        timings = {}
+        for shape, wall in self.wall_s.items():
+            if wall:
+                busy = max(sum(self.cpu_s[shape]) / sum(wall), BUSY_FLOOR)
+                timings[gemm_key(*shape)] = kernel_part(Timed(statistics.median(wall), busy), self._call_s)
+        return timings
 
     def priced_on(self, device: MeasuredDevice) -> MeasuredDevice:
         """`device` with these timings (less any a busy machine disturbed)."""
