@@ -10,8 +10,6 @@ read 1.13 to 2.06 × the calibration in twelve such pairs; alternated step by st
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +19,7 @@ from model.build import build_model_from_config
 from model.config import make_config
 from planner.bench.device import TORCH_DTYPES
 from planner.measure import token_batch
-from planner.steptime.kernel_probes import BUSY_FLOOR, MAX_REPEATS, MIN_REPEATS, Timed
+from planner.steptime.kernel_probes import MAX_REPEATS, MIN_REPEATS, Timed, median_timing, time_after_untimed_run
 from planner.steptime.ops import StepTrace, first_phase
 from planner.steptime.trace import record_step, run_step
 from planner.workload import Workload
@@ -45,17 +43,13 @@ class CalibrationStep:
         """One timing, after an untimed run: a benchmark's step leaves the caches to its own code and data
         (after a tiny training step at batch 16, context 512 the debug forward's first run took 1.64× its
         second; after a debug expert_only training step at batch 1, 1.11×)."""
-        self.run()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        self.run()
-        self.wall_s.append(time.perf_counter() - start)
-        self.cpu_s.append(time.process_time() - start_cpu)
+        time_after_untimed_run(self.run, self.wall_s, self.cpu_s)
 
     def timed(self) -> Timed:
         """The median wall time of its timings, with the threads they kept busy (as `typical_time` reports)."""
         if not self.wall_s:
             raise ValueError(f"the {self.phase} calibration step has not been timed")
-        return Timed(statistics.median(self.wall_s), max(sum(self.cpu_s) / sum(self.wall_s), BUSY_FLOOR))
+        return median_timing(self.wall_s, self.cpu_s)
 
 
 def model_and_batch(size: str, workload: Workload, dtype: str):

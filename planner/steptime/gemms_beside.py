@@ -15,12 +15,11 @@ FLOPs in the step are timed beside it.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 
 from planner.bench.device import TORCH_DTYPES
-from planner.steptime.kernel_probes import BUSY_FLOOR, Timed, gemm_run, kernel_part, op_call_s
+from planner.steptime.kernel_probes import (Timed, gemm_run, kernel_part, median_timing, op_call_s,
+                                            time_after_untimed_run)
 from planner.steptime.measured import MeasuredDevice, gemm_key
 from planner.steptime.ops import StepTrace
 
@@ -54,21 +53,13 @@ class GemmsBeside:
         512 (1,024-row products of small weights) read 0.92 and 0.92 of its price so, 0.89 and 0.87 with its
         shapes that take over a millisecond timed alone after each step."""
         for shape, run in self._runs.items():
-            run()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            self.wall_s[shape].append(time.perf_counter() - start)
-            self.cpu_s[shape].append(time.process_time() - start_cpu)
+            time_after_untimed_run(run, self.wall_s[shape], self.cpu_s[shape])
 
     def timings(self) -> dict[str, Timed]:
         """`gemm_key` -> each timed shape's kernel seconds (its median timing less the cost of calling an op)
         and busy threads, as kernel_probes.time_gemm_shapes reports them."""
-        timings = {}
-        for shape, wall in self.wall_s.items():
-            if wall:
-                busy = max(sum(self.cpu_s[shape]) / sum(wall), BUSY_FLOOR)
-                timings[gemm_key(*shape)] = kernel_part(Timed(statistics.median(wall), busy), self._call_s)
-        return timings
+        return {gemm_key(*shape): kernel_part(median_timing(wall, self.cpu_s[shape]), self._call_s)
+                for shape, wall in self.wall_s.items() if wall}
 
     def priced_on(self, device: MeasuredDevice) -> MeasuredDevice:
         """`device` with these timings (less any a busy machine disturbed)."""

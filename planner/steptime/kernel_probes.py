@@ -70,14 +70,30 @@ def typical_time(run: Callable[[], object], synchronize: Callable[[], None] = la
     run()
     synchronize()
     times: list[float] = []
-    cpu_s = 0.0
+    cpu_s: list[float] = []
     while len(times) < MIN_REPEATS or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
         start, start_cpu = time.perf_counter(), time.process_time()
         run()
         synchronize()
         times.append(time.perf_counter() - start)
-        cpu_s += time.process_time() - start_cpu
-    return Timed(statistics.median(times), max(cpu_s / sum(times), BUSY_FLOOR))
+        cpu_s.append(time.process_time() - start_cpu)
+    return median_timing(times, cpu_s)
+
+
+def median_timing(wall_s: list[float], cpu_s: list[float]) -> Timed:
+    """Timings of one run as `typical_time` reports them: the median wall time, with the threads it kept busy
+    over all of them (CPU time ÷ wall time)."""
+    return Timed(statistics.median(wall_s), max(sum(cpu_s) / sum(wall_s), BUSY_FLOOR))
+
+
+def time_after_untimed_run(run: Callable[[], object], wall_s: list[float], cpu_s: list[float]) -> None:
+    """Run `run` once untimed, then once timed: its wall and CPU seconds appended to `wall_s` and `cpu_s` (a
+    benchmark's step before it left the caches to its own code and data)."""
+    run()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    run()
+    wall_s.append(time.perf_counter() - start)
+    cpu_s.append(time.process_time() - start_cpu)
 
 
 def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
