@@ -11,11 +11,8 @@ import csv
 import io
 import json
 import math
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -196,37 +193,6 @@ def test_runner_returns_every_field():
     table = list(csv.DictReader(line for line in io.StringIO(exported) if not line.startswith("#")))
     assert table[0]["status"] == "ok" and "# device: " in exported and "# version_torch: " in exported
     assert json.loads(export_results([result], "json"))[0]["metadata"]["device"] == result.device_name
-
-
-# Runs the worker on a spec (stdin, JSON) with remeasure_state wrapped to print, as JSON, the timings each
-# calibration step it is handed holds: in a process of its own, whose allocator settings stay there.
-_CALIBRATION_COUNTS = """
-import json, sys
-from planner.bench import worker
-from planner.bench.spec import BenchSpec
-from planner.steptime import probe
-real = probe.remeasure_state
-def remeasure(device, mode, trace, steps=None, gemms=None):
-    print(json.dumps({"steps": [[step.phase, len(step.wall_s), len(step.cpu_s)] for step in steps],
-                      "gemms": [len(gemms.wall_s[shape]) for shape in gemms.shapes]}), file=sys.stderr)
-    return real(device, mode, trace, steps, gemms)
-probe.remeasure_state = remeasure
-worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fields: None)
-"""
-
-
-@pytest.mark.parametrize("mode, phases", [("forecast", ["forecast"]), ("train", ["forward", "backward", "optimizer"])])
-def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_step(mode, phases):
-    """On a CPU the host's terms of a run's prediction are fitted on calibration steps timed beside its own
-    steps (probe.remeasure_state), and its GEMM shapes priced at timings made there too: one timing of each
-    step and each shape after each of its `repeats` timed steps, none during the warm-up, handed over."""
-    save_measured_device(simple_measured_device(describe_device("cpu")))
-    spec = BenchSpec(**{**DEBUG, "repeats": 3}, mode=mode)
-    done = subprocess.run([sys.executable, "-c", _CALIBRATION_COUNTS], input=json.dumps(spec.to_dict()),
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    counts = json.loads(done.stderr.strip().splitlines()[-1])
-    assert counts["steps"] == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
-    assert counts["gemms"] and set(counts["gemms"]) == {spec.repeats}  # the debug model's are fewer than MAX_SHAPES
 
 
 def test_runner_refuses_an_oversized_run_with_the_preflight_message():
