@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from planner.bench import BenchSpec
 from planner.bench.device import describe_device
@@ -32,6 +33,7 @@ from planner.steptime import probe
 real = probe.remeasure_state
 def remeasure(device, mode, trace, steps=None, gemms=None):
     print(json.dumps({"steps": [[step.phase, len(step.wall_s), len(step.cpu_s)] for step in steps],
+                      "ops": steps[0].trace.op_count,
                       "gemms": [len(gemms.wall_s[shape]) for shape in gemms.shapes]}), file=sys.stderr)
     return real(device, mode, trace, steps, gemms)
 probe.remeasure_state = remeasure
@@ -39,15 +41,29 @@ worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fi
 """
 
 
-@pytest.mark.parametrize("mode, phases", [("forecast", ["forecast"]), ("train", ["forward", "backward", "optimizer"])])
-def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_step(mode, phases):
+@pytest.mark.parametrize("mode, phases, experts", [("forecast", ["forecast"], 0),
+                                                   ("train", ["forward", "backward", "optimizer"], 4)])
+def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_step(mode, phases, experts):
     """On a CPU the host's terms of a run's prediction are fitted on calibration steps timed beside its own
     steps (probe.remeasure_state), and its GEMM shapes priced at timings made there too: one timing of each
-    step and each shape after each of its `repeats` timed steps, none during the warm-up, handed over."""
+    step and each shape after each of its `repeats` timed steps, none during the warm-up, handed over. The
+    calibration steps are of the debug model of the run's architecture: the first dispatches the ops of that
+    model's step at the calibration workload, recorded here."""
+    from model.build import build_model_from_config
+    from model.config import make_config
+    from planner.measure import token_batch
+    from planner.steptime.calibration_steps import CALIBRATION_WORKLOAD
+    from planner.steptime.ops import first_phase
+    from planner.steptime.trace import record_step
+
     save_measured_device(simple_measured_device(describe_device("cpu")))
-    spec = BenchSpec(**{**DEBUG, "repeats": 3}, mode=mode)
+    spec = BenchSpec(**{**DEBUG, "repeats": 3}, mode=mode, architecture="token_ffn", num_experts=experts, top_k=1)
+    config = make_config("debug", architecture="token_ffn", num_experts=experts, top_k=1)
+    batch = token_batch(config, CALIBRATION_WORKLOAD, torch.Generator().manual_seed(0))
+    calibration = record_step(build_model_from_config(config), batch, CALIBRATION_WORKLOAD, first_phase(mode))
     done = subprocess.run([sys.executable, "-c", _CALIBRATION_COUNTS], input=json.dumps(spec.to_dict()),
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     counts = json.loads(done.stderr.strip().splitlines()[-1])
     assert counts["steps"] == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
     assert counts["gemms"] and set(counts["gemms"]) == {spec.repeats}  # the debug model's are fewer than MAX_SHAPES
+    assert counts["ops"] == calibration.op_count

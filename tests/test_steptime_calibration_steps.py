@@ -40,3 +40,21 @@ def test_a_steps_timing_is_the_median_with_the_threads_it_kept_busy():
 def test_an_untimed_step_has_no_timing_to_give():
     with pytest.raises(ValueError, match="forward calibration step has not been timed"):
         CalibrationStep("forward", lambda: None, StepTrace(())).timed()
+
+
+def test_a_steps_debug_variant_is_the_debug_model_of_its_architecture():
+    """The host's terms of a step are fitted on the debug model with the step's own MoE settings: built from
+    it, small's MoE-16 token_ffn top-3 (its MoE block at one debug lacks) has the parameters of debug's own
+    MoE-16 token_ffn top-3, counted on the built modules, and more than dense debug's."""
+    from model.build import build_model_from_config
+    from model.config import make_config
+    from planner.steptime.calibration_steps import debug_variant
+
+    def parameters(config):
+        return sum(p.numel() for p in build_model_from_config(config).parameters())
+
+    small = make_config("small", architecture="token_ffn", num_experts=16, top_k=3, decoder_moe_blocks=(5,))
+    variant = debug_variant(small)
+    by_hand = make_config("debug", architecture="token_ffn", num_experts=16, top_k=3)
+    assert parameters(variant) == parameters(by_hand) > parameters(make_config("debug"))
+    assert debug_variant(make_config("tiny")) == make_config("debug")

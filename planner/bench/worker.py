@@ -76,7 +76,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.bench.timing import measure_step_times
     from planner.steptime.host_state import ReferenceGemm, host_drift_note, parallel_speedup, state_note
     from planner.steptime.ops import first_phase
-    from planner.steptime.calibration_steps import state_steps
+    from planner.steptime.calibration_steps import debug_variant, state_steps
     from planner.steptime.gemms_beside import GemmsBeside
     from planner.steptime.probe import remeasure_state
 
@@ -119,7 +119,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
         if device == "cpu":  # the machine's state for the timed steps (host_state)
             speedups.append(parallel_speedup())
             with torch.random.fork_rng(devices=[]):  # the timed steps draw as they would alone
-                calibration.extend(state_steps(spec.mode, spec.dtype))
+                calibration.extend(state_steps(spec.mode, spec.dtype, debug_variant(spec.model_config())))
                 gemms.append(GemmsBeside(step.record(), spec.dtype))  # the shapes of one more step, recorded
             reference.append(ReferenceGemm())
         settle_allocator()

@@ -10,13 +10,13 @@ read 1.13 to 2.06 × the calibration in twelve such pairs; alternated step by st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from model.build import build_model_from_config
-from model.config import make_config
+from model.config import ChronosMoEConfig, make_config
 from planner.bench.device import TORCH_DTYPES
 from planner.measure import token_batch
 from planner.steptime.kernel_probes import MAX_REPEATS, MIN_REPEATS, Timed, median_timing, time_after_untimed_run
@@ -52,15 +52,26 @@ class CalibrationStep:
         return median_timing(self.wall_s, self.cpu_s)
 
 
-def model_and_batch(size: str, workload: Workload, dtype: str):
-    """A seeded model of `size` in `dtype` and a random token batch (ids, mask, labels) at `workload`."""
-    config = make_config(size)
+def model_and_batch(size: str | ChronosMoEConfig, workload: Workload, dtype: str):
+    """A seeded model of `size` (a size's dense model, or a config) in `dtype` and a random token batch (ids,
+    mask, labels) at `workload`."""
+    config = make_config(size) if isinstance(size, str) else size
     torch.manual_seed(0)
     model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
     return model, token_batch(config, workload, torch.Generator().manual_seed(0))
 
 
-def calibration_run(size: str, workload: Workload, dtype: str, mode: str) -> tuple[Callable[[], None], StepTrace]:
+def debug_variant(config: ChronosMoEConfig) -> ChronosMoEConfig:
+    """The debug model of `config`'s architecture: its MoE settings on debug's backbone (MoE blocks at their
+    default, every odd block: a config's own may not exist in debug's). A step's ops cost the host more or
+    less per op with its architecture (a debug forward at batch 1, context 64 took 1.29–1.32× the dense
+    calibration step's CPU time per op with MoE-16 shared_then_expert, 1.07–1.14× dense, in four processes):
+    its host terms are fitted on its own mix of ops."""
+    return replace(config, dims=make_config("debug").dims, encoder_moe_blocks=None, decoder_moe_blocks=None)
+
+
+def calibration_run(size: str | ChronosMoEConfig, workload: Workload, dtype: str,
+                    mode: str) -> tuple[Callable[[], None], StepTrace]:
     """A calibration step of `mode` (forward or forecast) on a seeded `size` model at `workload`, run once, and
     its trace."""
     model, batch = model_and_batch(size, workload, dtype)
@@ -69,18 +80,18 @@ def calibration_run(size: str, workload: Workload, dtype: str, mode: str) -> tup
     return run, record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
 
 
-def training_steps(dtype: str) -> list[CalibrationStep]:
-    """The training step's calibration steps on the debug model, each on its own copy: its forward and backward
-    (phase "backward": the forward's part is priced apart), and its AdamW step, on gradients made once (the
-    forward and backward leaves none behind, so the two can alternate)."""
-    backward_model, batch = model_and_batch("debug", CALIBRATION_WORKLOAD, dtype)
+def training_steps(dtype: str, model: str | ChronosMoEConfig = "debug") -> list[CalibrationStep]:
+    """The training step's calibration steps on the debug `model`, each on its own copy: its forward and
+    backward (phase "backward": the forward's part is priced apart), and its AdamW step, on gradients made once
+    (the forward and backward leaves none behind, so the two can alternate)."""
+    backward_model, batch = model_and_batch(model, CALIBRATION_WORKLOAD, dtype)
     train_trace = record_step(backward_model, batch, CALIBRATION_WORKLOAD, "train")
 
     def forward_backward():
         run_step(backward_model, batch, CALIBRATION_WORKLOAD, "train")
         backward_model.zero_grad(set_to_none=True)
 
-    optimizer_model, _ = model_and_batch("debug", CALIBRATION_WORKLOAD, dtype)
+    optimizer_model, _ = model_and_batch(model, CALIBRATION_WORKLOAD, dtype)
     optimizer = torch.optim.AdamW(optimizer_model.parameters(), lr=0.0)
     run_step(optimizer_model, batch, CALIBRATION_WORKLOAD, "train")
     optimizer.step()  # the first step creates the moments: the timed ones are steady-state steps
@@ -88,12 +99,13 @@ def training_steps(dtype: str) -> list[CalibrationStep]:
             CalibrationStep("optimizer", optimizer.step, train_trace)]
 
 
-def state_steps(mode: str, dtype: str) -> list[CalibrationStep]:
+def state_steps(mode: str, dtype: str, model: str | ChronosMoEConfig = "debug") -> list[CalibrationStep]:
     """The calibration steps of the phases a `mode` step dispatches: its first phase's dispatch-bound step, and
-    for a training step its backward's and its optimizer's."""
+    for a training step its backward's and its optimizer's, on the debug `model` (the dense one, or a debug
+    config of the priced step's own architecture: `debug_variant`)."""
     phase = first_phase(mode)
-    run, trace = calibration_run("debug", CALIBRATION_WORKLOAD, dtype, phase)
-    return [CalibrationStep(phase, run, trace)] + (training_steps(dtype) if mode == "train" else [])
+    run, trace = calibration_run(model, CALIBRATION_WORKLOAD, dtype, phase)
+    return [CalibrationStep(phase, run, trace)] + (training_steps(dtype, model) if mode == "train" else [])
 
 
 def time_alternately(steps: list[CalibrationStep], min_time_s: float = CALIBRATION_TIME_S) -> None:

@@ -214,9 +214,10 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
     probe ran and 29–34 ms in a benchmark's process the next day, a third of debug's forward at batch 16,
     context 512 (327 MiB of new pages a step).
 
-    `steps`: the calibration steps of `mode` (calibration_steps.state_steps), already timed beside the
-    benchmark's own steps, one of each after each of its steps: the host's terms are then fitted on the same
-    seconds of the machine as the step they price. Without them (or untimed) they are built and timed here.
+    `steps`: the calibration steps of `mode` (calibration_steps.state_steps: a benchmark's are of the debug
+    model of its step's architecture), already timed beside the benchmark's own steps, one of each after each
+    of its steps: the host's terms are then fitted on the same seconds of the machine, and the same mix of
+    ops, as the step they price. Without them (or untimed) the dense debug model's are built and timed here.
     `gemms`: the step's heaviest GEMM shapes, timed beside its steps the same way (gemms_beside): those the
     step or its calibration steps meet are priced at those timings, their other shapes timed here."""
     if not steps or not all(step.wall_s for step in steps):
