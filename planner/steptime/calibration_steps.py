@@ -52,10 +52,8 @@ class CalibrationStep:
         return median_timing(self.wall_s, self.cpu_s)
 
 
-def model_and_batch(size: str | ChronosMoEConfig, workload: Workload, dtype: str):
-    """A seeded model of `size` (a size's dense model, or a config) in `dtype` and a random token batch (ids,
-    mask, labels) at `workload`."""
-    config = make_config(size) if isinstance(size, str) else size
+def model_and_batch(config: ChronosMoEConfig, workload: Workload, dtype: str):
+    """A seeded model of `config` in `dtype` and a random token batch (ids, mask, labels) at `workload`."""
     torch.manual_seed(0)
     model = build_model_from_config(config, dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype])
     return model, token_batch(config, workload, torch.Generator().manual_seed(0))
@@ -70,28 +68,30 @@ def debug_variant(config: ChronosMoEConfig) -> ChronosMoEConfig:
     return replace(config, dims=make_config("debug").dims, encoder_moe_blocks=None, decoder_moe_blocks=None)
 
 
-def calibration_run(size: str | ChronosMoEConfig, workload: Workload, dtype: str,
+def calibration_run(config: ChronosMoEConfig, workload: Workload, dtype: str,
                     mode: str) -> tuple[Callable[[], None], StepTrace]:
-    """A calibration step of `mode` (forward or forecast) on a seeded `size` model at `workload`, run once, and
-    its trace."""
-    model, batch = model_and_batch(size, workload, dtype)
+    """A calibration step of `mode` (forward or forecast) on a seeded model of `config` at `workload`, run once,
+    and its trace."""
+    model, batch = model_and_batch(config, workload, dtype)
     run = lambda: run_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))  # noqa: E731
     run()
     return run, record_step(model, batch, workload, mode, generator=torch.Generator().manual_seed(0))
 
 
-def training_steps(dtype: str, model: str | ChronosMoEConfig = "debug") -> list[CalibrationStep]:
-    """The training step's calibration steps on the debug `model`, each on its own copy: its forward and
-    backward (phase "backward": the forward's part is priced apart), and its AdamW step, on gradients made once
-    (the forward and backward leaves none behind, so the two can alternate)."""
-    backward_model, batch = model_and_batch(model, CALIBRATION_WORKLOAD, dtype)
+def training_steps(dtype: str, config: ChronosMoEConfig | None = None) -> list[CalibrationStep]:
+    """The training step's calibration steps on a debug model (`config`, the dense one by default), each on
+    its own copy: its forward and backward (phase "backward": the forward's part is priced apart), and its
+    AdamW step, on gradients made once (the forward and backward leaves none behind, so the two can
+    alternate)."""
+    config = config or make_config("debug")
+    backward_model, batch = model_and_batch(config, CALIBRATION_WORKLOAD, dtype)
     train_trace = record_step(backward_model, batch, CALIBRATION_WORKLOAD, "train")
 
     def forward_backward():
         run_step(backward_model, batch, CALIBRATION_WORKLOAD, "train")
         backward_model.zero_grad(set_to_none=True)
 
-    optimizer_model, _ = model_and_batch(model, CALIBRATION_WORKLOAD, dtype)
+    optimizer_model, _ = model_and_batch(config, CALIBRATION_WORKLOAD, dtype)
     optimizer = torch.optim.AdamW(optimizer_model.parameters(), lr=0.0)
     run_step(optimizer_model, batch, CALIBRATION_WORKLOAD, "train")
     optimizer.step()  # the first step creates the moments: the timed ones are steady-state steps
@@ -99,13 +99,14 @@ def training_steps(dtype: str, model: str | ChronosMoEConfig = "debug") -> list[
             CalibrationStep("optimizer", optimizer.step, train_trace)]
 
 
-def state_steps(mode: str, dtype: str, model: str | ChronosMoEConfig = "debug") -> list[CalibrationStep]:
+def state_steps(mode: str, dtype: str, config: ChronosMoEConfig | None = None) -> list[CalibrationStep]:
     """The calibration steps of the phases a `mode` step dispatches: its first phase's dispatch-bound step, and
-    for a training step its backward's and its optimizer's, on the debug `model` (the dense one, or a debug
-    config of the priced step's own architecture: `debug_variant`)."""
+    for a training step its backward's and its optimizer's, on a debug model (`config`: the dense one by
+    default, or the priced step's own architecture's, `debug_variant`)."""
+    config = config or make_config("debug")
     phase = first_phase(mode)
-    run, trace = calibration_run(model, CALIBRATION_WORKLOAD, dtype, phase)
-    return [CalibrationStep(phase, run, trace)] + (training_steps(dtype, model) if mode == "train" else [])
+    run, trace = calibration_run(config, CALIBRATION_WORKLOAD, dtype, phase)
+    return [CalibrationStep(phase, run, trace)] + (training_steps(dtype, config) if mode == "train" else [])
 
 
 def time_alternately(steps: list[CalibrationStep], min_time_s: float = CALIBRATION_TIME_S) -> None:

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
 from planner.steptime.calibration_steps import (CALIBRATION_TIME_S, CALIBRATION_WORKLOAD, CalibrationStep,
                                                 calibration_run, state_steps, time_alternately, training_steps)
@@ -91,7 +92,7 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
     factor read 1.13 to 1.47 in single-round probes of one quiet afternoon) moves that round's fit only.
     Also returns that round's first step's timing and trace, from which its dispatch's busy threads are
     read once g is known."""
-    steps = [calibration_run(size, workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
+    steps = [calibration_run(make_config(size), workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
     for _, trace in steps:
         device = with_exact_gemms(device, trace)
     fits = []
