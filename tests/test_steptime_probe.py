@@ -205,10 +205,11 @@ def _fresh_page_s_per_byte_by_hand() -> float:
     return statistics.median(extra) / (4 * elements)
 
 
-def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):
-    """Steps made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M take n·h + g·K + M + views
-    × the view's time: one round of their timings gives back h and g exactly; of five rounds, one disturbed
-    (its GEMM-heavy steps 60 % slower) leaves the fit of the median round."""
+@pytest.mark.parametrize("profiled, kept", [(1.3, 1.3), (4.0, 1.0)])
+def test_the_host_is_fitted_given_the_profiled_gemm_factor(profiled, kept, monkeypatch):
+    """The debug step, made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M, takes n·h + g·K
+    + M + views × the view's time: given g as the profiler reads it on the GEMM-bound steps, h comes back
+    exactly. A factor outside reason (a disturbed probe) is dropped for 1."""
     from planner.steptime.ops import OpRecord, StepTrace
     from tests.steptime_fixtures import BYTES_PER_S, FLOPS_PER_S, VIEW_S, simple_measured_device
 
@@ -218,36 +219,27 @@ def test_the_host_and_gemm_factor_fit_keeps_its_median_round(monkeypatch):
         view = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0)
         return StepTrace(((mm, mm_count), (add, adds), (view, 20)))
 
-    traces = [step(10, 10**5, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
-    device = simple_measured_device()
-    host_s, factor = 7e-6, 1.3
+    traces = [step(10, 10**6, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
+    host_s = 7e-6
+    # By hand: 210 non-view ops; 10 GEMMs of 10**6 FLOPs at 1e10 FLOP/s; 200 adds of 3·10**4 bytes at 1e10 B/s.
+    spent_s = 210 * host_s + kept * 10 * 10**6 / FLOPS_PER_S + 200 * 3 * 10**4 / BYTES_PER_S + 20 * VIEW_S
+    assert traces[0].op_count - traces[0].count("view") == 210
+    factor_steps = []
 
-    def spent(trace, gemm_factor):
-        non_views = trace.op_count - trace.count("view")
-        kernels = sum(n * (op.flops / FLOPS_PER_S * gemm_factor if op.kind == "matmul" else
-                           op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
-        return non_views * host_s + kernels + trace.count("view") * VIEW_S
-
-    timings = [kernel_probes.Timed(spent(trace, factor), 1.0) for trace in traces]
-    assert probe._solve_host_and_factor(timings, traces, device, VIEW_S) == (pytest.approx(host_s), pytest.approx(factor))
-
-    rounds = iter([factor, 1.25, 1.6, factor, 1.35])  # the third round disturbed
-    assert probe.FIT_ROUNDS == 5
-    round_timings: list = []
-
-    def typical(run, min_time_s=0.0):
-        if not round_timings:  # a new round: each step at that round's factor
-            gemm_factor = next(rounds)
-            round_timings.extend(kernel_probes.Timed(spent(trace, gemm_factor), 1.0) for trace in traces)
-        return round_timings.pop(0)
+    def factor(steps, dtype, device):
+        factor_steps.extend(trace for _, trace in steps)
+        return profiled
 
     built = iter(traces)
-    monkeypatch.setattr(probe, "calibration_run", lambda size, workload, dtype, mode: (lambda: None, next(built)))
+    monkeypatch.setattr(probe, "calibration_run", lambda config, workload, dtype, mode: (lambda: None, next(built)))
     monkeypatch.setattr(probe, "with_exact_gemms", lambda device, trace: device)
-    monkeypatch.setattr(probe, "typical_time", typical)
-    fitted_host_s, fitted_factor, _, (first, _) = probe._fit_host_and_gemm_factor(device, "fp32", VIEW_S, "forward")
-    assert fitted_factor == pytest.approx(factor) and fitted_host_s == pytest.approx(host_s)
-    assert first.seconds == pytest.approx(spent(step(10, 10**5, 200), factor))
+    monkeypatch.setattr(probe, "in_model_gemm_factor", factor)
+    monkeypatch.setattr(probe, "typical_time", lambda run, min_time_s=0.0: kernel_probes.Timed(spent_s, 1.0))
+    fitted_host_s, fitted_factor, _, (first, first_trace) = probe._fit_host_and_gemm_factor(
+        simple_measured_device(), "fp32", VIEW_S, "forecast")
+    assert factor_steps == traces[1:]  # tiny's and small's steps, not debug's
+    assert fitted_factor == kept and fitted_host_s == pytest.approx(host_s)
+    assert first.seconds == spent_s and first_trace is traces[0]
 
 
 def test_remeasure_state_fits_the_host_on_the_calibration_steps_timed_beside_the_benchmark(reduced_probe):
