@@ -205,41 +205,66 @@ def _fresh_page_s_per_byte_by_hand() -> float:
     return statistics.median(extra) / (4 * elements)
 
 
-@pytest.mark.parametrize("profiled, kept", [(1.3, 1.3), (4.0, 1.0)])
-def test_the_host_is_fitted_given_the_profiled_gemm_factor(profiled, kept, monkeypatch):
-    """The debug step, made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M, takes n·h + g·K
-    + M + views × the view's time: given g as the profiler reads it on the GEMM-bound steps, h comes back
-    exactly. A factor outside reason (a disturbed probe) is dropped for 1."""
+def test_the_host_and_gemm_factor_fit_uses_each_steps_median_and_its_gemms_timed_beside(monkeypatch):
+    """Steps made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M take n·h + g·K + M + views
+    × the view's time: their timings give back h and g exactly; of five rounds, one disturbed (its steps 60 %
+    slower) moves no step's median. K is of the GEMM shapes timed beside the GEMM-bound steps (here at half
+    the rate the device's grid prices), one timing of each after each of those steps' timings."""
+    from planner.steptime.measured import gemm_key
     from planner.steptime.ops import OpRecord, StepTrace
     from tests.steptime_fixtures import BYTES_PER_S, FLOPS_PER_S, VIEW_S, simple_measured_device
 
     def step(mm_count, flops, adds):
-        mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", flops, 10**4, 10**4, (1, 64, 64, 64))
+        mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", flops, 10**4, 10**4, (1, 64, 64, flops))
         add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**4, 10**4)
         view = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0)
         return StepTrace(((mm, mm_count), (add, adds), (view, 20)))
 
-    traces = [step(10, 10**6, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
-    host_s = 7e-6
-    # By hand: 210 non-view ops; 10 GEMMs of 10**6 FLOPs at 1e10 FLOP/s; 200 adds of 3·10**4 bytes at 1e10 B/s.
-    spent_s = 210 * host_s + kept * 10 * 10**6 / FLOPS_PER_S + 200 * 3 * 10**4 / BYTES_PER_S + 20 * VIEW_S
-    assert traces[0].op_count - traces[0].count("view") == 210
-    factor_steps = []
+    traces = [step(10, 10**5, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
+    beside_flops_per_s = FLOPS_PER_S / 2  # the GEMM-bound steps' shapes as timed beside them
+    host_s, factor = 7e-6, 1.3
 
-    def factor(steps, dtype, device):
-        factor_steps.extend(trace for _, trace in steps)
-        return profiled
+    def spent(trace, flops_per_s):
+        non_views = trace.op_count - trace.count("view")
+        kernels = sum(n * (op.flops / flops_per_s * factor if op.kind == "matmul" else
+                           op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
+        return non_views * host_s + kernels + trace.count("view") * VIEW_S
+
+    slow = iter([1.0, 1.0, 1.6, 1.0, 1.0] * 3)  # per timing of each step, round by round: the third disturbed
+    rounds = [[spent(trace, FLOPS_PER_S if i == 0 else beside_flops_per_s) for i, trace in enumerate(traces)]
+              for _ in range(5)]
+    timings = iter(seconds * next(slow) for seconds in
+                   [rounds[r][i] for r in range(5) for i in range(3)])
+    beside_timings = []
+
+    class Beside:
+        def __init__(self, trace, dtype):
+            self.trace = trace
+
+        def time_once(self):
+            beside_timings.append(self.trace)
+
+        def priced_on(self, device):
+            (op, _), = [(op, n) for op, n in self.trace.ops if op.kind == "matmul"]
+            key = gemm_key(*op.gemm)
+            return device.with_gemm_timings({key: op.flops / beside_flops_per_s}, {key: 1.0})
+
+    def timed(run, wall, cpu):
+        seconds = next(timings)
+        wall.append(seconds)
+        cpu.append(seconds)
 
     built = iter(traces)
+    monkeypatch.setattr(probe, "FIT_ROUNDS", 5)
     monkeypatch.setattr(probe, "calibration_run", lambda config, workload, dtype, mode: (lambda: None, next(built)))
     monkeypatch.setattr(probe, "with_exact_gemms", lambda device, trace: device)
-    monkeypatch.setattr(probe, "in_model_gemm_factor", factor)
-    monkeypatch.setattr(probe, "typical_time", lambda run, min_time_s=0.0: kernel_probes.Timed(spent_s, 1.0))
+    monkeypatch.setattr(probe, "GemmsBeside", Beside)
+    monkeypatch.setattr(probe, "time_after_untimed_run", timed)
     fitted_host_s, fitted_factor, _, (first, first_trace) = probe._fit_host_and_gemm_factor(
-        simple_measured_device(), "fp32", VIEW_S, "forecast")
-    assert factor_steps == traces[1:]  # tiny's and small's steps, not debug's
-    assert fitted_factor == kept and fitted_host_s == pytest.approx(host_s)
-    assert first.seconds == spent_s and first_trace is traces[0]
+        simple_measured_device(), "fp32", VIEW_S, "forward")
+    assert fitted_factor == pytest.approx(factor) and fitted_host_s == pytest.approx(host_s)
+    assert first.seconds == pytest.approx(spent(traces[0], FLOPS_PER_S)) and first_trace is traces[0]
+    assert beside_timings == traces[1:] * 5  # after each timing of the GEMM-bound steps, not debug's
 
 
 def test_remeasure_state_fits_the_host_on_the_calibration_steps_timed_beside_the_benchmark(reduced_probe):

@@ -1,13 +1,14 @@
-"""Probing this machine for the device model's terms (about half a minute; cached by `device_cache`).
+"""Probing this machine for the device model's terms (about a minute and a half on a 2-core VM; cached by
+`device_cache`).
 
 - the kernels' terms (`kernel_probes`): GEMM rates on a grid of shapes, memory-bound kernel time by bytes for
   each class of op, fresh pages, a scatter-add's cost per row, and the kernel time of every exact GEMM shape
   a calibration step (below) or a predicted step meets;
-- how much slower GEMMs run inside a model step than their exact shapes back to back: forwards and forecasts
-  of tiny and small at small shapes, their GEMMs' own time read with the profiler (gemms_in_step);
-- the host's time per dispatched op, per phase: real steps of debug, each timed, less the kernel time the
-  terms above give for its traced ops: a forward and a forecast, a forward and backward, and an AdamW step.
-  Views are timed alone.
+- the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than their
+  shapes back to back: real steps, each timed, less the kernel time the terms above give for its traced
+  ops. Forwards and forecasts of debug, tiny and small at small shapes fit the host time (debug) and the
+  GEMM factor (tiny and small, against their shapes timed beside them) of each; a forward and backward and
+  an AdamW step of debug give the backward's and the optimizer's host time. Views are timed alone.
 
 The threads' speedup on a reference GEMM is taken at both ends (host_state: the machine's state, which a
 benchmark run compares with its own). Every time is the median of repeats on the wall clock, as a benchmark
@@ -29,15 +30,14 @@ import torch
 
 from model.config import make_config
 from planner.bench.memory_probe import SETTLED_MMAP_THRESHOLD_BYTES, reuse_all_freed_memory, settle_allocator
-from planner.steptime.calibration_steps import (CALIBRATION_TIME_S, CALIBRATION_WORKLOAD, CalibrationStep,
+from planner.steptime.calibration_steps import (CALIBRATION_WORKLOAD, CalibrationStep,
                                                 calibration_run, state_steps, time_alternately, training_steps)
 from planner.steptime.gemms_beside import GemmsBeside
-from planner.steptime.gemms_in_step import in_model_gemm_factor
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KERNEL_FLOOR_S, MM_AXES, Timed,
-                                            fresh_page_s_per_byte_probe, gemm_grid, memory_probes, op_call_s,
-                                            scatter_s_per_row_probe, size_curve, streamed_elementwise, typical_time,
-                                            typical_time_s, with_exact_gemms)
+                                            fresh_page_s_per_byte_probe, gemm_grid, median_timing, memory_probes,
+                                            op_call_s, scatter_s_per_row_probe, size_curve, streamed_elementwise,
+                                            time_after_untimed_run, typical_time_s, with_exact_gemms)
 from planner.steptime.measured import MeasuredDevice
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
@@ -45,7 +45,7 @@ from planner.bench.device import TORCH_DTYPES
 from planner.workload import Workload
 
 MAX_HOST_BUSY = 64.0  # the host's busy threads beyond this are a disturbed calibration step
-GEMM_FACTOR_RANGE = (0.5, 3.0)  # an in-model GEMM factor outside this is a disturbed probe
+GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
 # steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
 # they separate the host's time per op from how much slower GEMMs run inside a model than back to back, for
@@ -54,6 +54,7 @@ GEMM_CALIBRATIONS = (("debug", CALIBRATION_WORKLOAD),
                      ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2)),
                      ("small", Workload(batch_size=1, context_length=32, prediction_length=4, num_samples=2)))
 FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM factor; a mode is its phase's name
+FIT_ROUNDS = 11  # timings of each calibration step (and its GEMM shapes beside it); each step's median is kept
 
 
 
@@ -79,24 +80,65 @@ def _host_busy(spent: Timed, ops: StepTrace, device: MeasuredDevice, host_s: flo
 
 def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
                               mode: str) -> tuple[float, float, MeasuredDevice, tuple[Timed, StepTrace]]:
-    """Host seconds per op and the GEMM in-model factor g of `mode`, from its calibration steps. The GEMM-bound
-    steps (tiny's and small's) give g, their GEMMs' own time read with the profiler (gemms_in_step); the
-    dispatch-bound step (debug's) then gives h: t = n·h + g·K + rest (n non-view ops, K the kernel time of its
-    exact GEMM shapes, timed here and returned in the device, rest the other kernels and the views). Also
-    returns that step's timing and trace, from which its dispatch's busy threads are read.
+    """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
+    rest (n non-view ops, K the kernel time of the steps' GEMM shapes, rest the other kernels and the views).
+    The first step (debug: mostly dispatch) is met exactly and sets h given g; the others (mostly GEMMs) set g
+    by least squares on relative errors. Fitting both freely lets the two trade off: a slow GEMM would read
+    as a slow host and price every small model's dispatch wrong. (A fixed cost per GEMM instead of a factor
+    cannot be fitted here: every calibration model has the same share of GEMMs among its ops, so such a cost
+    reads as host time.)
 
-    Both fitted from the steps' whole times, g and h traded off: a slow GEMM read as a slow host and priced
-    every small model's dispatch wrong, and a probe fitted g at 1.56 where the profiler read 0.89–1.09."""
-    (dispatch_run, dispatch_trace), *gemm_steps = [calibration_run(make_config(size), workload, dtype, mode)
-                                                   for size, workload in GEMM_CALIBRATIONS]
-    for _, trace in ((dispatch_run, dispatch_trace), *gemm_steps):
+    g is of the timings a benchmark multiplies by it: each GEMM-bound step's shapes timed beside it, one
+    timing of each after each of its timings (gemms_beside), over FIT_ROUNDS rounds of the steps one after
+    another, each step's median timing kept. Against the probe's exact timings of the same shapes, made once
+    before the steps, the factor priced two states of the machine: its shapes timed beside a step read
+    1.2–1.5× their exact timings, and probes fitted 1.13–1.56. g holds more than the GEMMs' own slowdown: each
+    product's own time in the step, read with torch.profiler, came to 0.89–1.09× its shape timed beside it,
+    and a factor of that alone (1.03) priced every run of a grid 1.17× low (median), debug's too; what the
+    products' weights evict, their neighbours read again from memory.
+
+    Returns the device with the steps' exact GEMM timings, and the first step's timing and trace, from which
+    its dispatch's busy threads are read once g is known."""
+    steps = [calibration_run(make_config(size), workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
+    for _, trace in steps:
         device = with_exact_gemms(device, trace)
-    factor = in_model_gemm_factor(gemm_steps, dtype, device)
-    if not GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
-        factor = 1.0  # a disturbed probe: no factor
-    timed = typical_time(dispatch_run, min_time_s=CALIBRATION_TIME_S)
-    priced = replace(device, gemm_in_model_factor={"forward": factor, mode: factor})
-    return _host_s_per_op(timed.seconds, dispatch_trace, priced, view_s), factor, device, (timed, dispatch_trace)
+    beside = [None] + [GemmsBeside(trace, dtype) for _, trace in steps[1:]]
+    wall_s: list[list[float]] = [[] for _ in steps]
+    cpu_s: list[list[float]] = [[] for _ in steps]
+    for _ in range(FIT_ROUNDS):
+        for (run, _), gemms, wall, cpu in zip(steps, beside, wall_s, cpu_s):
+            time_after_untimed_run(run, wall, cpu)
+            if gemms is not None:
+                gemms.time_once()
+    priced = device
+    for gemms in beside[1:]:
+        priced = gemms.priced_on(priced)
+    timings = [median_timing(wall, cpu) for wall, cpu in zip(wall_s, cpu_s)]
+    host_s, factor = _solve_host_and_factor(timings, [trace for _, trace in steps], priced, view_s)
+    return host_s, factor, device, (timings[0], steps[0][1])
+
+
+def _solve_host_and_factor(timings: list[Timed], traces: list[StepTrace], device: MeasuredDevice,
+                           view_s: float) -> tuple[float, float]:
+    """(h, g) from one round of the calibration steps' timings (see _fit_host_and_gemm_factor)."""
+    rows = []
+    for timed, trace in zip(timings, traces):
+        spent_s = timed.seconds
+        kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
+        views = trace.count("view")
+        rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s,
+                     spent_s))
+    (n0, k0, r0, _), others = rows[0], rows[1:]
+    # With h = (r0 − K0·g) / n0, each other step reads g·(K − n·K0/n0) ≈ r − n·r0/n0.
+    slopes = [((k - n * k0 / n0) / t, (r - n * r0 / n0) / t) for n, k, r, t in others]
+    denominator = sum(a * a for a, _ in slopes)
+    if denominator > 0:
+        factor = sum(a * b for a, b in slopes) / denominator
+        host_s = (r0 - k0 * factor) / n0
+        if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
+            return host_s, factor
+    # A fit outside reason (a disturbed round): no factor.
+    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0
 
 
 def _phase_trace(trace, phases: tuple[str, ...]) -> StepTrace:
@@ -181,9 +223,9 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
     were 1.23× (median; up to 3.6×) the same shapes timed again in a new process, while timing them twice in
     a row agrees within 10 % (median 0.99). The host's time per op moves too (±40 % over hours: a debug step
     at batch 1, 60–70 % dispatch, ran 33 ms and 55 ms on one probe). A run priced with what it times beside
-    its own steps compares the model with the step, not two states of the machine. (The GEMM factors are
-    left as probed: reading them needs tiny's and small's calibration steps built and profiled, seconds and
-    hundreds of MiB that a benchmark of a debug model would not otherwise spend.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
+    its own steps compares the model with the step, not two states of the machine. (The GEMM factor, fitted
+    on whole steps, is left as probed: refitted at each run over a minute it read 1.23 to 1.67, more than a
+    state moves it.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
     probe ran and 29–34 ms in a benchmark's process the next day, a third of debug's forward at batch 16,
     context 512 (327 MiB of new pages a step).
 
