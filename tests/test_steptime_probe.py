@@ -230,11 +230,9 @@ def test_the_host_and_gemm_factor_fit_uses_each_steps_median_and_its_gemms_timed
                            op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
         return non_views * host_s + kernels + trace.count("view") * VIEW_S
 
-    slow = iter([1.0, 1.0, 1.6, 1.0, 1.0] * 3)  # per timing of each step, round by round: the third disturbed
-    rounds = [[spent(trace, FLOPS_PER_S if i == 0 else beside_flops_per_s) for i, trace in enumerate(traces)]
-              for _ in range(5)]
-    timings = iter(seconds * next(slow) for seconds in
-                   [rounds[r][i] for r in range(5) for i in range(3)])
+    disturbed = (1.0, 1.0, 1.6, 1.0, 1.0)  # each round's slowdown: the third round 60 % slower
+    timings = iter(spent(trace, FLOPS_PER_S if i == 0 else beside_flops_per_s) * slowdown
+                   for slowdown in disturbed for i, trace in enumerate(traces))
     beside_timings = []
 
     class Beside:
