@@ -117,21 +117,14 @@ class MeasuredDevice:
         fresh = allocates_output(op) and op.bytes_written > self.fresh_above_bytes
         return op.bytes_written * self.fresh_page_s_per_byte if fresh else 0.0
 
-    def gemm_kernel_s(self, op: OpRecord) -> float:
-        """A GEMM op's kernel as it runs back to back: its exact shape's timing, or else the grid's rate at its
-        shape (a product without a GEMM shape: the grid's largest)."""
+    def matmul_s(self, op: OpRecord, matmul_dtype: str) -> float:
+        factor = self.gemm_in_model_factor.get(op.phase, self.gemm_in_model_factor["forward"])
         if op.gemm is None:
-            return op.flops / self.mm.rate(4096, 4096, 4096)
+            return op.flops / self.mm.rate(4096, 4096, 4096) * factor
         batch, m, n, k = op.gemm
         exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
-        return exact_s if exact_s is not None else self.grid_gemm_s(op.flops, batch, m, n, k)
-
-    def matmul_s(self, op: OpRecord, matmul_dtype: str) -> float:
-        """A GEMM op inside a model step: its kernel back to back × its phase's in-model factor, and the
-        fresh pages of its output."""
-        factor = self.gemm_in_model_factor.get(op.phase, self.gemm_in_model_factor["forward"])
-        fresh_s = self._fresh_pages_s(op) if op.gemm is not None else 0.0
-        return self.gemm_kernel_s(op) * factor + fresh_s
+        kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(op.flops, batch, m, n, k)
+        return kernel_s * factor + self._fresh_pages_s(op)
 
     def _streamed_share(self, op: OpRecord) -> float:
         """The share of `op`'s bytes that stream from memory: in an optimizer whose states exceed the cache
