@@ -37,6 +37,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def two_threads():
+    """PyTorch on two threads for the test (whatever the machine's cores), its thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def token_batch(batch: int, encoder_tokens: int, decoder_tokens: int, vocab: int = 4096):
     """Random (input_ids, attention_mask, labels) in the Chronos token range (ids ≥ 2)."""
     input_ids = torch.randint(2, vocab, (batch, encoder_tokens))
