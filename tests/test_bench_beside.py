@@ -67,3 +67,45 @@ def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_ste
     assert counts["steps"] == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
     assert counts["gemms"] and set(counts["gemms"]) == {spec.repeats}  # the debug model's are fewer than MAX_SHAPES
     assert counts["ops"] == calibration.op_count
+
+
+# Runs the worker with MemoryBeside.priced_on and remeasure_state wrapped to print, as JSON, the timings of each
+# memory-bound point, the state ratios, and the curves of the device remeasure_state is handed (÷ the probe's).
+_MEMORY_COUNTS = """
+import json, sys
+from planner.bench import worker
+from planner.bench.spec import BenchSpec
+from planner.steptime import memory_beside, probe
+from tests.steptime_fixtures import BYTES_PER_S
+seen = {}
+real_priced_on = memory_beside.MemoryBeside.priced_on
+def priced_on(self, device):
+    seen.update(points=[[name, size, len(self.wall_s[(name, size)])] for name, size in self.points],
+                ratios=self.state_ratios(device))
+    return real_priced_on(self, device)
+memory_beside.MemoryBeside.priced_on = priced_on
+real = probe.remeasure_state
+def remeasure(device, mode, trace, steps=None, gemms=None):
+    seen["handed"] = {name: curve.seconds[0] * BYTES_PER_S / curve.sizes[0] for name, curve in device.memory.items()}
+    return real(device, mode, trace, steps, gemms)
+probe.remeasure_state = remeasure
+worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fields: None)
+print(json.dumps(seen), file=sys.stderr)
+"""
+
+
+def test_the_worker_times_its_heaviest_memory_bound_kernels_after_each_timed_step_and_prices_on_them():
+    """A debug forward at batch 4, context 256: its attention scores (4 × 4 heads × 256², 4 MiB) pass
+    memory_beside.MIN_BYTES, so their softmax is timed once after each of the `repeats` timed steps, and the
+    device whose host terms remeasure_state fits, and whose curves price the step, has each class scaled by its
+    state ratio (the others as probed)."""
+    save_measured_device(simple_measured_device(describe_device("cpu")))
+    spec = BenchSpec(**{**DEBUG, "batch_size": 4, "context_length": 256, "repeats": 3}, mode="forward")
+    done = subprocess.run([sys.executable, "-c", _MEMORY_COUNTS], input=json.dumps(spec.to_dict()),
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    seen = json.loads(done.stderr.strip().splitlines()[-1])
+    scores_bytes = 2 * 4 * 4 * 256 * 256 * 4  # read and written (the decoder's are a little larger)
+    assert any(name == "softmax" and size >= scores_bytes for name, size, _ in seen["points"]), done.stderr[-2000:]
+    assert {timings for _, _, timings in seen["points"]} == {spec.repeats}
+    for name, handed in seen["handed"].items():
+        assert handed == pytest.approx(seen["ratios"].get(name, 1.0)), name
