@@ -78,7 +78,6 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     from planner.steptime.ops import first_phase
     from planner.steptime.calibration_steps import debug_variant, state_steps
     from planner.steptime.gemms_beside import GemmsBeside
-    from planner.steptime.memory_beside import MemoryBeside
     from planner.steptime.probe import remeasure_state
 
     probe = PeakMemoryProbe(device)
@@ -95,19 +94,18 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     def timed_step() -> None:
         last_output[0] = step()  # only the last is kept: its routing gives the usage
 
-    # On a CPU, the calibration steps its prediction fits the host's terms on, the step's heaviest GEMM shapes
-    # and its heaviest memory-bound kernels, timed one of each after each timed step: the step and its prices
-    # then see the same seconds of a machine whose speed moves (calibration_steps, gemms_beside, memory_beside).
+    # On a CPU, the calibration steps its prediction fits the host's terms on and the step's heaviest GEMM
+    # shapes, timed one of each after each timed step: the step and its prices then see the same seconds of a
+    # machine whose speed moves (calibration_steps, gemms_beside).
     # And a reference GEMM after each, timed again beside the prediction's own timings (ReferenceGemm).
     calibration: list = []
     gemms: list = []
-    memories: list = []
     reference: list = []  # made after the warm-up, whose peak memory is the run's
 
     def on_step(stage: str, done: int, total: int) -> None:
         probe.sample()
         if stage == "measure":
-            for beside in (*calibration, *gemms, *memories):
+            for beside in (*calibration, *gemms):
                 beside.time_once()
             for gemm in reference:
                 gemm.during_steps()
@@ -122,9 +120,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
             speedups.append(parallel_speedup())
             with torch.random.fork_rng(devices=[]):  # the timed steps draw as they would alone
                 calibration.extend(state_steps(spec.mode, spec.dtype, debug_variant(spec.model_config())))
-                recorded = step.record()  # one more step: its GEMM shapes and memory-bound kernels
-                gemms.append(GemmsBeside(recorded, spec.dtype))
-                memories.append(MemoryBeside(recorded, spec.dtype))
+                gemms.append(GemmsBeside(step.record(), spec.dtype))  # the shapes of one more step, recorded
             reference.append(ReferenceGemm())
         settle_allocator()
         timed_step()  # untimed: the heap grows to the settled allocator's steady state in this step
@@ -145,8 +141,7 @@ def run(spec: BenchSpec, emit: Emit) -> None:
     host_s_per_op = probe_host_s_per_op = None
     if isinstance(device_model, MeasuredDevice):  # this CPU: the step's GEMMs timed at their exact shapes
         reference[0].beside_pricing()
-        in_state = memories[0].priced_on(device_model) if memories else device_model
-        retimed = remeasure_state(in_state, spec.mode, trace, calibration,  # this process's speeds
+        retimed = remeasure_state(device_model, spec.mode, trace, calibration,  # this process's speeds
                                   gemms[0] if gemms else None)
         reference[0].beside_pricing()
         device_model, shape_notes = with_gemm_shapes_of(device_model, trace, timed=retimed)  # cached for later
