@@ -28,22 +28,23 @@ def shared_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("shared_cache")
 
 
+def _on_threads(count: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """PyTorch on one thread for the test, its thread count restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _on_threads(1)
 
 
 @pytest.fixture
 def two_threads():
     """PyTorch on two threads for the test (whatever the machine's cores), its thread count restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    yield from _on_threads(2)
 
 
 def token_batch(batch: int, encoder_tokens: int, decoder_tokens: int, vocab: int = 4096):
