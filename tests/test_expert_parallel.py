@@ -242,14 +242,14 @@ def test_refuses_what_it_does_not_support(settings, field):
 
 @pytest.mark.parametrize("rank", range(WORLD_SIZE))
 def test_heads_exchange_transient_is_the_planners(spawned, rank):
-    """planner.parallel.estimate_expert_exchange_transient_bytes against the exchange itself (2 gloo ranks,
+    """planner.parallel_terms.estimate_expert_exchange_transient_bytes against the exchange itself (2 gloo ranks,
     shared_then_expert debug, rank 0 at load 1.5, rank 1 at 0.5): what the call holds when it returns, less
     what the heads save for the rows they received (the plan's experts_bytes at that load), is V-wide: the
     planner's term, plus what it leaves to other terms (the loss's log-probabilities it subtracts, the outputs
     kept for the routing weights' gradient, which expert_combine_bytes counts), within the D-wide rows the
     exchange also sends and regroups and the heads' own (rows, T, 4D) intermediates (measured: 65 KB of
     5.0 MB on rank 0)."""
-    from planner.parallel import estimate_expert_exchange_transient_bytes
+    from planner.parallel_terms import estimate_expert_exchange_transient_bytes
     from planner.workload import Workload
 
     results, error = spawned

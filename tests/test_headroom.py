@@ -5,7 +5,8 @@ import pytest
 
 from model.config import make_config
 from planner.headroom import DOES_NOT_FIT, FITS, TIGHT, check_headroom
-from planner.parallel import GPU_MEMORY_BYTES, count_largest_layer_params, plan_all_strategies
+from planner.parallel import GPU_MEMORY_BYTES, plan_all_strategies
+from planner.parallel_terms import count_largest_layer_params
 from planner.params import count_params
 from planner.workload import Workload
 

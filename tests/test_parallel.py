@@ -8,14 +8,8 @@ import torch
 from model import build_model, make_config
 from planner.activations import estimate_activation_bytes
 from planner.params import count_params
-from planner.parallel import (
-    GPU_MEMORY_BYTES,
-    count_largest_layer_params,
-    estimate_checkpointed_activation_bytes,
-    max_expert_load_factor,
-    plan_all_strategies,
-    plan_devices,
-)
+from planner.parallel import GPU_MEMORY_BYTES, estimate_checkpointed_activation_bytes, plan_all_strategies, plan_devices
+from planner.parallel_terms import count_largest_layer_params, max_expert_load_factor
 from planner.workload import Workload
 from tests.fsdp_fixtures import fsdp2_shards
 
@@ -371,7 +365,7 @@ def test_expert_exchange_transient_scales_with_the_load_and_competes_with_the_lo
     tests/test_expert_parallel.py): per received (T, V) fp32 row three copies (two when the rank holds one
     expert: no concatenation), per sent row the weighted outputs, per series the zeros and the sum, less the
     loss's log-probabilities. The peak holds the larger of it and the loss's backward temporaries."""
-    from planner.parallel import estimate_expert_exchange_transient_bytes
+    from planner.parallel_terms import estimate_expert_exchange_transient_bytes
 
     n = 4 // held_experts  # E = 4 over n devices
     config = make_config("debug", architecture=architecture, num_experts=4)

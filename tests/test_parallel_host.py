@@ -1,4 +1,4 @@
-"""FSDP2's host-side state on CPU ranks (planner.parallel.estimate_fsdp_host_state_bytes), measured again on 2
+"""FSDP2's host-side state on CPU ranks (planner.parallel_terms.estimate_fsdp_host_state_bytes), measured again on 2
 gloo ranks: the Python heap (tracemalloc) a rank holds after one training step of debug, wrapped as the
 distributed benchmark wraps it (planner.bench.distributed_worker._wrap), FSDP2 (zero2) against DDP. Most of
 the fixed part is source text linecache keeps (what DTensor's FakeTensorMode stack capture reads), summed here
@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import make_config
-from planner.parallel import (FSDP2_HOST_FIXED_BYTES, FSDP2_HOST_PER_TENSOR_BYTES, estimate_fsdp_host_state_bytes,
-                              plan_devices)
+from planner.parallel import plan_devices
+from planner.parallel_terms import FSDP2_HOST_FIXED_BYTES, FSDP2_HOST_PER_TENSOR_BYTES, estimate_fsdp_host_state_bytes
 from planner.params import parameter_tensors
 from planner.workload import Workload
 
