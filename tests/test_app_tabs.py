@@ -23,7 +23,8 @@ from planner.parallel import GPU_MEMORY_BYTES, plan_all_strategies
 from planner.solver import Budget, SearchSpace, solve
 from planner.workload import Workload
 from tests.test_app import APP, ARCHITECTURES, error_texts, run_app, shown_grid
-from ui.bench_tab import RESULT_COLUMNS, measured_figure, ratio_figure, results_frame, time_split_figure
+from ui.bench_figures import measured_figure, ratio_figure, time_split_figure
+from ui.bench_tab import RESULT_COLUMNS, results_frame
 from ui.devices_tab import FIT_LABELS
 from planner.units import format_seconds
 
