@@ -120,7 +120,7 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
 
 def _solve_host_and_factor(timings: list[Timed], traces: list[StepTrace], device: MeasuredDevice,
                            view_s: float) -> tuple[float, float]:
-    """(h, g) from one round of the calibration steps' timings (see _fit_host_and_gemm_factor)."""
+    """(h, g) from the calibration steps' timings, each step's median (see _fit_host_and_gemm_factor)."""
     rows = []
     for timed, trace in zip(timings, traces):
         spent_s = timed.seconds
@@ -137,7 +137,7 @@ def _solve_host_and_factor(timings: list[Timed], traces: list[StepTrace], device
         host_s = (r0 - k0 * factor) / n0
         if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
             return host_s, factor
-    # A fit outside reason (a disturbed round): no factor.
+    # A fit outside reason (steps disturbed beyond what their medians absorb): no factor.
     return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0
 
 
