@@ -6,7 +6,7 @@ from planner.steptime.measured import MeasuredDevice
 
 FLOPS_PER_S = 1e10  # every GEMM shape
 BYTES_PER_S = 1e10  # every memory-bound class
-STREAMED_BYTES_PER_S = 1e9  # the optimizer's operands streamed from memory
+STREAMED_BYTES_PER_S = 1e9  # operands streamed from memory (an optimizer's first touches)
 HOST_S = {"forward": 1e-5, "forecast": 1e-5, "backward": 5e-6, "optimizer": 2e-6}
 VIEW_S = 1e-6
 SCATTER_S_PER_ROW = 1e-8
@@ -28,5 +28,5 @@ def simple_measured_device(name: str = "test CPU", dtype: str = "fp32") -> Measu
                           SCATTER_S_PER_ROW, FRESH_S_PER_BYTE, 32 * 2**20, {"forward": 1.0}, dict(HOST_S), VIEW_S,
                           PARALLEL_SPEEDUP, scatter_busy=SCATTER_BUSY, fresh_page_busy=FRESH_PAGE_BUSY,
                           host_busy=dict(HOST_BUSY),
-                          optimizer_memory=SizeCurve((1e3, 1e9), (1e3 / STREAMED_BYTES_PER_S, 1e9 / STREAMED_BYTES_PER_S),
+                          streamed_memory=SizeCurve((1e3, 1e9), (1e3 / STREAMED_BYTES_PER_S, 1e9 / STREAMED_BYTES_PER_S),
                                                      (1.0, 1.0)))

@@ -100,6 +100,29 @@ def test_a_compute_bound_optimizer_op_is_priced_on_its_class_when_slower_than_st
     assert step.cpu_s == pytest.approx(step.memory_s + 2 * HOST_S["optimizer"] * HOST_BUSY["optimizer"])
 
 
+def test_an_op_moving_more_than_the_private_caches_streams_its_operands():
+    """With 1 MiB of private caches, a forward add moving 3 MB is priced on the streamed curve (1e9 B/s, slower
+    than its class's 1e10 B/s) and one moving 600 kB on its class; a softmax whose class (1e8 B/s) is slower
+    than streaming keeps its class; a device that has not measured its private caches prices every op on its
+    class. No fresh pages: the outputs are below the mmap threshold."""
+    add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**6, 10**6, pointwise=True)
+    small_add = replace(add, bytes_read=4 * 10**5, bytes_written=2 * 10**5)
+    softmax = OpRecord("aten._softmax.default", "memory", "forward", "float32", 0, 2 * 10**6, 2 * 10**6)
+    plain = simple_measured_device()
+    device = replace(plain, private_cache_bytes=2**20,
+                     memory={**plain.memory, "softmax": SizeCurve((1e3, 1e9), (1e3 / 1e8, 1e9 / 1e8), (1.0, 1.0))})
+    assert device.memory_s(add) == pytest.approx(3 * 10**6 / 1e9)
+    assert device.memory_s(small_add) == pytest.approx(6 * 10**5 / BYTES_PER_S)
+    assert device.memory_s(softmax) == pytest.approx(4 * 10**6 / 1e8)
+    assert plain.memory_s(add) == pytest.approx(3 * 10**6 / BYTES_PER_S)
+    # the streamed curve's busy threads (1) price the streamed add's CPU time, the class's (2 at 1 kB to 1 at
+    # 1 GB, linear in log size) the small one's
+    small_busy = 2.0 - math.log(6 * 10**5 / 1e3) / math.log(1e9 / 1e3)
+    step = predict_step_time(StepTrace(((add, 1), (small_add, 1))), device)
+    assert step.cpu_s == pytest.approx(3 * 10**6 / 1e9 + 6 * 10**5 / BYTES_PER_S * small_busy
+                                       + 2 * HOST_S["forward"] * HOST_BUSY["forward"])
+
+
 def test_fresh_pages_counted_in_the_step_replace_the_threshold_rule():
     """A 20 MB output under the 32 MiB mmap threshold that faulted 8 MB of new pages in the recorded step pays
     those 8 MB (a heap trimmed between steps hands out new pages below the threshold); a 100 MB output that

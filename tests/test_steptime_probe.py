@@ -32,7 +32,7 @@ def test_probe_measures_every_term_and_round_trips(reduced_probe):
     rates = [r for grid in (measured.mm, measured.bmm) for plane in grid.rates for row in plane for r in row]
     curves = [t for curve in measured.memory.values() for t in curve.seconds]
     scalars = [measured.scatter_s_per_row, measured.fresh_page_s_per_byte, measured.host_s_per_view,
-               measured.parallel_speedup,
+               measured.parallel_speedup, measured.private_cache_bytes,
                *measured.host_s_per_op.values()]
     busy = [*(b for curve in measured.memory.values() for b in curve.busy_threads), measured.scatter_busy,
             measured.fresh_page_busy, *measured.host_busy.values(), *measured.gemm_shape_busy.values()]
@@ -300,3 +300,18 @@ def test_remeasure_state_fits_the_host_on_the_calibration_steps_timed_beside_the
             assert retimed.host_s_per_op[step.phase] == pytest.approx(by_hand, rel=0.02), step.phase
     untimed = state_steps("forward", "fp32")
     assert 0 < probe.remeasure_state(reduced_probe, "forward", StepTrace(()), untimed).host_s_per_op["forward"] < 1e-3
+
+
+def test_private_caches_are_read_from_the_os_per_thread(tmp_path, monkeypatch):
+    """Linux lists cpu0's caches as indexN directories: the level-2 one's size (here 512K beside a 32K level 1
+    and a 32768K level 3) times the threads PyTorch runs; without the listing, the default per thread."""
+    import torch
+
+    for index, (level, size) in enumerate((("1", "32K"), ("2", "512K"), ("3", "32768K"))):
+        folder = tmp_path / "cpu0" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert probe.private_cache_bytes(tmp_path) == 3 * 512 * 1024
+    assert probe.private_cache_bytes(tmp_path / "missing") == 3 * probe.DEFAULT_PRIVATE_CACHE_BYTES

@@ -6,7 +6,7 @@ threads it kept busy (`Timed`), as a benchmark reports its steps:
   exact GEMM shapes (`time_gemm_shapes`, `with_exact_gemms`), timed as the grid's points are;
 - kernel time by bytes moved, 4 KiB to 128 MiB, for each class of memory-bound op (elementwise, random
   draws, sampling, top-k, softmax, its backward, transcendental, reductions), and with the operands streamed
-  from memory (the optimizer's); the cost of fresh pages (an output above glibc's mmap threshold) and a
+  from memory (an optimizer's first touches; any op beyond the threads' private caches); the cost of fresh pages (an output above glibc's mmap threshold) and a
   scatter-add's cost per row.
 
 Each kernel point is the faster of two passes, less the cost of calling an op from Python. `probe` puts

@@ -2,7 +2,8 @@
 grid of shapes (interpolated between them), the kernel time of every exact GEMM shape a predicted step has met
 (`gemm_shape_s`: a CPU GEMM's speed jumps between neighbouring shapes, e.g. 65 rows against 64, as its kernels
 tile the rows, so a grid cannot be interpolated to within the band) and how much slower they run inside a model
-step, kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES), fresh pages and scatter rows,
+step, kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES) with its operands in the cache
+and with them streamed from memory (beyond the threads' private caches), fresh pages and scatter rows,
 and the host's time per dispatched op, each phase apart (Python module code around the forward's ops, the C++
 autograd engine around the backward's, the optimizer's Python loop). Torch-free.
 """
@@ -48,17 +49,27 @@ class MeasuredDevice:
     fresh_page_busy: float = 1.0
     host_busy: dict[str, float] = field(default_factory=dict)  # phase -> threads busy while dispatching
     # Memory-bound ops by bytes moved, operands streamed from memory, where the classes above are timed on
-    # operands in the cache (as a forward's chained activations mostly are): what an optimizer op pays for
-    # the parameters, gradients and moments it is the first of the step to touch, long after their last use
-    # (OpRecord.first_touch_bytes). None: priced as the classes are.
-    optimizer_memory: Optional[SizeCurve] = None
+    # operands in the cache, back to back. What an op pays whose operands are not in the cache when it runs:
+    # an optimizer op's first touches of parameters, gradients and moments, long after their last use
+    # (OpRecord.first_touch_bytes), and any other op moving more than the threads' private caches
+    # (`private_cache_bytes`). None: priced as the classes are.
+    streamed_memory: Optional[SizeCurve] = None
+    # The threads' private (L2) caches together. Back to back, the probe finds a class's operands in the shared
+    # last-level cache up to its size; inside a model step an op moving more than the private caches finds
+    # them evicted by its neighbours' data (and, on a VM, by other tenants'): in a debug forward at batch 8,
+    # context 256 the adds, products and T5's norms (1 to 9 MiB each) took 2.5 to 5 × their price off the
+    # in-cache curve. None: not measured, every op priced on its class's curve.
+    private_cache_bytes: Optional[int] = None
+    # Set by `for_step` for a step whose optimizer states fit the cache (a property of the step, not the device:
+    # a cache entry's is not read).
+    optimizer_in_cache: bool = False
 
     def for_step(self, trace) -> "MeasuredDevice":
         """This device as `trace` (a StepTrace) meets it: the optimizer's first touches stream from memory only
         when what it moves exceeds the last-level cache (OPTIMIZER_CACHED_BYTES); a small model's states stay
         in the cache from one step to the next, and its optimizer is priced as the cached classes are."""
         moved = sum(count * op.bytes for op, count in trace.ops if op.phase == "optimizer" and op.kind == "memory")
-        return self if moved > OPTIMIZER_CACHED_BYTES else replace(self, optimizer_memory=None)
+        return replace(self, optimizer_in_cache=moved <= OPTIMIZER_CACHED_BYTES)
 
     def grid_gemm_s(self, flops: int, batch: int, m: int, n: int, k: int) -> float:
         """A GEMM's kernel seconds read off the probed grid of shapes (batched products off their own)."""
@@ -127,25 +138,31 @@ class MeasuredDevice:
         return kernel_s * factor + self._fresh_pages_s(op)
 
     def _streamed_share(self, op: OpRecord) -> float:
-        """The share of `op`'s bytes that stream from memory: in an optimizer whose states exceed the cache
-        (`for_step`), the share of its reads it is the first of the step's optimizer ops to touch (each
+        """The share of `op`'s bytes that stream from memory. In an optimizer whose states exceed the cache
+        (`for_step`): the share of its reads it is the first of the step's optimizer ops to touch (each
         parameter, gradient and moment once, in the first op on them; the ops after it find them in the
-        cache); none elsewhere."""
-        if op.phase != "optimizer" or self.optimizer_memory is None or op.bytes_read <= 0:
+        cache). Elsewhere: all of them when it moves more than the threads' private caches, none otherwise."""
+        if self.streamed_memory is None:
             return 0.0
-        return min(op.first_touch_bytes / op.bytes_read, 1.0)
+        if op.phase == "optimizer":
+            if self.optimizer_in_cache or op.bytes_read <= 0:
+                return 0.0
+            return min(op.first_touch_bytes / op.bytes_read, 1.0)
+        return 1.0 if self.private_cache_bytes is not None and op.bytes > self.private_cache_bytes else 0.0
 
     def _memory_parts(self, op: OpRecord) -> list[tuple[float, SizeCurve]]:
         """`op`'s memory-bound kernel as (seconds, the curve that prices them): its class's curve for the cached
         share of its bytes; for the streamed share the slower of the streamed curve and the class's (a square
-        root of streamed operands computes for longer than they stream), as if the whole op streamed,
-        weighted by the share."""
+        root of streamed operands computes for longer than they stream; a short-loop add loops longer), as if
+        the whole op streamed, weighted by the share."""
         cached = self.memory[memory_class(op)]
+        cached_s = self._cached_s(op, cached)
         streamed = self._streamed_share(op)
         if not streamed:
-            return [(self._cached_s(op, cached), cached)]
-        slower = self.optimizer_memory if self.optimizer_memory(op.bytes) > cached(op.bytes) else cached
-        return [((1 - streamed) * self._cached_s(op, cached), cached), (streamed * slower(op.bytes), slower)]
+            return [(cached_s, cached)]
+        streamed_s = self.streamed_memory(op.bytes)
+        slower_s, slower = (streamed_s, self.streamed_memory) if streamed_s > cached_s else (cached_s, cached)
+        return [((1 - streamed) * cached_s, cached), (streamed * slower_s, slower)]
 
     def _cached_s(self, op: OpRecord, curve: SizeCurve) -> float:
         """`op`'s kernel on `curve`, its class's, with its operands in the cache. A strided op (an input read
@@ -223,7 +240,11 @@ class MeasuredDevice:
                 _check_positive(key, [r for plane in rates for row in plane for r in row] + [v for a in axes for v in a])
                 grids[key] = GemmGrid(*axes, rates)
             curves = {key: _size_curve_from(values["memory"][key], f"memory.{key}") for key in MEMORY_CLASSES}
-            optimizer_memory = _size_curve_from(values["optimizer_memory"], "optimizer_memory")
+            streamed_memory = _size_curve_from(values["streamed_memory"], "streamed_memory")
+            private_cache_bytes = values["private_cache_bytes"]  # absent in probes from before it was read
+            if private_cache_bytes is not None:
+                private_cache_bytes = int(private_cache_bytes)
+                _check_positive("private_cache_bytes", [private_cache_bytes])
             per_phase = {}
             for key in ("host_s_per_op", "gemm_in_model_factor", "host_busy"):
                 per_phase[key] = {str(phase): float(v) for phase, v in dict(values[key]).items()}
@@ -246,7 +267,7 @@ class MeasuredDevice:
                        per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
                        gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
                        fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"],
-                       optimizer_memory=optimizer_memory)
+                       streamed_memory=streamed_memory, private_cache_bytes=private_cache_bytes)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
         return loaded.without_disturbed_gemm_shapes()  # a cache written on a busy machine heals here

@@ -2,8 +2,9 @@
 `device_cache`).
 
 - the kernels' terms (`kernel_probes`): GEMM rates on a grid of shapes, memory-bound kernel time by bytes for
-  each class of op, fresh pages, a scatter-add's cost per row, and the kernel time of every exact GEMM shape
-  a calibration step (below) or a predicted step meets;
+  each class of op (and streamed from memory), fresh pages, a scatter-add's cost per row, and the kernel time
+  of every exact GEMM shape a calibration step (below) or a predicted step meets; the threads' private caches
+  are read from the OS (beyond them an op in a model step streams its operands);
 - the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than their
   shapes back to back: real steps, each timed, less the kernel time the terms above give for its traced
   ops. Forwards and forecasts of debug, tiny and small at small shapes fit the host time (debug) and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,6 +46,7 @@ from planner.steptime.predict import predict_step_time
 from planner.bench.device import TORCH_DTYPES
 from planner.workload import Workload
 
+DEFAULT_PRIVATE_CACHE_BYTES = 512 * 2**10  # a thread's level-2 cache where the OS lists none (Zen 3's)
 MAX_HOST_BUSY = 64.0  # the host's busy threads beyond this are a disturbed calibration step
 GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
@@ -159,7 +162,7 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
         memory = {name: size_curve(make_run, moved, call_s)
                   for name, (make_run, moved) in memory_probes(torch_dtype).items()}
         element_bytes = torch.finfo(torch_dtype).bits // 8
-        optimizer_memory = size_curve(streamed_elementwise(torch_dtype), 3 * element_bytes, call_s)
+        streamed_memory = size_curve(streamed_elementwise(torch_dtype), 3 * element_bytes, call_s)
     finally:
         settle_allocator()
     scatter = scatter_s_per_row_probe(memory["elementwise"], call_s)
@@ -167,7 +170,8 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     draft = MeasuredDevice(device_name, dtype, datetime.date.today().isoformat(), mm, bmm, memory,
                            scatter.seconds, fresh.seconds, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0},
                            {"forward": view_s}, view_s, speedup_before, scatter_busy=scatter.busy_threads,
-                           fresh_page_busy=fresh.busy_threads, optimizer_memory=optimizer_memory)
+                           fresh_page_busy=fresh.busy_threads, streamed_memory=streamed_memory,
+                           private_cache_bytes=private_cache_bytes())
     host: dict[str, float] = {}
     busy: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
@@ -251,6 +255,24 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
     _fit_training_host(device, view_s, host, busy, training)
     return replace(device, host_s_per_op=host, host_busy=busy, host_s_per_view=view_s,
                    fresh_page_s_per_byte=fresh.seconds, fresh_page_busy=fresh.busy_threads)
+
+
+def private_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu")) -> int:
+    """The private (level 2) caches of the threads PyTorch runs, together: each thread's core's, as Linux lists
+    them (`cpuN/cache/indexI/level` and `size`, e.g. "512K"), or DEFAULT_PRIVATE_CACHE_BYTES per thread where
+    it lists none (another OS, a container hiding sysfs)."""
+    per_thread = DEFAULT_PRIVATE_CACHE_BYTES
+    for index in sorted((cpu_root / "cpu0" / "cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip().upper()
+            scale = {"K": 2**10, "M": 2**20}.get(size[-1:], 1)
+            per_thread = int(size.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            continue
+        break
+    return per_thread * torch.get_num_threads()
 
 
 def _view_s() -> float:
