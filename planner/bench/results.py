@@ -34,8 +34,8 @@ MEASUREMENT_NOTES = {
     "host_s_per_op": "CPU: the host's time per dispatched op (the forward's, or the forecast's in a forecast), "
     "timed again after the run on the probe's own calibration steps and used in its prediction, beside the "
     "probe's: it moves with the state of the machine and the process, as the step's exact GEMM timings do, "
-    "which are timed again too (planner.steptime.probe.remeasure_state); beyond half or twice the probe's the "
-    "machine is busy, and the prediction keeps the probe's (the notes say so)",
+    "which are timed again too (planner.steptime.probe.remeasure_state); beyond a fifth or five times the probe's "
+    "the machine is busy, and the prediction keeps the probe's (the notes say so)",
     "gemm_state_ratio": "CPU: a reference GEMM on every thread, timed after each timed step, its median ÷ its "
     "median timed beside the prediction's own timings (the step's exact GEMM shapes, the host): above 1, the "
     "machine ran GEMMs slower during the steps than when they were priced (planner.steptime.host_state)",

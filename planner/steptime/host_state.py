@@ -20,8 +20,10 @@ REFERENCE_GEMM = (256, 1024, 1024)  # (m, n, k): large enough that every thread 
 SPEEDUP_TIME_S = 0.08  # per thread count
 SPEEDUP_TOLERANCE = 0.10  # a run's speedup this far from its probe's is a different machine state
 # A run's re-timed host time per op beyond these multiples of its probe's is a busy machine, not a drift of its
-# state (quiet, it moved by up to ±40 % over hours; under a test suite on both cores it read 20–350 ×)
-HOST_DRIFT_RANGE = (0.5, 2.0)
+# state. Quiet, it moved by up to 2.2× within a grid: tiny's MoE-16 shared_then_expert forward at batch 1 read
+# 40.6 µs an op against its probe's 18.2 minutes before, and its steps ran 1.4× their price on the probe's
+# (1.06× on its own). Under a test suite on both cores it read 20–350 ×.
+HOST_DRIFT_RANGE = (0.2, 5.0)
 
 
 def parallel_speedup() -> float:
