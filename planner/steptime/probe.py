@@ -258,9 +258,10 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
 
 
 def private_cache_bytes(cpu_root: Path = Path("/sys/devices/system/cpu")) -> int:
-    """The private (level 2) caches of the threads PyTorch runs, together: each thread's core's, as Linux lists
-    them (`cpuN/cache/indexI/level` and `size`, e.g. "512K"), or DEFAULT_PRIVATE_CACHE_BYTES per thread where
-    it lists none (another OS, a container hiding sysfs)."""
+    """The private (level 2) caches of the threads PyTorch runs, together: the first CPU's level-2 cache, as
+    Linux lists it (`cpu0/cache/indexI/level` and `size`, e.g. "512K"), times the threads (taken to run on
+    cores alike), or DEFAULT_PRIVATE_CACHE_BYTES per thread where it lists none (another OS, a container hiding
+    sysfs)."""
     per_thread = DEFAULT_PRIVATE_CACHE_BYTES
     for index in sorted((cpu_root / "cpu0" / "cache").glob("index*")):
         try:
