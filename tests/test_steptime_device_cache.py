@@ -82,6 +82,12 @@ def test_a_shape_below_the_grids_smallest_point_is_not_read_as_disturbed():
     lambda entry: {**entry, "gemm_in_model_factor": 1.2},  # a cache from before the factor was per phase
     lambda entry: {**entry, "gemm_in_model_factor": {"forecast": 1.2}},
     lambda entry: {**entry, "gemm_in_model_factor": {"forward": -1.0}},
+    # probes from before the GEMMs' cost per weight byte was fitted, and damaged costs
+    lambda entry: {key: value for key, value in entry.items() if key != "gemm_weight_s_per_byte"},
+    lambda entry: {**entry, "gemm_weight_s_per_byte": {"forecast": 1e-10}},
+    lambda entry: {**entry, "gemm_weight_s_per_byte": {"forward": -1e-10}},
+    lambda entry: {**entry, "gemm_weight_s_per_byte": {"forward": float("nan")}},
+    lambda entry: {**entry, "gemm_weight_s_per_byte": 1e-10},
     lambda entry: {**entry, "gemm_shape_s": [1e-3]},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64": 1e-3}},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64,0": 1e-3}},

@@ -175,6 +175,24 @@ def test_gemm_in_model_factor_is_per_phase():
     assert device.matmul_s(replace(MM, phase="backward"), "fp32") == pytest.approx(0.2)
 
 
+def test_a_product_pays_per_byte_of_its_weight_beside_its_factor():
+    """MM multiplies 1000 rows by a 1000 × 1000 fp32 weight: 4 MB. At 1e-10 s a byte of weight and factor 1.2
+    it costs 0.2 s × 1.2 + 4e6 × 1e-10 = 0.2404 s in the forward; a forecast has its own cost (2e-10: 0.2408 s
+    at factor 1.0), a backward the forward's. A batched product (batch 8, 64 × 32 per problem, bf16) pays for
+    its 8 × 64 × 32 × 2 bytes; an op of unknown shape pays only its factor."""
+    device = replace(simple_measured_device(), gemm_in_model_factor={"forward": 1.2, "forecast": 1.0},
+                     gemm_weight_s_per_byte={"forward": 1e-10, "forecast": 2e-10})
+    assert device.matmul_s(MM, "fp32") == pytest.approx(0.2404)
+    assert device.matmul_s(replace(MM, phase="forecast"), "fp32") == pytest.approx(0.2008)
+    assert device.matmul_s(replace(MM, phase="backward"), "fp32") == pytest.approx(0.2404)
+    bmm = OpRecord("aten.bmm.default", "matmul", "forward", "bfloat16", 2 * 8 * 16 * 32 * 64, 10**3, 10**3,
+                   (8, 16, 32, 64))
+    plain = replace(device, gemm_weight_s_per_byte={"forward": 0.0})
+    assert device.matmul_s(bmm, "bf16") - plain.matmul_s(bmm, "bf16") == pytest.approx(8 * 64 * 32 * 2 * 1e-10)
+    unknown = replace(MM, gemm=None)
+    assert device.matmul_s(unknown, "fp32") == pytest.approx(plain.matmul_s(unknown, "fp32"))
+
+
 def test_exact_gemm_shape_replaces_the_grid():
     """A shape timed exactly (1 ms) costs that time × the phase's factor, whatever its FLOPs; another shape
     is still read off the grid (2e9 FLOPs at 1e10 FLOP/s)."""

@@ -214,29 +214,36 @@ def _fresh_page_s_per_byte_by_hand() -> float:
     return statistics.median(extra) / (4 * elements)
 
 
-def test_the_host_and_gemm_factor_fit_uses_each_steps_median_and_its_gemms_timed_beside(monkeypatch):
-    """Steps made of n non-view ops, GEMMs of kernel time K and memory-bound kernels M take n·h + g·K + M + views
-    × the view's time: their timings give back h and g exactly; of five rounds, one disturbed (its steps 60 %
-    slower) moves no step's median. K is of the GEMM shapes timed beside the GEMM-bound steps (here at half
-    the rate the device's grid prices), one timing of each after each of those steps' timings."""
+@pytest.mark.parametrize("per_weight_byte", [2e-9, 0.0, -2e-9])
+def test_the_host_and_gemm_terms_fit_uses_each_steps_median_and_its_gemms_timed_beside(monkeypatch,
+                                                                                        per_weight_byte):
+    """Steps made of n non-view ops, GEMMs of kernel time K and weight bytes W and memory-bound kernels M take
+    n·h + g·K + c·W + M + views × the view's time: their timings give back h, g and c exactly; of five rounds,
+    one disturbed (its steps 60 % slower) moves no step's median. K is of the GEMM shapes timed beside the
+    GEMM-bound steps (here at half the rate the device's grid prices), one timing of each after each of those
+    steps' timings. The steps' products differ in rows (4 to 8,192) on one 64 × 64 fp32 weight, so K and W
+    part. Timings that read a negative c (here made so) are fitted on g alone, c = 0."""
     from planner.steptime.measured import gemm_key
     from planner.steptime.ops import OpRecord, StepTrace
     from tests.steptime_fixtures import BYTES_PER_S, FLOPS_PER_S, VIEW_S, simple_measured_device
 
-    def step(mm_count, flops, adds):
-        mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", flops, 10**4, 10**4, (1, 64, 64, flops))
+    weight_bytes = 64 * 64 * 4
+
+    def step(mm_count, rows, adds):
+        mm = OpRecord("aten.mm.default", "matmul", "forward", "float32", 2 * rows * 64 * 64, 10**4, 10**4,
+                      (1, rows, 64, 64))
         add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**4, 10**4)
         view = OpRecord("aten.view.default", "view", "forward", "float32", 0, 0, 0)
         return StepTrace(((mm, mm_count), (add, adds), (view, 20)))
 
-    traces = [step(10, 10**5, 200), step(20, 10**8, 100), step(30, 4 * 10**8, 100)]
+    traces = [step(10, 4, 200), step(20, 64, 100), step(30, 32, 100), step(10, 8192, 100)]
     beside_flops_per_s = FLOPS_PER_S / 2  # the GEMM-bound steps' shapes as timed beside them
     host_s, factor = 7e-6, 1.3
 
     def spent(trace, flops_per_s):
         non_views = trace.op_count - trace.count("view")
-        kernels = sum(n * (op.flops / flops_per_s * factor if op.kind == "matmul" else
-                           op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
+        kernels = sum(n * (op.flops / flops_per_s * factor + weight_bytes * per_weight_byte if op.kind == "matmul"
+                           else op.bytes / BYTES_PER_S if op.kind == "memory" else 0.0) for op, n in trace.ops)
         return non_views * host_s + kernels + trace.count("view") * VIEW_S
 
     disturbed = (1.0, 1.0, 1.6, 1.0, 1.0)  # each round's slowdown: the third round 60 % slower
@@ -263,13 +270,19 @@ def test_the_host_and_gemm_factor_fit_uses_each_steps_median_and_its_gemms_timed
 
     built = iter(traces)
     monkeypatch.setattr(probe, "FIT_ROUNDS", 5)
+    monkeypatch.setattr(probe, "GEMM_CALIBRATIONS", ((None, None),) * len(traces))
+    monkeypatch.setattr(probe, "make_config", lambda size: size)
     monkeypatch.setattr(probe, "calibration_run", lambda config, workload, dtype, mode: (lambda: None, next(built)))
     monkeypatch.setattr(probe, "with_exact_gemms", lambda device, trace: device)
     monkeypatch.setattr(probe, "GemmsBeside", Beside)
     monkeypatch.setattr(probe, "time_after_untimed_run", timed)
-    fitted_host_s, fitted_factor, _, (first, first_trace) = probe._fit_host_and_gemm_factor(
+    fitted_host_s, fitted_factor, fitted_per_byte, _, (first, first_trace) = probe._fit_host_and_gemm_terms(
         simple_measured_device(), "fp32", VIEW_S, "forward")
-    assert fitted_factor == pytest.approx(factor) and fitted_host_s == pytest.approx(host_s)
+    if per_weight_byte >= 0:
+        assert (fitted_host_s, fitted_factor) == (pytest.approx(host_s), pytest.approx(factor))
+        assert fitted_per_byte == pytest.approx(per_weight_byte, abs=1e-15)
+    else:
+        assert fitted_per_byte == 0.0 and probe.GEMM_FACTOR_RANGE[0] <= fitted_factor < factor
     assert first.seconds == pytest.approx(spent(traces[0], FLOPS_PER_S)) and first_trace is traces[0]
     assert beside_timings == traces[1:] * 5  # after each timing of the GEMM-bound steps, not debug's
 

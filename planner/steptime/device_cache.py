@@ -55,8 +55,8 @@ def load_measured_device(device_name: str, dtype: str) -> tuple[Optional[Measure
 
 
 def _same_probe(a: MeasuredDevice, b: MeasuredDevice) -> bool:
-    return (a.measured_on, a.host_s_per_op, a.gemm_in_model_factor) == (b.measured_on, b.host_s_per_op,
-                                                                        b.gemm_in_model_factor)
+    return ((a.measured_on, a.host_s_per_op, a.gemm_in_model_factor, a.gemm_weight_s_per_byte)
+            == (b.measured_on, b.host_s_per_op, b.gemm_in_model_factor, b.gemm_weight_s_per_byte))
 
 
 def save_measured_device(device: MeasuredDevice) -> Optional[str]:

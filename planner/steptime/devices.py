@@ -58,10 +58,15 @@ def in_elementwise_class(base_name: str) -> bool:
     return base_name not in _CLASS_OF_OP
 
 
-def cache_line_elements(op: OpRecord) -> int:
-    """Elements of `op`'s dtype in a cache line (4-byte elements where the dtype names no width)."""
+def element_bytes(op: OpRecord) -> int:
+    """Bytes of one element of `op`'s dtype (4 where the dtype names no width)."""
     width = next((int(digits) for digits in ("64", "32", "16", "8") if op.dtype.endswith(digits)), 32)
-    return max(CACHE_LINE_BYTES * 8 // width, 1)
+    return max(width // 8, 1)
+
+
+def cache_line_elements(op: OpRecord) -> int:
+    """Elements of `op`'s dtype in a cache line."""
+    return max(CACHE_LINE_BYTES // element_bytes(op), 1)
 
 
 def allocates_output(op: OpRecord) -> bool:

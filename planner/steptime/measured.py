@@ -2,7 +2,7 @@
 grid of shapes (interpolated between them), the kernel time of every exact GEMM shape a predicted step has met
 (`gemm_shape_s`: a CPU GEMM's speed jumps between neighbouring shapes, e.g. 65 rows against 64, as its kernels
 tile the rows, so a grid cannot be interpolated to within the band) and how much slower they run inside a model
-step, kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES) with its operands in the cache
+step (a factor on their kernel time and a cost per byte of their weights), kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES) with its operands in the cache
 and with them streamed from memory (beyond the threads' private caches), fresh pages and scatter rows,
 and the host's time per dispatched op, each phase apart (Python module code around the forward's ops, the C++
 autograd engine around the backward's, the optimizer's Python loop). Torch-free.
@@ -16,7 +16,8 @@ from typing import Any, Mapping, Optional
 
 from planner.steptime.curves import GemmGrid, SizeCurve
 from planner.steptime.devices import (MEMORY_CLASSES, SCATTER_OPS, SHORT_LOOP_PROBE_RUN, STRIDED_PROBE_STRIDE,
-                                      allocates_output, cache_line_elements, memory_class, op_base_name)
+                                      allocates_output, cache_line_elements, element_bytes, memory_class,
+                                      op_base_name)
 from planner.steptime.ops import OpRecord
 
 
@@ -34,7 +35,8 @@ class MeasuredDevice:
     scatter_s_per_row: float  # a scatter-add's cost per index row, beyond its bytes
     fresh_page_s_per_byte: float  # first touch of newly mapped memory (the kernel zero-fills each page)
     fresh_above_bytes: int  # outputs larger than this are newly mapped (glibc's mmap threshold)
-    gemm_in_model_factor: dict[str, float]  # phase -> GEMMs inside a model step ÷ the same back to back (fitted)
+    # phase -> GEMMs inside a model step ÷ the same timed beside it (fitted; with gemm_weight_s_per_byte)
+    gemm_in_model_factor: dict[str, float]
     host_s_per_op: dict[str, float]  # phase -> seconds of host time per dispatched op
     host_s_per_view: float
     parallel_speedup: float  # every thread ÷ one thread on a reference GEMM, when probed (host_state)
@@ -60,6 +62,11 @@ class MeasuredDevice:
     # context 256 the adds, products and T5's norms (1 to 9 MiB each) took 2.5 to 5 × their price off the
     # in-cache curve. None: not measured, every op priced on its class's curve.
     private_cache_bytes: Optional[int] = None
+    # phase -> seconds a product inside a model step costs beyond its kernel per byte of its second operand (a
+    # layer's weight), fitted beside the factor above: what the weight evicts, its neighbours read again from
+    # memory. Fitted on steps of few rows alone, a factor carried that cost and priced large products high (the
+    # forwards at batch 16, context 512 of tiny and small read 0.78–0.92 of their price).
+    gemm_weight_s_per_byte: dict[str, float] = field(default_factory=lambda: {"forward": 0.0})
     # Set by `for_step` for a step whose optimizer states fit the cache (a property of the step, not the device:
     # a cache entry's is not read).
     optimizer_in_cache: bool = False
@@ -135,7 +142,8 @@ class MeasuredDevice:
         batch, m, n, k = op.gemm
         exact_s = self.gemm_shape_s.get(gemm_key(batch, m, n, k))
         kernel_s = exact_s if exact_s is not None else self.grid_gemm_s(op.flops, batch, m, n, k)
-        return kernel_s * factor + self._fresh_pages_s(op)
+        per_weight_byte = self.gemm_weight_s_per_byte.get(op.phase, self.gemm_weight_s_per_byte["forward"])
+        return kernel_s * factor + product_weight_bytes(op) * per_weight_byte + self._fresh_pages_s(op)
 
     def _streamed_share(self, op: OpRecord) -> float:
         """The share of `op`'s bytes that stream from memory. In an optimizer whose states exceed the cache
@@ -252,6 +260,11 @@ class MeasuredDevice:
                     raise ValueError(f"{key}: the forward phase is missing")
                 _check_positive(key, list(per_phase[key].values()))
             _check_busy("host_busy", list(per_phase["host_busy"].values()))
+            # Absent in probes from before it was fitted: refused, probed again.
+            per_weight_byte = {str(phase): float(v) for phase, v in dict(values["gemm_weight_s_per_byte"]).items()}
+            if "forward" not in per_weight_byte:
+                raise ValueError("gemm_weight_s_per_byte: the forward phase is missing")
+            _check_not_negative("gemm_weight_s_per_byte", list(per_weight_byte.values()))
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
                                                              "fresh_page_s_per_byte", "fresh_above_bytes",
                                                              "parallel_speedup", "scatter_busy", "fresh_page_busy")}
@@ -267,10 +280,20 @@ class MeasuredDevice:
                        per_phase["host_s_per_op"], scalars["host_s_per_view"], scalars["parallel_speedup"],
                        gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
                        fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"],
-                       streamed_memory=streamed_memory, private_cache_bytes=private_cache_bytes)
+                       streamed_memory=streamed_memory, private_cache_bytes=private_cache_bytes,
+                       gemm_weight_s_per_byte=per_weight_byte)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
         return loaded.without_disturbed_gemm_shapes()  # a cache written on a busy machine heals here
+
+
+def product_weight_bytes(op: OpRecord) -> int:
+    """The bytes of a product's second operand, (batch ×) k × n: a linear layer's weight (an attention
+    product's keys or values); 0 where the shape is unknown."""
+    if op.gemm is None:
+        return 0
+    batch, _, n, k = op.gemm
+    return batch * k * n * element_bytes(op)
 
 
 def gemm_key(batch: int, m: int, n: int, k: int) -> str:
@@ -323,6 +346,12 @@ def _check_busy(field_name: str, values) -> None:
     _check_positive(field_name, values)
     if any(v > MAX_BUSY_THREADS for v in values):
         raise ValueError(f"{field_name}: busy threads must be at most {MAX_BUSY_THREADS}")
+
+
+def _check_not_negative(field_name: str, values) -> None:
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"{field_name}: every value must be a finite number, zero or more, got {bad[0]!r}")
 
 
 def _check_positive(field_name: str, values) -> None:

@@ -7,9 +7,10 @@
   are read from the OS (beyond them an op in a model step streams its operands);
 - the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than their
   shapes back to back: real steps, each timed, less the kernel time the terms above give for its traced
-  ops. Forwards and forecasts of debug, tiny and small at small shapes fit the host time (debug) and the
-  GEMM factor (tiny and small, against their shapes timed beside them) of each; a forward and backward and
-  an AdamW step of debug give the backward's and the optimizer's host time. Views are timed alone.
+  ops. Forwards and forecasts of debug, tiny and small fit the host time (debug) and the GEMM terms (tiny and
+  small, against their shapes timed beside them: a factor on the kernel time and a cost per byte of weight)
+  of each; a forward and backward and an AdamW step of debug give the backward's and the optimizer's host
+  time. Views are timed alone.
 
 The threads' speedup on a reference GEMM is taken at both ends (host_state: the machine's state, which a
 benchmark run compares with its own). Every time is the median of repeats on the wall clock, as a benchmark
@@ -24,6 +25,7 @@ its prediction (a second or a few); the cache keeps the probe's.
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -40,7 +42,7 @@ from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KER
                                             fresh_page_s_per_byte_probe, gemm_grid, median_timing, memory_probes,
                                             op_call_s, scatter_s_per_row_probe, size_curve, streamed_elementwise,
                                             time_after_untimed_run, typical_time_s, with_exact_gemms)
-from planner.steptime.measured import MeasuredDevice
+from planner.steptime.measured import MeasuredDevice, product_weight_bytes
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
 from planner.bench.device import TORCH_DTYPES
@@ -49,14 +51,18 @@ from planner.workload import Workload
 DEFAULT_PRIVATE_CACHE_BYTES = 512 * 2**10  # a thread's level-2 cache where the OS lists none (Zen 3's)
 MAX_HOST_BUSY = 64.0  # the host's busy threads beyond this are a disturbed calibration step
 GEMM_FACTOR_RANGE = (0.5, 3.0)  # a fitted in-model GEMM factor outside this is a disturbed probe
+# A fitted cost per weight byte above this (a weight read again at 100 MB/s) is a disturbed probe.
+MAX_WEIGHT_S_PER_BYTE = 1e-8
 # The calibration steps: the debug model at a small workload (overhead dominates; kernels are modelled), and
-# steps whose small GEMMs dominate (tiny and small at batches and contexts no benchmark grid uses): together
-# they separate the host's time per op from how much slower GEMMs run inside a model than back to back, for
-# forwards and for forecasts (whose decoding steps multiply a few rows by every weight).
+# steps whose GEMMs dominate (at batches and contexts no benchmark grid uses): tiny and small on a few rows,
+# where a product's time is mostly its weight's (a forecast's decoding steps multiply a few rows by every
+# weight), and tiny on 2,056 rows, where it is mostly arithmetic. Together they separate the host's time per
+# op from how much slower GEMMs run inside a model than beside it, on their arithmetic and on their weights.
 GEMM_CALIBRATIONS = (("debug", CALIBRATION_WORKLOAD),
                      ("tiny", Workload(batch_size=2, context_length=32, prediction_length=4, num_samples=2)),
-                     ("small", Workload(batch_size=1, context_length=32, prediction_length=4, num_samples=2)))
-FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM factor; a mode is its phase's name
+                     ("small", Workload(batch_size=1, context_length=32, prediction_length=4, num_samples=2)),
+                     ("tiny", Workload(batch_size=8, context_length=256, prediction_length=4, num_samples=2)))
+FITTED_MODES = ("forward", "forecast")  # each its own host time and GEMM terms; a mode is its phase's name
 FIT_ROUNDS = 11  # timings of each calibration step (and its GEMM shapes beside it); each step's median is kept
 
 
@@ -81,27 +87,30 @@ def _host_busy(spent: Timed, ops: StepTrace, device: MeasuredDevice, host_s: flo
     return min(max((spent_cpu_s - priced.cpu_s) / priced.overhead_s, BUSY_FLOOR), MAX_HOST_BUSY)
 
 
-def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
-                              mode: str) -> tuple[float, float, MeasuredDevice, tuple[Timed, StepTrace]]:
-    """Host seconds per op and the GEMM in-model factor of `mode`, from its calibration steps: t = n·h + g·K +
-    rest (n non-view ops, K the kernel time of the steps' GEMM shapes, rest the other kernels and the views).
-    The first step (debug: mostly dispatch) is met exactly and sets h given g; the others (mostly GEMMs) set g
-    by least squares on relative errors. Fitting both freely lets the two trade off: a slow GEMM would read
-    as a slow host and price every small model's dispatch wrong. (A fixed cost per GEMM instead of a factor
-    cannot be fitted here: every calibration model has the same share of GEMMs among its ops, so such a cost
-    reads as host time.)
+def _fit_host_and_gemm_terms(device: MeasuredDevice, dtype: str, view_s: float, mode: str
+                             ) -> tuple[float, float, float, MeasuredDevice, tuple[Timed, StepTrace]]:
+    """Host seconds per op and the GEMM in-model terms of `mode` (a factor g on the kernel time and a cost c per
+    byte of weight), from its calibration steps: t = n·h + g·K + c·W + rest (n non-view ops, K the kernel time
+    of the steps' GEMM shapes, W the bytes of their weights, rest the other kernels and the views). The first
+    step (debug: mostly dispatch) is met exactly and sets h given g and c; the others (mostly GEMMs) set g and
+    c by least squares on relative errors. Fitting h freely too lets it trade off with them: a slow GEMM would
+    read as a slow host and price every small model's dispatch wrong. (A fixed cost per GEMM cannot be fitted
+    here: every calibration model has the same share of GEMMs among its ops, so such a cost reads as host
+    time.)
 
-    g is of the timings a benchmark multiplies by it: each GEMM-bound step's shapes timed beside it, one
-    timing of each after each of its timings (gemms_beside), over FIT_ROUNDS rounds of the steps one after
-    another, each step's median timing kept. Against the probe's exact timings of the same shapes, made once
-    before the steps, the factor priced two states of the machine: its shapes timed beside a step read
-    1.2–1.5× their exact timings, and probes fitted 1.13–1.56. g holds more than the GEMMs' own slowdown: each
-    product's own time in the step, read with torch.profiler, came to 0.89–1.09× its shape timed beside it,
-    and a factor of that alone (1.03) priced every run of a grid 1.17× low (median), debug's too; what the
-    products' weights evict, their neighbours read again from memory.
+    K is of the timings a benchmark multiplies by g: each GEMM-bound step's shapes timed beside it, one timing
+    of each after each of its timings (gemms_beside), over FIT_ROUNDS rounds of the steps one after another,
+    each step's median timing kept. Against the probe's exact timings of the same shapes, made once before the
+    steps, a factor priced two states of the machine: its shapes timed beside a step read 1.2–1.5× their exact
+    timings. The terms hold more than the GEMMs' own slowdown: each product's own time in the step, read with
+    torch.profiler, came to 0.89–1.09× its shape timed beside it, and a factor of that alone (1.03) priced
+    every run of a grid 1.17× low (median), debug's too; what the products' weights evict, their neighbours
+    read again from memory. That costs per byte of weight, not per FLOP: a factor alone, fitted on steps of
+    32–66 rows (1.32), priced products of thousands of rows high (least squares over a grid's runs at batch
+    16, context 512 put them at 0.85 of it).
 
     Returns the device with the steps' exact GEMM timings, and the first step's timing and trace, from which
-    its dispatch's busy threads are read once g is known."""
+    its dispatch's busy threads are read once g and c are known."""
     steps = [calibration_run(make_config(size), workload, dtype, mode) for size, workload in GEMM_CALIBRATIONS]
     for _, trace in steps:
         device = with_exact_gemms(device, trace)
@@ -117,31 +126,49 @@ def _fit_host_and_gemm_factor(device: MeasuredDevice, dtype: str, view_s: float,
     for gemms in beside[1:]:
         priced = gemms.priced_on(priced)
     timings = [median_timing(wall, cpu) for wall, cpu in zip(wall_s, cpu_s)]
-    host_s, factor = _solve_host_and_factor(timings, [trace for _, trace in steps], priced, view_s)
-    return host_s, factor, device, (timings[0], steps[0][1])
+    host_s, factor, per_weight_byte = _solve_host_and_gemm_terms(timings, [trace for _, trace in steps], priced,
+                                                                 view_s)
+    return host_s, factor, per_weight_byte, device, (timings[0], steps[0][1])
 
 
-def _solve_host_and_factor(timings: list[Timed], traces: list[StepTrace], device: MeasuredDevice,
-                           view_s: float) -> tuple[float, float]:
-    """(h, g) from the calibration steps' timings, each step's median (see _fit_host_and_gemm_factor)."""
+def _solve_host_and_gemm_terms(timings: list[Timed], traces: list[StepTrace], device: MeasuredDevice,
+                               view_s: float) -> tuple[float, float, float]:
+    """(h, g, c) from the calibration steps' timings, each step's median (see _fit_host_and_gemm_terms). Where
+    the two GEMM terms fit outside reason, g alone is fitted (c = 0), and where that fails too, neither."""
     rows = []
     for timed, trace in zip(timings, traces):
         spent_s = timed.seconds
         kernels = predict_step_time(trace, _with_host(device, 0.0, 0.0))
         views = trace.count("view")
-        rows.append((trace.op_count - views, kernels.matmul_s, spent_s - kernels.memory_s - views * view_s,
-                     spent_s))
-    (n0, k0, r0, _), others = rows[0], rows[1:]
-    # With h = (r0 − K0·g) / n0, each other step reads g·(K − n·K0/n0) ≈ r − n·r0/n0.
-    slopes = [((k - n * k0 / n0) / t, (r - n * r0 / n0) / t) for n, k, r, t in others]
-    denominator = sum(a * a for a, _ in slopes)
-    if denominator > 0:
-        factor = sum(a * b for a, b in slopes) / denominator
-        host_s = (r0 - k0 * factor) / n0
-        if host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]:
-            return host_s, factor
-    # A fit outside reason (steps disturbed beyond what their medians absorb): no factor.
-    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0
+        weight_bytes = sum(count * product_weight_bytes(op) for op, count in trace.ops if op.kind == "matmul")
+        rows.append((trace.op_count - views, kernels.matmul_s, weight_bytes,
+                     spent_s - kernels.memory_s - views * view_s, spent_s))
+    (n0, k0, w0, r0, _), others = rows[0], rows[1:]
+    # With h = (r0 − g·K0 − c·W0) / n0, each other step reads g·(K − n·K0/n0) + c·(W − n·W0/n0) ≈ r − n·r0/n0.
+    scaled = [((k - n * k0 / n0) / t, (w - n * w0 / n0) / t, (r - n * r0 / n0) / t) for n, k, w, r, t in others]
+    for factor, per_weight_byte in (_least_squares(scaled), _least_squares([(a, 0.0, y) for a, _, y in scaled])):
+        host_s = (r0 - k0 * factor - w0 * per_weight_byte) / n0
+        if (host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]
+                and 0 <= per_weight_byte <= MAX_WEIGHT_S_PER_BYTE):
+            return host_s, factor, per_weight_byte
+    # A fit outside reason (steps disturbed beyond what their medians absorb): no GEMM terms.
+    return max((r0 - k0) / n0, KERNEL_FLOOR_S), 1.0, 0.0
+
+
+def _least_squares(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(x, y) minimising Σ (a·x + b·y − r)² over `rows` of (a, b, r); y = 0 where the b column is all zero,
+    (nan, nan) where the a column is too, or the two columns are proportional."""
+    aa = sum(a * a for a, _, _ in rows)
+    ab = sum(a * b for a, b, _ in rows)
+    bb = sum(b * b for _, b, _ in rows)
+    ar = sum(a * r for a, _, r in rows)
+    br = sum(b * r for _, b, r in rows)
+    if bb == 0:
+        return (ar / aa, 0.0) if aa > 0 else (math.nan, math.nan)
+    determinant = aa * bb - ab * ab
+    if determinant <= 1e-12 * aa * bb:
+        return math.nan, math.nan
+    return (ar * bb - br * ab) / determinant, (aa * br - ab * ar) / determinant
 
 
 def _phase_trace(trace, phases: tuple[str, ...]) -> StepTrace:
@@ -175,11 +202,12 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
     host: dict[str, float] = {}
     busy: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
+    per_weight_byte: dict[str, float] = {}
     dispatch_steps = {}
     for mode in FITTED_MODES:
-        host[mode], gemm_factor[mode], draft, dispatch_steps[mode] = _fit_host_and_gemm_factor(draft, dtype, view_s,
-                                                                                              mode)
-    draft = replace(draft, gemm_in_model_factor=gemm_factor)
+        host[mode], gemm_factor[mode], per_weight_byte[mode], draft, dispatch_steps[mode] = \
+            _fit_host_and_gemm_terms(draft, dtype, view_s, mode)
+    draft = replace(draft, gemm_in_model_factor=gemm_factor, gemm_weight_s_per_byte=per_weight_byte)
     for mode, (timed, trace) in dispatch_steps.items():
         busy[mode] = _host_busy(timed, trace, draft, host[mode], view_s)
     steps = training_steps(dtype)
@@ -227,9 +255,9 @@ def remeasure_state(device: MeasuredDevice, mode: str, trace: StepTrace,
     were 1.23× (median; up to 3.6×) the same shapes timed again in a new process, while timing them twice in
     a row agrees within 10 % (median 0.99). The host's time per op moves too (±40 % over hours: a debug step
     at batch 1, 60–70 % dispatch, ran 33 ms and 55 ms on one probe). A run priced with what it times beside
-    its own steps compares the model with the step, not two states of the machine. (The GEMM factor, fitted
-    on whole steps, is left as probed: refitted at each run over a minute it read 1.23 to 1.67, more than a
-    state moves it.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
+    its own steps compares the model with the step, not two states of the machine. (The GEMM terms, fitted
+    on whole steps, are left as probed: a factor refitted at each run over a minute read 1.23 to 1.67, more
+    than a state moves it.) Fresh pages move too: 64 MiB written on new pages cost 23 ms beyond a warm write when a
     probe ran and 29–34 ms in a benchmark's process the next day, a third of debug's forward at batch 16,
     context 512 (327 MiB of new pages a step).
 
