@@ -2,10 +2,11 @@
 grid of shapes (interpolated between them), the kernel time of every exact GEMM shape a predicted step has met
 (`gemm_shape_s`: a CPU GEMM's speed jumps between neighbouring shapes, e.g. 65 rows against 64, as its kernels
 tile the rows, so a grid cannot be interpolated to within the band) and how much slower they run inside a model
-step (a factor on their kernel time and a cost per byte of their weights), kernel time by bytes for each class of memory-bound op (MEMORY_CLASSES) with its operands in the cache
-and with them streamed from memory (beyond the threads' private caches), fresh pages and scatter rows,
-and the host's time per dispatched op, each phase apart (Python module code around the forward's ops, the C++
-autograd engine around the backward's, the optimizer's Python loop). Torch-free.
+step (a factor on their kernel time and a cost per byte of their weights), kernel time by bytes for each class
+of memory-bound op (MEMORY_CLASSES) with its operands in the cache and with them streamed from memory (beyond
+the threads' private caches), fresh pages and scatter rows, and the host's time per dispatched op, each phase
+apart (Python module code around the forward's ops, the C++ autograd engine around the backward's, the
+optimizer's Python loop). Torch-free.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ class MeasuredDevice:
     # context 256 the adds, products and T5's norms (1 to 9 MiB each) took 2.5 to 5 × their price off the
     # in-cache curve. None: not measured, every op priced on its class's curve.
     private_cache_bytes: Optional[int] = None
-    # phase -> seconds a product inside a model step costs beyond its kernel per byte of its second operand (a
-    # layer's weight), fitted beside the factor above: what the weight evicts, its neighbours read again from
-    # memory. Fitted on steps of few rows alone, a factor carried that cost and priced large products high (the
-    # forwards at batch 16, context 512 of tiny and small read 0.78–0.92 of their price).
+    # phase -> seconds a product inside a model step costs beyond the factor above, per byte of its second operand
+    # (a layer's weight): what a weight evicts, its neighbours may read again from memory. Fitted with the factor
+    # on steps of few rows and of many (probe.GEMM_CALIBRATIONS): a factor fitted on few rows alone priced large
+    # products high (the forwards at batch 16, context 512 of tiny and small read 0.78–0.92 of their price).
     gemm_weight_s_per_byte: dict[str, float] = field(default_factory=lambda: {"forward": 0.0})
     # Set by `for_step` for a step whose optimizer states fit the cache (a property of the step, not the device:
     # a cache entry's is not read).
@@ -264,7 +265,7 @@ class MeasuredDevice:
             per_weight_byte = {str(phase): float(v) for phase, v in dict(values["gemm_weight_s_per_byte"]).items()}
             if "forward" not in per_weight_byte:
                 raise ValueError("gemm_weight_s_per_byte: the forward phase is missing")
-            _check_not_negative("gemm_weight_s_per_byte", list(per_weight_byte.values()))
+            _check_positive("gemm_weight_s_per_byte", list(per_weight_byte.values()), zero_allowed=True)
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
                                                              "fresh_page_s_per_byte", "fresh_above_bytes",
                                                              "parallel_speedup", "scatter_busy", "fresh_page_busy")}
@@ -348,13 +349,9 @@ def _check_busy(field_name: str, values) -> None:
         raise ValueError(f"{field_name}: busy threads must be at most {MAX_BUSY_THREADS}")
 
 
-def _check_not_negative(field_name: str, values) -> None:
-    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)]
+def _check_positive(field_name: str, values, zero_allowed: bool = False) -> None:
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v)
+                                     and (v > 0 or (zero_allowed and v == 0)))]
     if bad:
-        raise ValueError(f"{field_name}: every value must be a finite number, zero or more, got {bad[0]!r}")
-
-
-def _check_positive(field_name: str, values) -> None:
-    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
-    if bad:
-        raise ValueError(f"{field_name}: every value must be a positive finite number, got {bad[0]!r}")
+        allowed = "zero or a positive finite number" if zero_allowed else "a positive finite number"
+        raise ValueError(f"{field_name}: every value must be {allowed}, got {bad[0]!r}")

@@ -8,9 +8,9 @@
 - the host's time per dispatched op, per phase, and how much slower GEMMs run inside a model step than their
   shapes back to back: real steps, each timed, less the kernel time the terms above give for its traced
   ops. Forwards and forecasts of debug, tiny and small fit the host time (debug) and the GEMM terms (tiny and
-  small, against their shapes timed beside them: a factor on the kernel time and a cost per byte of weight)
-  of each; a forward and backward and an AdamW step of debug give the backward's and the optimizer's host
-  time. Views are timed alone.
+  small on few rows, tiny on many, against their shapes timed beside them: a factor on the kernel time and a
+  cost per byte of weight) of each; a forward and backward and an AdamW step of debug give the backward's and
+  the optimizer's host time. Views are timed alone.
 
 The threads' speedup on a reference GEMM is taken at both ends (host_state: the machine's state, which a
 benchmark run compares with its own). Every time is the median of repeats on the wall clock, as a benchmark
@@ -105,9 +105,11 @@ def _fit_host_and_gemm_terms(device: MeasuredDevice, dtype: str, view_s: float, 
     timings. The terms hold more than the GEMMs' own slowdown: each product's own time in the step, read with
     torch.profiler, came to 0.89–1.09× its shape timed beside it, and a factor of that alone (1.03) priced
     every run of a grid 1.17× low (median), debug's too; what the products' weights evict, their neighbours
-    read again from memory. That costs per byte of weight, not per FLOP: a factor alone, fitted on steps of
-    32–66 rows (1.32), priced products of thousands of rows high (least squares over a grid's runs at batch
-    16, context 512 put them at 0.85 of it).
+    read again from memory, which would cost per byte of weight, not per FLOP. A factor alone, fitted on steps
+    of 32–66 rows (1.32), priced products of thousands of rows high (least squares over a grid's runs at batch
+    16, context 512 put them at 0.85 of it); fitted with a step of 2,056 rows, one probe read g = 1.10 and
+    c = 1.1 × 10⁻¹¹ s a byte for the forward (a few per cent of a few-row product), and for the forecast c
+    below zero, so g alone (1.20).
 
     Returns the device with the steps' exact GEMM timings, and the first step's timing and trace, from which
     its dispatch's busy threads are read once g and c are known."""
@@ -144,8 +146,10 @@ def _solve_host_and_gemm_terms(timings: list[Timed], traces: list[StepTrace], de
         rows.append((trace.op_count - views, kernels.matmul_s, weight_bytes,
                      spent_s - kernels.memory_s - views * view_s, spent_s))
     (n0, k0, w0, r0, _), others = rows[0], rows[1:]
-    # With h = (r0 − g·K0 − c·W0) / n0, each other step reads g·(K − n·K0/n0) + c·(W − n·W0/n0) ≈ r − n·r0/n0.
-    scaled = [((k - n * k0 / n0) / t, (w - n * w0 / n0) / t, (r - n * r0 / n0) / t) for n, k, w, r, t in others]
+    # With h = (r0 − g·K0 − c·W0) / n0, each other step reads
+    # g·(K − n·K0/n0) + c·(W − n·W0/n0) ≈ r − n·r0/n0.
+    scaled = [((k - n * k0 / n0) / t, (w - n * w0 / n0) / t, (r - n * r0 / n0) / t)
+              for n, k, w, r, t in others]
     for factor, per_weight_byte in (_least_squares(scaled), _least_squares([(a, 0.0, y) for a, _, y in scaled])):
         host_s = (r0 - k0 * factor - w0 * per_weight_byte) / n0
         if (host_s > 0 and GEMM_FACTOR_RANGE[0] <= factor <= GEMM_FACTOR_RANGE[1]
