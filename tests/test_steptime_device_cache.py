@@ -88,6 +88,13 @@ def test_a_shape_below_the_grids_smallest_point_is_not_read_as_disturbed():
     lambda entry: {**entry, "gemm_weight_s_per_byte": {"forward": -1e-10}},
     lambda entry: {**entry, "gemm_weight_s_per_byte": {"forward": float("nan")}},
     lambda entry: {**entry, "gemm_weight_s_per_byte": 1e-10},
+    # probes from before the pool's spinning was measured, and damaged values
+    lambda entry: {key: value for key, value in entry.items() if key != "spin_window_s"},
+    lambda entry: {key: value for key, value in entry.items() if key != "pool_threads"},
+    lambda entry: {**entry, "spin_window_s": -0.008},
+    lambda entry: {**entry, "spin_window_s": float("nan")},
+    lambda entry: {**entry, "pool_threads": 0},
+    lambda entry: {**entry, "pool_threads": "two"},
     lambda entry: {**entry, "gemm_shape_s": [1e-3]},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64": 1e-3}},
     lambda entry: {**entry, "gemm_shape_s": {"1,4,64,0": 1e-3}},

@@ -63,6 +63,24 @@ def test_cpu_time_hand_priced():
     assert step.row()["predicted_cpu_s"] == step.cpu_s
 
 
+def test_idle_threads_spin_through_a_kernel_up_to_the_window():
+    """In a step the pool's threads a kernel leaves idle spin on through it, up to the probed window (10 ms
+    here, a pool of 2): each mm (0.2 s, busy 1.9) adds 0.1 thread × 10 ms; each add moving 3 MB (3e-4 s, busy
+    2 − log(3e3)/log(1e6) ≈ 1.42 on the curve) adds its 0.58 idle threads × its whole 3e-4 s. The wall time
+    is not touched; a pool of one thread has none idle."""
+    small_add = OpRecord("aten.add.Tensor", "memory", "forward", "float32", 0, 2 * 10**6, 10**6, pointwise=True)
+    mm = replace(MM, gemm=(1, 1000, 1000, 1000))
+    device = replace(simple_measured_device(), gemm_shape_s={"1,1000,1000,1000": 0.2},
+                     gemm_shape_busy={"1,1000,1000,1000": 1.9})
+    trace = StepTrace(((mm, 2), (small_add, 3)))
+    alone = predict_step_time(trace, device)
+    spinning = predict_step_time(trace, replace(device, pool_threads=2, spin_window_s=0.01))
+    add_busy = 2.0 - math.log(3 * 10**6 / 1e3) / math.log(1e9 / 1e3)
+    assert spinning.cpu_s - alone.cpu_s == pytest.approx(2 * 0.1 * 0.01 + 3 * (2 - add_busy) * 3e-4)
+    assert spinning.total_s == alone.total_s
+    assert predict_step_time(trace, replace(device, pool_threads=1, spin_window_s=0.01)).cpu_s == alone.cpu_s
+
+
 def test_optimizer_streams_its_first_touches_only_beyond_the_cache():
     """An optimizer moving 2 × 100 MB (above 64 MiB) prices the bytes its ops touch first in the step on the
     streamed curve (1e9 B/s) and the rest in the cache (1e10 B/s): an update that reads only first touches

@@ -4,6 +4,7 @@
 import math
 
 import pytest
+import torch
 
 from planner.steptime import devices, gpu_presets, kernel_probes, probe
 from planner.steptime.device_cache import load_measured_device, save_measured_device
@@ -37,6 +38,8 @@ def test_probe_measures_every_term_and_round_trips(reduced_probe):
     busy = [*(b for curve in measured.memory.values() for b in curve.busy_threads), measured.scatter_busy,
             measured.fresh_page_busy, *measured.host_busy.values(), *measured.gemm_shape_busy.values()]
     assert all(math.isfinite(v) and v > 0 for v in rates + curves + scalars + busy)
+    assert measured.pool_threads == torch.get_num_threads()
+    assert 0 <= measured.spin_window_s <= kernel_probes.SPIN_PROBE_SLEEP_S
     assert set(measured.host_busy) == {"forward", "forecast", "backward", "optimizer"}
     assert set(measured.gemm_shape_busy) == set(measured.gemm_shape_s) != set()
     assert set(measured.host_s_per_op) == {"forward", "forecast", "backward", "optimizer"}
@@ -328,3 +331,12 @@ def test_private_caches_are_read_from_the_os_per_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert probe.private_cache_bytes(tmp_path) == 3 * 512 * 1024
     assert probe.private_cache_bytes(tmp_path / "missing") == 3 * probe.DEFAULT_PRIVATE_CACHE_BYTES
+
+
+def test_a_pool_of_one_thread_has_none_to_spin():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert kernel_probes.spin_window_probe() == 0.0
+    finally:
+        torch.set_num_threads(threads)

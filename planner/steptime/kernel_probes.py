@@ -47,6 +47,8 @@ SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7
+# The spin probe sleeps longer than an idle OpenMP thread spins (libgomp's default: ~8 ms on a Zen 5 VM).
+SPIN_PROBE_SLEEP_S, SPIN_PROBE_REPEATS = 0.05, 10
 BUSY_FLOOR = 0.05  # busy threads below this are a clock's rounding, not a kernel
 
 
@@ -322,3 +324,21 @@ def fresh_page_s_per_byte_probe() -> Timed:
         return Timed(KERNEL_FLOOR_S / FRESH_PROBE_BYTES, 1.0)
     busy = (fresh.busy_threads * fresh.seconds - warm.busy_threads * warm.seconds) / extra_s
     return Timed(extra_s / FRESH_PROBE_BYTES, _within_threads(busy))
+
+
+def spin_window_probe() -> float:
+    """How long each idle thread of PyTorch's pool spins after a parallel region before it sleeps: the CPU time
+    the process spends while its main thread sleeps just after a parallel op, per idle thread (the process's
+    clock ticks every few ms: summed over repeats). At most the sleep (a pool told to spin always,
+    OMP_WAIT_POLICY=active, spins through every kernel)."""
+    idle_threads = torch.get_num_threads() - 1
+    if idle_threads < 1:
+        return 0.0
+    data = torch.ones(2**22)  # an elementwise op this large runs on every thread
+    spent_cpu_s = 0.0
+    for _ in range(SPIN_PROBE_REPEATS):
+        data.add_(1.0)
+        start_cpu = time.process_time()
+        time.sleep(SPIN_PROBE_SLEEP_S)
+        spent_cpu_s += time.process_time() - start_cpu
+    return min(spent_cpu_s / (SPIN_PROBE_REPEATS * idle_threads), SPIN_PROBE_SLEEP_S)

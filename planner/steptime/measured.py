@@ -68,6 +68,14 @@ class MeasuredDevice:
     # on steps of few rows and of many (probe.GEMM_CALIBRATIONS): a factor fitted on few rows alone priced large
     # products high (the forwards at batch 16, context 512 of tiny and small read 0.78–0.92 of their price).
     gemm_weight_s_per_byte: dict[str, float] = field(default_factory=lambda: {"forward": 0.0})
+    # The threads of PyTorch's pool, and how long each idle one spins after a parallel region before it sleeps
+    # (kernel_probes.spin_window_probe). The busy threads above are of a kernel timed back to back with itself,
+    # where a serial kernel's idle neighbours have long gone to sleep; in a model step the ops come microseconds
+    # apart, and the threads a kernel leaves idle spin on through it, up to this window. Without it steps of
+    # few rows were priced 1.45–1.83 busy threads of 2 where they kept 1.98–2.00 busy (tiny and small at
+    # batch 1, context 64); with it, 1.96–2.00.
+    pool_threads: int = 1
+    spin_window_s: float = 0.0
     # Set by `for_step` for a step whose optimizer states fit the cache (a property of the step, not the device:
     # a cache entry's is not read).
     optimizer_in_cache: bool = False
@@ -224,7 +232,14 @@ class MeasuredDevice:
         else:
             scatter = op_base_name(op) in SCATTER_OPS
             busy = self.scatter_busy if scatter else self._memory_busy(op)
-        return None if busy is None else (kernel_s - fresh_s) * busy + fresh_s * self.fresh_page_busy
+        if busy is None:
+            return None
+        return (kernel_s - fresh_s) * busy + fresh_s * self.fresh_page_busy + self._spin_cpu_s(kernel_s, busy)
+
+    def _spin_cpu_s(self, kernel_s: float, busy: float) -> float:
+        """The CPU time of the pool's threads a kernel keeping `busy` threads leaves idle: each spins on through
+        the kernel, up to `spin_window_s` (in a step every kernel follows the last parallel one closely)."""
+        return max(self.pool_threads - busy, 0.0) * min(kernel_s, self.spin_window_s)
 
     def host_cpu_s(self, op: OpRecord) -> Optional[float]:
         busy = self.host_busy.get(op.phase, self.host_busy.get("forward"))
@@ -266,6 +281,13 @@ class MeasuredDevice:
             if "forward" not in per_weight_byte:
                 raise ValueError("gemm_weight_s_per_byte: the forward phase is missing")
             _check_positive("gemm_weight_s_per_byte", list(per_weight_byte.values()), zero_allowed=True)
+            # Both absent in probes from before the pool's spinning was measured: refused, probed again.
+            pool_threads = values["pool_threads"]
+            if not isinstance(pool_threads, int) or isinstance(pool_threads, bool):
+                raise ValueError(f"pool_threads: must be a whole number of threads, got {pool_threads!r}")
+            spin_window_s = float(values["spin_window_s"])
+            _check_busy("pool_threads", [pool_threads])
+            _check_positive("spin_window_s", [spin_window_s], zero_allowed=True)
             scalars = {key: float(values[key]) for key in ("host_s_per_view", "scatter_s_per_row",
                                                              "fresh_page_s_per_byte", "fresh_above_bytes",
                                                              "parallel_speedup", "scatter_busy", "fresh_page_busy")}
@@ -282,7 +304,8 @@ class MeasuredDevice:
                        gemm_shape_s=shapes, gemm_shape_busy=busy_of_shape, scatter_busy=scalars["scatter_busy"],
                        fresh_page_busy=scalars["fresh_page_busy"], host_busy=per_phase["host_busy"],
                        streamed_memory=streamed_memory, private_cache_bytes=private_cache_bytes,
-                       gemm_weight_s_per_byte=per_weight_byte)
+                       gemm_weight_s_per_byte=per_weight_byte, pool_threads=pool_threads,
+                       spin_window_s=spin_window_s)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"a cached device probe lacks or mistypes {error}") from None
         return loaded.without_disturbed_gemm_shapes()  # a cache written on a busy machine heals here

@@ -40,8 +40,9 @@ from planner.steptime.gemms_beside import GemmsBeside
 from planner.steptime.host_state import parallel_speedup
 from planner.steptime.kernel_probes import (BMM_AXES, BMM_BATCH, BUSY_FLOOR, KERNEL_FLOOR_S, MM_AXES, Timed,
                                             fresh_page_s_per_byte_probe, gemm_grid, median_timing, memory_probes,
-                                            op_call_s, scatter_s_per_row_probe, size_curve, streamed_elementwise,
-                                            time_after_untimed_run, typical_time_s, with_exact_gemms)
+                                            op_call_s, scatter_s_per_row_probe, size_curve, spin_window_probe,
+                                            streamed_elementwise, time_after_untimed_run, typical_time_s,
+                                            with_exact_gemms)
 from planner.steptime.measured import MeasuredDevice, product_weight_bytes
 from planner.steptime.ops import StepTrace
 from planner.steptime.predict import predict_step_time
@@ -202,7 +203,8 @@ def probe_device(dtype: str, device_name: str) -> MeasuredDevice:
                            scatter.seconds, fresh.seconds, SETTLED_MMAP_THRESHOLD_BYTES, {"forward": 1.0},
                            {"forward": view_s}, view_s, speedup_before, scatter_busy=scatter.busy_threads,
                            fresh_page_busy=fresh.busy_threads, streamed_memory=streamed_memory,
-                           private_cache_bytes=private_cache_bytes())
+                           private_cache_bytes=private_cache_bytes(), pool_threads=torch.get_num_threads(),
+                           spin_window_s=spin_window_probe())
     host: dict[str, float] = {}
     busy: dict[str, float] = {}
     gemm_factor: dict[str, float] = {}
