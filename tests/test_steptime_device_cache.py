@@ -141,6 +141,16 @@ def test_probe_cache_from_before_exact_shapes_is_used():
     assert device_cache.load_measured_device(good.name, "fp32") == (good, None)
 
 
+def test_cache_keeps_the_probed_terms_not_a_steps():
+    """Whether a step's optimizer states fit the cache is the step's (set by for_step), not the device's: the
+    cache leaves it out, and a device read back prices every step as probed."""
+    good = replace(simple_measured_device("Some CPU (2 threads)"), optimizer_in_cache=True)
+    device_cache.save_measured_device(good)
+    values = json.loads((device_cache.cache_dir() / device_cache.DEVICE_MODEL_FILE).read_text())
+    assert "optimizer_in_cache" not in values[good.name]["fp32"]
+    assert device_cache.load_measured_device(good.name, "fp32") == (replace(good, optimizer_in_cache=False), None)
+
+
 def test_probe_cache_that_is_not_json_is_refused(monkeypatch):
     (device_cache.cache_dir() / device_cache.DEVICE_MODEL_FILE).write_text("{not json")
     loaded, problem = device_cache.load_measured_device("x", "fp32")

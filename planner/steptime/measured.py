@@ -246,7 +246,10 @@ class MeasuredDevice:
         return None if busy is None else self.host_s(op) * busy
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The probed terms, as the cache keeps them (not `optimizer_in_cache`: a step's, set by `for_step`)."""
+        values = asdict(self)
+        del values["optimizer_in_cache"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MeasuredDevice":
