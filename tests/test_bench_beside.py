@@ -67,3 +67,42 @@ def test_the_worker_times_its_calibration_steps_one_of_each_after_each_timed_ste
     assert counts["steps"] == [[phase, spec.repeats, spec.repeats] for phase in phases], done.stderr[-2000:]
     assert counts["gemms"] and set(counts["gemms"]) == {spec.repeats}  # the debug model's are fewer than MAX_SHAPES
     assert counts["ops"] == calibration.op_count
+
+
+# Runs the worker with the step and the GEMM timings beside it wrapped to print, as JSON, the order of their
+# calls: "step" for a run of the benchmark's step, "beside" for one round of its GEMM shapes' timings.
+_STEP_ORDER = """
+import json, sys
+from planner.bench import steps, worker
+from planner.bench.spec import BenchSpec
+from planner.steptime import gemms_beside
+calls = []
+real_make_step, real_time_once = steps.make_step, gemms_beside.GemmsBeside.time_once
+def make_step(*args):
+    step = real_make_step(*args)
+    def run():
+        calls.append("step")
+        return step.run()
+    return steps.BenchStep(run, step.record, step.optimizer)
+def time_once(self):
+    calls.append("beside")
+    real_time_once(self)
+steps.make_step, gemms_beside.GemmsBeside.time_once = make_step, time_once
+worker.run(BenchSpec.from_dict(json.loads(sys.stdin.read())), lambda event, **fields: None)
+print(json.dumps(calls), file=sys.stderr)
+"""
+
+
+def test_each_timed_step_but_the_first_follows_an_untimed_one_after_the_timings_beside():
+    """The timings beside a timed step leave the caches full of their operands; a short step is run once,
+    untimed, after them, so the next timed one finds the caches as a loop of steps leaves them: after the
+    warm-up and its one untimed step, timed steps and rounds of timings alternate, an untimed step between a
+    round and the next timed step, none after the last round."""
+    save_measured_device(simple_measured_device(describe_device("cpu")))
+    spec = BenchSpec(**{**DEBUG, "repeats": 3}, mode="forward")
+    done = subprocess.run([sys.executable, "-c", _STEP_ORDER], input=json.dumps(spec.to_dict()),
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    calls = json.loads(done.stderr.strip().splitlines()[-1])
+    first_round = calls.index("beside")
+    assert calls[:first_round] == ["step"] * (spec.memory_steps + 2), done.stderr[-2000:]
+    assert calls[first_round:] == ["beside", "step", "step", "beside", "step", "step", "beside"]
