@@ -15,6 +15,14 @@ def test_percentile_and_summary_hand_derived():
     assert (summary.series_per_s, summary.tokens_per_s, summary.achieved_flops_per_s) == (8 / 3, 200.0, 4e9)
 
 
+def test_median_steps_cpu_time_is_its_time_at_the_threads_busy_over_all_steps():
+    """Another thread's CPU time comes in whole ticks: steps of 2 ms reading 2, 2, 2, 6 and 6 ms of CPU (the
+    other thread charged a 4 ms tick in two of five) kept 18 / 10 = 1.8 threads busy, so the median step's
+    CPU time is 2 × 1.8 = 3.6 ms, where the median of the readings would say 2 (one thread)."""
+    summary = summarise_times([2.0] * 5, [2.0, 6.0, 2.0, 6.0, 2.0], series=1, tokens=1, flops=1)
+    assert summary.cpu_median_s == pytest.approx(3.6)
+
+
 def test_measure_step_times_counts_warmup_and_repeats():
     calls, stages = [], []
     times = measure_step_times(lambda: calls.append(1), warmup=2, repeats=3, synchronize=lambda: None,

@@ -39,8 +39,9 @@ STAGES = {"waiting": "waiting for another benchmark", "starting": "starting a fr
 RESULT_COLUMNS = {
     "Median": ("median_s", format_seconds, "Median wall time of a step over the repeats"),
     "p95": ("p95_s", format_seconds, "95th percentile of the repeats"),
-    "CPU median": ("cpu_median_s", format_seconds, "Process CPU time of a step, every thread (threads asleep "
-                   "during serial kernels, such as dropout's draws, add none)"),
+    "CPU median": ("cpu_median_s", format_seconds, "Process CPU time of the median step, every thread, at the "
+                   "threads busy over all repeats (threads asleep during serial kernels, such as dropout's "
+                   "draws, add none)"),
     "Predicted": ("predicted_time_s", format_seconds, "Op-level model: every op the step dispatches, priced by "
                   "this device's probed GEMM rate, memory-bound time and per-op host time"),
     "Time ×pred": ("time_ratio", format_ratio, "Measured median ÷ predicted time"),

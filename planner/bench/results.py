@@ -19,7 +19,8 @@ PREDICTION_KEYS = tuple(StepTime(0, 0, 0, 0, 0, 0, "").row())
 EXPORT_FORMATS = ("csv", "json")
 MEASUREMENT_NOTES = {
     "timing": "median, p95 and minimum of the repeats after warm-up, each between device synchronisations; "
-    "cpu_median_s: process CPU time (all threads), which other processes sharing the cores inflate less; "
+    "cpu_median_s: process CPU time (all threads) of the median step, at the threads busy over all repeats, "
+    "which other processes sharing the cores inflate less; "
     "cpu_time_ratio: cpu_median_s / predicted_cpu_s (each op's time x the threads it keeps busy, probed)",
     "memory": "peak over the warm-up steps, above the fresh subprocess's baseline",
     "attention": "eager (the only implementation T5 has)",
