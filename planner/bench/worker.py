@@ -30,8 +30,10 @@ PARENT_PID_ENV = "CHRONOS_MOE_BENCH_PARENT_PID"  # the runner's pid: the worker 
 PR_SET_PDEATHSIG = 1
 # On a CPU the timings beside each timed step (below) leave the caches full of their own operands (weight copies
 # that pass the last-level cache twice), where a loop of steps finds the step's weights and code: debug's
-# forward at batch 1, context 64 took 3.2 ms after them and 1.5 ms back to back. One untimed step after them
-# restores a loop's caches; a step this long refills them in a share of its time no timing resolves.
+# training step at batch 1, context 64 took 10.2 ms after them, 8.7 back to back and 9.6 with an untimed step
+# between (its forward 1.86, 1.64 and 1.69 ms). One untimed step after them restores a loop's caches; a step
+# this long refills them in a share of its time no timing resolves (debug's at batch 16, context 512: 641 ms
+# after them, 646 back to back).
 WARM_STEP_LIMIT_S = 1.0
 
 
