@@ -47,7 +47,7 @@ SOFTMAX_ROW = 512
 VOCABULARY_ROW = 4096
 FRESH_PROBE_BYTES = 64 * 2**20  # above glibc's settled mmap threshold (32 MiB): every allocation is new pages
 KERNEL_FLOOR_S = 1e-7
-# The spin probe sleeps longer than an idle OpenMP thread spins (libgomp's default: ~8 ms on a Zen 5 VM).
+# The spin probe sleeps longer than an idle OpenMP thread spins (libgomp's default: 5–7 ms on a 2-core Zen 5 VM).
 SPIN_PROBE_SLEEP_S, SPIN_PROBE_REPEATS = 0.05, 10
 BUSY_FLOOR = 0.05  # busy threads below this are a clock's rounding, not a kernel
 
