@@ -92,6 +92,12 @@ class TimingSummary:
     achieved_flops_per_s: float
 
 
+def busy_threads(wall_s: Sequence[float], cpu_s: Sequence[float]) -> float:
+    """Threads busy over timed runs: their CPU time (every thread) ÷ their wall time, over all of them (0 when
+    no time passed). Summed, not per run: another thread's CPU time comes in scheduler ticks (summarise_times)."""
+    return sum(cpu_s) / sum(wall_s) if sum(wall_s) > 0 else 0.0
+
+
 def summarise_times(times_s: Sequence[float], cpu_times_s: Sequence[float], *, series: int, tokens: int,
                     flops: int) -> TimingSummary:
     """Median, p95 and minimum of the step times; series/s, tokens/s and FLOP/s (the planner's FLOPs) at the
@@ -102,14 +108,13 @@ def summarise_times(times_s: Sequence[float], cpu_times_s: Sequence[float], *, s
     median is not their mean: debug's dense forward at batch 1, context 64 read a median 2.2 ms of CPU in
     steps of 2.0 ms, 1.23 × 2.0 ms over all 30."""
     median = statistics.median(times_s)
-    busy_threads = sum(cpu_times_s) / sum(times_s) if sum(times_s) > 0 else 0.0
     return TimingSummary(
         times_s=tuple(times_s),
         cpu_times_s=tuple(cpu_times_s),
         median_s=median,
         p95_s=percentile(times_s, 95),
         min_s=min(times_s),
-        cpu_median_s=median * busy_threads,
+        cpu_median_s=median * busy_threads(times_s, cpu_times_s),
         series_per_s=series / median,
         tokens_per_s=tokens / median,
         achieved_flops_per_s=flops / median,

@@ -25,6 +25,7 @@ from typing import Callable, Collection
 import torch
 
 from planner.bench.device import TORCH_DTYPES
+from planner.bench.timing import busy_threads
 from planner.steptime.curves import GemmGrid, SizeCurve
 from planner.steptime.devices import SHORT_LOOP_PROBE_RUN, STRIDED_PROBE_STRIDE
 from planner.steptime.measured import MeasuredDevice, gemm_key
@@ -85,7 +86,7 @@ def typical_time(run: Callable[[], object], synchronize: Callable[[], None] = la
 def median_timing(wall_s: list[float], cpu_s: list[float]) -> Timed:
     """Timings of one run as `typical_time` reports them: the median wall time, with the threads it kept busy
     over all of them (CPU time ÷ wall time)."""
-    return Timed(statistics.median(wall_s), max(sum(cpu_s) / sum(wall_s), BUSY_FLOOR))
+    return Timed(statistics.median(wall_s), max(busy_threads(wall_s, cpu_s), BUSY_FLOOR))
 
 
 def time_after_untimed_run(run: Callable[[], object], wall_s: list[float], cpu_s: list[float]) -> None:
