@@ -49,3 +49,55 @@ def test_measure_step_times_counts_each_steps_new_pages():
     mapped = torch.empty(2**20)
     warm = measure_step_times(lambda: mapped.fill_(1.0), warmup=1, repeats=3, synchronize=lambda: None)
     assert len(warm.fault_bytes) == 3 and max(warm.fault_bytes) < 2**20
+
+
+def test_process_cpu_s_counts_a_running_threads_time_exactly():
+    """A thread hashing 400 MB (hashlib lets go of the GIL) runs without a break through 30 ms of this thread's
+    sleep, the process's other threads asleep: the process's CPU time over the sleep is that thread's time to the last fraction of a millisecond, as
+    its own clock (Python's pthread_getcpuclockid) reads it; the process clock alone counts a running thread
+    only at its scheduler ticks, up to 4 ms late."""
+    import hashlib
+    import threading
+    import time
+
+    from planner.bench.timing import other_thread_clocks, process_cpu_s
+
+    started = threading.Event()
+
+    def hash_data() -> None:
+        started.set()
+        hashlib.sha256(bytes(400 * 2**20)).digest()
+
+    worker = threading.Thread(target=hash_data)
+    worker.start()
+    started.wait()
+    time.sleep(0.02)  # longer than PyTorch's idle threads spin after an earlier test's op: they do not count
+    worker_clock = time.pthread_getcpuclockid(worker.ident)
+    clocks = other_thread_clocks()
+    own_before, worker_before, before = time.thread_time(), time.clock_gettime(worker_clock), process_cpu_s(clocks)
+    time.sleep(0.03)
+    after = process_cpu_s(clocks)
+    worker_after, own_after = time.clock_gettime(worker_clock), time.thread_time()
+    alive = worker.is_alive()
+    worker.join()
+    assert alive, "the worker finished before the second reading: hash more"
+    expected = (worker_after - worker_before) + (own_after - own_before)
+    assert expected > 0.015
+    assert after - before == pytest.approx(expected, abs=5e-4)
+
+
+def test_other_thread_clocks_leave_out_the_caller_and_elsewhere_are_none(monkeypatch):
+    import sys
+    import threading
+    import time
+
+    from planner.bench import timing
+
+    clocks = timing.other_thread_clocks()
+    if sys.platform.startswith("linux"):
+        own = ((~threading.get_native_id()) << 3) | 6
+        assert own not in clocks and len(clocks) >= 1  # pytest's process has more threads than this one
+    monkeypatch.setattr(timing.sys, "platform", "darwin")
+    assert timing.other_thread_clocks() == []
+    before = timing.process_cpu_s([])
+    assert 0 <= timing.process_cpu_s([]) - before < 0.01 and before == pytest.approx(time.process_time(), abs=0.01)

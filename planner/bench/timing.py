@@ -1,7 +1,8 @@
 """Synchronised timing after warm-up, and what the times give: median, p95, throughput, achieved FLOP/s.
 
-Each timed step also records the process's CPU time (user + system, every thread): each kernel's time × the
-threads it keeps busy (a serial kernel, such as dropout's draws, leaves the others asleep). When other
+Each timed step also records the process's CPU time (user + system, every thread, read exactly:
+`process_cpu_s`): each kernel's time × the threads it keeps busy (a serial kernel, such as dropout's draws,
+leaves the others asleep). When other
 processes share the cores the wall time grows and the CPU time mostly does not, so a ratio of CPU times
 survives a noisy machine better than a ratio of wall times. And the bytes of new pages it faulted in (minor
 page faults × the page size): on a CPU each costs the kernel a zero-fill, and how many the allocator needs
@@ -10,8 +11,11 @@ varies from step to step.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -48,11 +52,12 @@ def measure_step_times(
     times = StepTimes([], [], [])
     for done in range(1, repeats + 1):
         synchronize()
-        start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_faults()
+        clocks = other_thread_clocks()
+        start_faults, start_cpu, start = minor_faults(), process_cpu_s(clocks), time.perf_counter()
         step()
         synchronize()
         times.wall_s.append(time.perf_counter() - start)
-        times.cpu_s.append(time.process_time() - start_cpu)
+        times.cpu_s.append(process_cpu_s(clocks) - start_cpu)
         times.fault_bytes.append((minor_faults() - start_faults) * PAGE_BYTES)
         if on_step:
             on_step("measure", done, repeats)
@@ -60,6 +65,37 @@ def measure_step_times(
 
 
 PAGE_BYTES = resource.getpagesize()
+THREAD_LIST = "/proc/self/task"  # Linux: one entry per thread of this process, named by its thread id
+
+
+def other_thread_clocks() -> list[int]:
+    """The CPU-time clocks of this process's threads but the calling one (Linux's clock id of a thread:
+    MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)), for `process_cpu_s`; none where the OS lists no threads or
+    Python reads no clock by id (macOS, Windows)."""
+    if not sys.platform.startswith("linux") or not hasattr(time, "clock_gettime"):
+        return []
+    try:
+        thread_ids = [int(name) for name in os.listdir(THREAD_LIST)]
+    except (OSError, ValueError):
+        return []
+    return [((~tid) << 3) | 6 for tid in thread_ids if tid != threading.get_native_id()]
+
+
+def process_cpu_s(other_clocks: Sequence[int]) -> float:
+    """The process's CPU seconds so far (every thread, user + system), exact to the microsecond. The process's
+    own clock counts the calling thread exactly but every other running thread only as of its last scheduler
+    tick or switch (4 ms apart on a 2-core Zen 5 VM): an idle pool thread spinning through a 2 ms step was
+    counted at the tick or the sleep after it, often outside the step (debug's forward at batch 1, context 64
+    read 1.21 threads busy that way, 2.02 exactly). Reading another thread's own clock brings its count up to
+    date, so each of `other_clocks` (other_thread_clocks, listed before the timing starts: listing costs 5 µs,
+    reading 0.4 µs a thread) is read first. A thread that has exited since is skipped; its time stays in the
+    process's."""
+    for clock in other_clocks:
+        try:
+            time.clock_gettime(clock)
+        except OSError:
+            pass
+    return time.process_time()
 
 
 def minor_faults() -> int:
@@ -94,7 +130,8 @@ class TimingSummary:
 
 def busy_threads(wall_s: Sequence[float], cpu_s: Sequence[float]) -> float:
     """Threads busy over timed runs: their CPU time (every thread) ÷ their wall time, over all of them (0 when
-    no time passed). Summed, not per run: another thread's CPU time comes in scheduler ticks (summarise_times)."""
+    no time passed). Summed, not per run: a run's reading may be the process clock's, which counts another
+    thread's CPU time in scheduler ticks (process_cpu_s)."""
     return sum(cpu_s) / sum(wall_s) if sum(wall_s) > 0 else 0.0
 
 
@@ -102,11 +139,8 @@ def summarise_times(times_s: Sequence[float], cpu_times_s: Sequence[float], *, s
                     flops: int) -> TimingSummary:
     """Median, p95 and minimum of the step times; series/s, tokens/s and FLOP/s (the planner's FLOPs) at the
     median; the median step's CPU time: the median time × the threads busy over all steps (their CPU time ÷
-    their wall time), as the probe reads a kernel's (kernel_probes.median_timing). Not the median of the
-    steps' CPU times: a thread other than the timing one is charged at the scheduler's ticks (4 ms on a 2-core
-    Zen 5 VM), so a step of a few milliseconds reads none or a whole tick of the other's time, and their
-    median is not their mean: debug's dense forward at batch 1, context 64 read a median 2.2 ms of CPU in
-    steps of 2.0 ms, 1.23 × 2.0 ms over all 30."""
+    their wall time), as the probe reads a kernel's (kernel_probes.median_timing), whose kernels are timed on
+    the process clock."""
     median = statistics.median(times_s)
     return TimingSummary(
         times_s=tuple(times_s),

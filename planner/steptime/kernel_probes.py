@@ -25,7 +25,7 @@ from typing import Callable, Collection
 import torch
 
 from planner.bench.device import TORCH_DTYPES
-from planner.bench.timing import busy_threads
+from planner.bench.timing import busy_threads, other_thread_clocks, process_cpu_s
 from planner.steptime.curves import GemmGrid, SizeCurve
 from planner.steptime.devices import SHORT_LOOP_PROBE_RUN, STRIDED_PROBE_STRIDE
 from planner.steptime.measured import MeasuredDevice, gemm_key
@@ -74,6 +74,9 @@ def typical_time(run: Callable[[], object], synchronize: Callable[[], None] = la
     synchronize()
     times: list[float] = []
     cpu_s: list[float] = []
+    # The process clock, not process_cpu_s: back to back, a kernel leaves the pool's threads as it found them,
+    # so over the repeats the other threads' ticks land in the timings in proportion to their time; reading
+    # their clocks exactly would cost them and this thread a few µs each, more than the shortest kernels take.
     while len(times) < MIN_REPEATS or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
         start, start_cpu = time.perf_counter(), time.process_time()
         run()
@@ -93,10 +96,11 @@ def time_after_untimed_run(run: Callable[[], object], wall_s: list[float], cpu_s
     """Run `run` once untimed, then once timed: its wall and CPU seconds appended to `wall_s` and `cpu_s` (a
     benchmark's step before it left the caches to its own code and data)."""
     run()
-    start, start_cpu = time.perf_counter(), time.process_time()
+    clocks = other_thread_clocks()
+    start_cpu, start = process_cpu_s(clocks), time.perf_counter()
     run()
     wall_s.append(time.perf_counter() - start)
-    cpu_s.append(time.process_time() - start_cpu)
+    cpu_s.append(process_cpu_s(clocks) - start_cpu)
 
 
 def typical_time_s(run: Callable[[], object], synchronize: Callable[[], None] = lambda: None,
@@ -329,17 +333,18 @@ def fresh_page_s_per_byte_probe() -> Timed:
 
 def spin_window_probe() -> float:
     """How long each idle thread of PyTorch's pool spins after a parallel region before it sleeps: the CPU time
-    the process spends while its main thread sleeps just after a parallel op, per idle thread (the process's
-    clock ticks every few ms: summed over repeats). At most the sleep (a pool told to spin always,
+    the process spends while its main thread sleeps just after a parallel op, per idle thread, summed over
+    repeats. At most the sleep (a pool told to spin always,
     OMP_WAIT_POLICY=active, spins through every kernel)."""
     idle_threads = torch.get_num_threads() - 1
     if idle_threads < 1:
         return 0.0
     data = torch.ones(2**22)  # an elementwise op this large runs on every thread
     spent_cpu_s = 0.0
+    clocks = other_thread_clocks()
     for _ in range(SPIN_PROBE_REPEATS):
         data.add_(1.0)
-        start_cpu = time.process_time()
+        start_cpu = process_cpu_s(clocks)  # the add's share of the other threads' time is counted before
         time.sleep(SPIN_PROBE_SLEEP_S)
-        spent_cpu_s += time.process_time() - start_cpu
+        spent_cpu_s += process_cpu_s(clocks) - start_cpu
     return min(spent_cpu_s / (SPIN_PROBE_REPEATS * idle_threads), SPIN_PROBE_SLEEP_S)
