@@ -238,9 +238,9 @@ class MeasuredDevice:
 
     def _spin_cpu_s(self, kernel_s: float, busy: float) -> float:
         """The CPU time of the pool's threads a kernel keeping `busy` threads leaves idle: each spins on through
-        the kernel, up to `spin_window_s`, taking every kernel to follow a parallel one closely (as in steps of
-        few rows that keep 1.98–2.00 of 2 threads busy; debug's forwards at batch 1, which rarely open a
-        parallel region, kept 1.24–1.57, and are priced high)."""
+        the kernel, up to `spin_window_s`, taking every kernel to follow a parallel one closely (steps of few
+        rows, debug's forwards at batch 1 among them, kept 1.91–2.00 of 2 threads busy, read exactly:
+        bench.timing.process_cpu_s)."""
         return max(self.pool_threads - busy, 0.0) * min(kernel_s, self.spin_window_s)
 
     def host_cpu_s(self, op: OpRecord) -> Optional[float]:
