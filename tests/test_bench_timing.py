@@ -97,6 +97,8 @@ def test_other_thread_clocks_leave_out_the_caller_and_elsewhere_are_none(monkeyp
     if sys.platform.startswith("linux"):
         own = ((~threading.get_native_id()) << 3) | 6
         assert own not in clocks and len(clocks) >= 1  # pytest's process has more threads than this one
+        assert timing.thread_cpu_clock(threading.get_native_id()) == own == time.pthread_getcpuclockid(
+            threading.get_ident())  # glibc's id for this thread's clock
     monkeypatch.setattr(timing.sys, "platform", "darwin")
     assert timing.other_thread_clocks() == []
     before = timing.process_cpu_s([])

@@ -2,9 +2,8 @@
 
 Each timed step also records the process's CPU time (user + system, every thread, read exactly:
 `process_cpu_s`): each kernel's time × the threads it keeps busy (a serial kernel, such as dropout's draws,
-leaves the others asleep). When other
-processes share the cores the wall time grows and the CPU time mostly does not, so a ratio of CPU times
-survives a noisy machine better than a ratio of wall times. And the bytes of new pages it faulted in (minor
+leaves the others asleep). When other processes share the cores the wall time grows and the CPU time mostly
+does not, so a ratio of CPU times survives a noisy machine better than a ratio of wall times. And the bytes of new pages it faulted in (minor
 page faults × the page size): on a CPU each costs the kernel a zero-fill, and how many the allocator needs
 varies from step to step.
 """
@@ -66,19 +65,25 @@ def measure_step_times(
 
 PAGE_BYTES = resource.getpagesize()
 THREAD_LIST = "/proc/self/task"  # Linux: one entry per thread of this process, named by its thread id
+# Linux's clock id of a thread's CPU time: MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED) in its posix-timers.h.
+CPUCLOCK_PERTHREAD, CPUCLOCK_SCHED = 4, 2
+
+
+def thread_cpu_clock(thread_id: int) -> int:
+    """The clock id `time.clock_gettime` reads a thread's CPU time (user + system) by, from its thread id."""
+    return ((~thread_id) << 3) | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
 
 
 def other_thread_clocks() -> list[int]:
-    """The CPU-time clocks of this process's threads but the calling one (Linux's clock id of a thread:
-    MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)), for `process_cpu_s`; none where the OS lists no threads or
-    Python reads no clock by id (macOS, Windows)."""
+    """The CPU-time clocks of this process's threads but the calling one (`thread_cpu_clock`), for
+    `process_cpu_s`; none where the OS lists no threads or Python reads no clock by id (macOS, Windows)."""
     if not sys.platform.startswith("linux") or not hasattr(time, "clock_gettime"):
         return []
     try:
         thread_ids = [int(name) for name in os.listdir(THREAD_LIST)]
     except (OSError, ValueError):
         return []
-    return [((~tid) << 3) | 6 for tid in thread_ids if tid != threading.get_native_id()]
+    return [thread_cpu_clock(tid) for tid in thread_ids if tid != threading.get_native_id()]
 
 
 def process_cpu_s(other_clocks: Sequence[int]) -> float:

@@ -76,7 +76,8 @@ def typical_time(run: Callable[[], object], synchronize: Callable[[], None] = la
     cpu_s: list[float] = []
     # The process clock, not process_cpu_s: back to back, a kernel leaves the pool's threads as it found them,
     # so over the repeats the other threads' ticks land in the timings in proportion to their time; reading
-    # their clocks exactly would cost them and this thread a few µs each, more than the shortest kernels take.
+    # their clocks exactly adds about a microsecond of CPU time to each timing (0.4 µs a thread), as long as
+    # the shortest kernels take.
     while len(times) < MIN_REPEATS or (sum(times) < min_time_s and len(times) < MAX_REPEATS):
         start, start_cpu = time.perf_counter(), time.process_time()
         run()
@@ -334,8 +335,8 @@ def fresh_page_s_per_byte_probe() -> Timed:
 def spin_window_probe() -> float:
     """How long each idle thread of PyTorch's pool spins after a parallel region before it sleeps: the CPU time
     the process spends while its main thread sleeps just after a parallel op, per idle thread, summed over
-    repeats. At most the sleep (a pool told to spin always,
-    OMP_WAIT_POLICY=active, spins through every kernel)."""
+    repeats. At most the sleep (a pool told to spin always, OMP_WAIT_POLICY=active, spins through every
+    kernel)."""
     idle_threads = torch.get_num_threads() - 1
     if idle_threads < 1:
         return 0.0
